@@ -1,0 +1,45 @@
+# upmig — build, demo, test, bench. `make help` lists the targets.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STUB   ?= upmig/upmig-stub
+# The stub is linked far from where programs and their libraries live, so that an
+# image's own mappings never need the stub's address (resume unmaps it early anyway).
+STUB_BASE   := 0x3ff000000000
+STUB_CFLAGS := -Os -Wall -Wextra -nostdlib -static -no-pie -fno-pie \
+               -Wl,-Ttext-segment=$(STUB_BASE) -Wl,--build-id=none -Wl,-z,noexecstack
+
+.PHONY: all help stub demo test bench lint clean
+
+all: $(VENV)/.installed $(STUB) ## build everything into .venv (editable install, helper, stub)
+
+help: ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+stub: $(STUB) ## build the static stub loader
+
+$(STUB): csrc/stub.c Makefile
+	$(CC) $(STUB_CFLAGS) -o $@ $<
+
+$(VENV)/.installed: setup.py pyproject.toml csrc/helper.c csrc/helper.h csrc/build_helper.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q pytest ruff
+	$(PY) -m pip install -q -e .
+	touch $@
+
+demo: all ## dump a counting program, kill it, resume it: it counts on
+	@PATH=$(CURDIR)/$(VENV)/bin:$$PATH sh tests/demo.sh
+
+test: all ## run the whole test suite
+	$(PY) -m pytest -q tests
+
+bench: all ## run the benchmarks and print the table
+	$(PY) bench/bench.py
+
+lint: all ## ruff and the C warnings
+	$(VENV)/bin/ruff check upmig tests bench csrc
+	$(CC) -fsyntax-only -Wall -Wextra -Werror csrc/helper.c
+
+clean: ## remove build output
+	rm -rf $(VENV) build *.egg-info upmig/_helper*.so upmig/_helper.c $(STUB) tests/.build

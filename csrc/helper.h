@@ -1,0 +1,78 @@
+/* upmig's C helper: one kernel job per function, >= 0 on success or -errno.
+ * This file is both a C header and the cffi cdef (plain prototypes only). */
+
+struct up_range {               /* a run of address space: [start, end) */
+    uint64_t start;
+    uint64_t end;
+    uint64_t flags;             /* PAGEMAP_SCAN categories (scan) or unused */
+};
+
+struct up_copy_stats {          /* filled by up_dump_pages */
+    uint64_t bytes;             /* payload bytes written */
+    uint64_t frames;            /* data frames written */
+    uint64_t hash;              /* chain hash after the last frame */
+    int failed_op;              /* 0 none, 1 read target, 2 write image */
+};
+
+/* Frame header/trailer sizes of the image format (see upmig/image.py). */
+#define UP_FRAME_HEAD 8
+#define UP_FRAME_TAIL 8
+#define UP_FRAME_DATA 2
+
+/* PAGEMAP_SCAN page categories (linux/fs.h of 6.7+, absent from 6.1 headers). */
+#define UP_PAGE_IS_WPALLOWED 1
+#define UP_PAGE_IS_WRITTEN 2
+#define UP_PAGE_IS_FILE 4
+#define UP_PAGE_IS_PRESENT 8
+#define UP_PAGE_IS_SWAPPED 16
+#define UP_PAGE_IS_PFNZERO 32
+#define UP_PAGE_IS_HUGE 64
+#define UP_PAGE_IS_SOFT_DIRTY 128
+
+/* XXH64 of buf, chained through seed; the image's checksum. */
+uint64_t up_xxh64(const void *buf, size_t len, uint64_t seed);
+
+/* ptrace(req, pid, addr, data); for PEEK* the word is stored in *out. */
+long up_ptrace(long req, int pid, uint64_t addr, uint64_t data, uint64_t *out);
+
+/* waitpid(pid, status, flags | __WALL). */
+int up_waitpid(int pid, int *status, int flags);
+
+/* PTRACE_GETREGSET/SETREGSET of note type; returns the byte count moved. */
+long up_getregset(int pid, int note, void *buf, size_t len);
+long up_setregset(int pid, int note, const void *buf, size_t len);
+
+/* Run one syscall in a stopped tracee: set regs (a 27-word user_regs_struct) with
+ * rip at a syscall instruction, single-step, fetch rax into *ret. regs is scratch. */
+int up_inject(int pid, void *regs, long nr, const uint64_t *args, int64_t *ret);
+
+/* PAGEMAP_SCAN over [start, end) of an opened /proc/PID/pagemap: fills out[] with
+ * ranges whose categories match; *walk_end is where the kernel stopped. */
+long up_pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end, uint64_t required,
+                     uint64_t inverted, uint64_t anyof, uint64_t returned,
+                     struct up_range *out, size_t max, uint64_t *walk_end);
+
+/* Copy the target's bytes in runs[] to out_fd as data frames of at most buflen bytes,
+ * chaining the hash from *stats.hash. Reads with process_vm_readv, or pread of
+ * mem_fd (/proc/PID/mem) when mem_fd >= 0 (for unreadable mappings). */
+long up_dump_pages(int pid, int mem_fd, const struct up_range *runs, size_t nruns,
+                   int out_fd, void *buf, size_t buflen, struct up_copy_stats *stats);
+
+/* Write local bytes (the concatenation of src[] ranges, addresses in this process)
+ * into the target's runs dst[] (same total length): process_vm_writev, or pwrite
+ * of mem_fd when mem_fd >= 0. Returns the bytes written. */
+long up_fill_pages(int pid, int mem_fd, const struct up_range *src, size_t nsrc,
+                   const struct up_range *dst, size_t ndst);
+
+/* Walk the frames of an image mapped at base: check every frame's chained hash.
+ * Returns the number of frames; *bad_off gets the offset of the first bad frame
+ * (-EBADMSG: hash, -ENODATA: cut short, -EINVAL: bad type/length). */
+long up_verify_frames(const void *base, size_t len, size_t start, uint64_t seed,
+                      uint64_t max_payload, uint64_t *bad_off, uint64_t *end_hash);
+
+/* clone3 with set_tid (0: any pid); the child closes fds >= 3, optionally calls
+ * PTRACE_TRACEME, and execs path. Returns the child's pid. */
+int up_spawn(int set_tid, const char *path, int traceme);
+
+/* kcmp(pid1, pid2, type, idx1, idx2). */
+int up_kcmp(int pid1, int pid2, int type, uint64_t idx1, uint64_t idx2);

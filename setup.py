@@ -1,0 +1,36 @@
+"""upmig: move a running Linux process to another machine, no cooperation needed."""
+
+import subprocess
+from pathlib import Path
+
+from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+
+
+class BuildWithStub(build_py):
+    """Build the static stub loader (its flags live in the Makefile) into the package."""
+
+    def run(self):
+        super().run()
+        out = Path(self.build_lib) / "upmig" / "upmig-stub"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.check_call(["make", "-s", "-C", str(ROOT), "stub", f"STUB={out.resolve()}"])
+
+
+setup(
+    name="upmig",
+    version="0.1.0",
+    description="ptrace-based user-level process migrator for Linux",
+    license="GPL-2.0-or-later",
+    python_requires=">=3.11",
+    packages=find_packages(include=["upmig", "upmig.*"]),
+    install_requires=["python-ptrace>=0.9.8", "cffi>=1.15", "msgpack>=1.0"],
+    setup_requires=["cffi>=1.15"],
+    cffi_modules=["csrc/build_helper.py:ffibuilder"],
+    package_data={"upmig": ["upmig-stub"]},
+    entry_points={"console_scripts": ["upmig=upmig.cli:main"]},
+    cmdclass={"build_py": BuildWithStub},
+    zip_safe=False,
+)

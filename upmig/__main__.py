@@ -1,0 +1,3 @@
+from upmig.cli import main
+
+raise SystemExit(main())

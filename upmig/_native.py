@@ -1,0 +1,248 @@
+"""The only importer of upmig._helper: typed wrappers that turn -errno into OSError
+naming the call, and ptrace constants. Nothing here knows about images or records."""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+from upmig._helper import ffi, lib
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+# ptrace requests and options (linux/ptrace.h)
+PTRACE_PEEKDATA = 2
+PTRACE_POKEDATA = 5
+PTRACE_CONT = 7
+PTRACE_KILL = 8
+PTRACE_GETREGS = 12
+PTRACE_SETREGS = 13
+PTRACE_DETACH = 17
+PTRACE_SETOPTIONS = 0x4200
+PTRACE_GETSIGINFO = 0x4202
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+PTRACE_PEEKSIGINFO = 0x4209
+PTRACE_GETSIGMASK = 0x420A
+PTRACE_SETSIGMASK = 0x420B
+PTRACE_O_EXITKILL = 0x100000
+PTRACE_EVENT_STOP = 128
+PTRACE_PEEKSIGINFO_SHARED = 1
+NT_PRSTATUS = 1
+NT_X86_XSTATE = 0x202
+KCMP_FILE, KCMP_VM, KCMP_FILES = 0, 1, 2
+
+NREGS = 27  # words in x86-64 struct user_regs_struct
+SIGINFO_SIZE = 128
+
+
+def check(ret: int, call: str, pid: int | None = None) -> int:
+    """Raise OSError(errno, 'call') for a negative helper return."""
+    if ret < 0:
+        err = -ret
+        where = f"{call} (pid {pid})" if pid is not None else call
+        raise OSError(err, f"{where}: {os.strerror(err)}")
+    return ret
+
+
+def ptrace(req: int, pid: int, addr: int = 0, data: int = 0) -> int:
+    out = ffi.new("uint64_t *")
+    check(lib.up_ptrace(req, pid, addr, data, out), f"ptrace({req:#x})", pid)
+    return int(out[0])
+
+
+def waitpid(pid: int, flags: int = 0) -> tuple[int, int]:
+    status = ffi.new("int *")
+    got = check(lib.up_waitpid(pid, status, flags), "waitpid", pid)
+    return got, int(status[0])
+
+
+def get_regs(pid: int) -> bytes:
+    buf = ffi.new("uint64_t[]", NREGS)
+    check(lib.up_ptrace(PTRACE_GETREGS, pid, 0, int(ffi.cast("uintptr_t", buf)), ffi.NULL),
+          "PTRACE_GETREGS", pid)
+    return bytes(ffi.buffer(buf))
+
+
+def set_regs(pid: int, regs: bytes) -> None:
+    buf = ffi.new("uint64_t[]", NREGS)
+    ffi.memmove(buf, regs, len(regs))
+    check(lib.up_ptrace(PTRACE_SETREGS, pid, 0, int(ffi.cast("uintptr_t", buf)), ffi.NULL),
+          "PTRACE_SETREGS", pid)
+
+
+def get_regset(pid: int, note: int, maxlen: int = 1 << 16) -> bytes:
+    buf = ffi.new("char[]", maxlen)
+    n = check(lib.up_getregset(pid, note, buf, maxlen), f"PTRACE_GETREGSET({note:#x})", pid)
+    return bytes(ffi.buffer(buf, n))
+
+
+def set_regset(pid: int, note: int, data: bytes) -> None:
+    check(lib.up_setregset(pid, note, data, len(data)), f"PTRACE_SETREGSET({note:#x})", pid)
+
+
+def get_sigmask(pid: int) -> int:
+    buf = ffi.new("uint64_t *")
+    check(lib.up_ptrace(PTRACE_GETSIGMASK, pid, 8, int(ffi.cast("uintptr_t", buf)), ffi.NULL),
+          "PTRACE_GETSIGMASK", pid)
+    return int(buf[0])
+
+
+def set_sigmask(pid: int, mask: int) -> None:
+    buf = ffi.new("uint64_t *", mask)
+    check(lib.up_ptrace(PTRACE_SETSIGMASK, pid, 8, int(ffi.cast("uintptr_t", buf)), ffi.NULL),
+          "PTRACE_SETSIGMASK", pid)
+
+
+def peek_siginfo(pid: int, shared: bool) -> list[bytes]:
+    """Every queued siginfo of the private (or shared) queue, without dequeuing."""
+    out: list[bytes] = []
+    batch = 32
+    buf = ffi.new("char[]", SIGINFO_SIZE * batch)
+    args = ffi.new("uint64_t[2]")
+    while True:
+        # struct ptrace_peeksiginfo_args { u64 off; u32 flags; s32 nr; }
+        args[0] = len(out)
+        args[1] = (PTRACE_PEEKSIGINFO_SHARED if shared else 0) | (batch << 32)
+        n = check(lib.up_ptrace(PTRACE_PEEKSIGINFO, pid, int(ffi.cast("uintptr_t", args)),
+                                int(ffi.cast("uintptr_t", buf)), ffi.NULL),
+                  "PTRACE_PEEKSIGINFO", pid)
+        raw = bytes(ffi.buffer(buf, n * SIGINFO_SIZE))
+        out += [raw[i * SIGINFO_SIZE:(i + 1) * SIGINFO_SIZE] for i in range(n)]
+        if n < batch:
+            return out
+
+
+class Injector:
+    """Runs syscalls inside a stopped tracee from a syscall instruction at `gadget`.
+
+    Starts from `base_regs` (rsp and segments kept); the caller restores the real
+    registers afterwards."""
+
+    def __init__(self, pid: int, base_regs: bytes, gadget: int):
+        self.pid = pid
+        self.regs = ffi.new("uint64_t[]", NREGS)
+        ffi.memmove(self.regs, base_regs, len(base_regs))
+        self.regs[16] = gadget
+        self.args = ffi.new("uint64_t[6]")
+        self.ret = ffi.new("int64_t *")
+
+    def move_to(self, gadget: int) -> None:
+        self.regs[16] = gadget
+
+    def set_stack(self, rsp: int) -> None:
+        self.regs[19] = rsp
+
+    def raw(self, nr: int, *args: int) -> int:
+        """The syscall's return value, -errno included; raises only if injection failed."""
+        for i in range(6):
+            self.args[i] = (args[i] if i < len(args) else 0) & 0xFFFFFFFFFFFFFFFF
+        gadget = self.regs[16]
+        rc = lib.up_inject(self.pid, self.regs, nr, self.args, self.ret)
+        self.regs[16] = gadget
+        check(rc, f"injecting syscall {nr}", self.pid)
+        return int(self.ret[0])
+
+    def call(self, nr: int, *args: int, what: str = "") -> int:
+        """Like raw() but a -errno result raises OSError naming the syscall."""
+        r = self.raw(nr, *args)
+        if -4096 < r < 0:
+            raise OSError(-r, f"{what or f'syscall {nr}'} in pid {self.pid}: {os.strerror(-r)}")
+        return r
+
+
+@dataclass
+class CopyStats:
+    bytes: int
+    frames: int
+    hash: int
+
+
+def new_ranges(ranges: list[tuple[int, int]]):
+    arr = ffi.new("struct up_range[]", max(1, len(ranges)))
+    for i, (s, e) in enumerate(ranges):
+        arr[i].start = s
+        arr[i].end = e
+    return arr
+
+
+def pagemap_scan(fd: int, start: int, end: int, required: int, inverted: int, anyof: int
+                 ) -> list[tuple[int, int]]:
+    """The ranges of [start, end) whose pages match the PAGEMAP_SCAN categories."""
+    out: list[tuple[int, int]] = []
+    cap = 4096
+    vec = ffi.new("struct up_range[]", cap)
+    walk_end = ffi.new("uint64_t *")
+    while start < end:
+        n = lib.up_pagemap_scan(fd, start, end, required, inverted, anyof, 0, vec, cap, walk_end)
+        if n == -errno.ENOTTY:
+            raise OSError(errno.ENOTTY, "PAGEMAP_SCAN: this kernel lacks it (Linux 6.7+ needed)")
+        check(n, "ioctl(PAGEMAP_SCAN)")
+        for i in range(n):
+            s, e = int(vec[i].start), int(vec[i].end)
+            if out and out[-1][1] == s:
+                out[-1] = (out[-1][0], e)
+            else:
+                out.append((s, e))
+        start = int(walk_end[0])
+    return out
+
+
+class PageWriter:
+    """Streams target memory into an image fd as checksummed data frames."""
+
+    CHUNK = 1 << 20  # fits in L2 with room: read, hash, write while it is hot
+
+    def __init__(self):
+        self.buf = ffi.new("char[]", self.CHUNK)
+        self.stats = ffi.new("struct up_copy_stats *")
+
+    def dump(self, pid: int, mem_fd: int, runs: list[tuple[int, int]], out_fd: int,
+             chain: int) -> CopyStats:
+        arr = new_ranges(runs)
+        self.stats.bytes = 0
+        self.stats.frames = 0
+        self.stats.hash = chain
+        rc = lib.up_dump_pages(pid, mem_fd, arr, len(runs), out_fd, self.buf, self.CHUNK,
+                               self.stats)
+        if rc < 0:
+            call = "reading target memory" if self.stats.failed_op == 1 else "writing image"
+            check(rc, call, pid if self.stats.failed_op == 1 else None)
+        return CopyStats(int(self.stats.bytes), int(self.stats.frames), int(self.stats.hash))
+
+
+def fill_pages(pid: int, mem_fd: int, src: list[tuple[int, int]], dst: list[tuple[int, int]]
+               ) -> int:
+    """Write local ranges (concatenated) into the target's ranges dst."""
+    return check(lib.up_fill_pages(pid, mem_fd, new_ranges(src), len(src), new_ranges(dst),
+                                   len(dst)), "writing target memory", pid)
+
+
+def xxh64(data, seed: int = 0) -> int:
+    return int(lib.up_xxh64(ffi.from_buffer(data), len(data), seed))
+
+
+def buffer_address(buf) -> int:
+    """The address of a Python buffer (mmap, bytearray) in this process."""
+    return int(ffi.cast("uintptr_t", ffi.from_buffer(buf)))
+
+
+def verify_frames(buf, start: int, seed: int, max_payload: int) -> tuple[int, int, int]:
+    """(rc, offset reached or of the bad frame, final chain hash)."""
+    bad = ffi.new("uint64_t *")
+    end_hash = ffi.new("uint64_t *")
+    rc = lib.up_verify_frames(ffi.from_buffer(buf), len(buf), start, seed, max_payload, bad,
+                              end_hash)
+    return int(rc), int(bad[0]), int(end_hash[0])
+
+
+def spawn(path: str, set_tid: int, traceme: bool) -> int:
+    """Start `path` as a child (with PID set_tid if > 0), optionally traced from exec."""
+    path_c = ffi.new("char[]", os.fsencode(path))
+    return check(lib.up_spawn(set_tid, path_c, 1 if traceme else 0), "clone3")
+
+
+def kcmp_file(pid: int, fd1: int, fd2: int) -> bool:
+    """True if fd1 and fd2 of pid are the same open file description."""
+    return check(lib.up_kcmp(pid, pid, KCMP_FILE, fd1, fd2), "kcmp", pid) == 0

@@ -1,0 +1,117 @@
+"""Pure parsers of /proc text. Each takes the text (testable without a process);
+read_* helpers fetch it and turn a vanished process into NoSuchProcess."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from upmig.errors import AccessDenied, NoSuchProcess
+
+
+def read_text(pid: int, name: str) -> str:
+    return read_bytes(pid, name).decode("utf-8", "surrogateescape")
+
+
+def read_bytes(pid: int, name: str) -> bytes:
+    path = f"/proc/{pid}/{name}"
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise NoSuchProcess("no such process", pid=pid) from None
+    except PermissionError:
+        raise AccessDenied(f"cannot read {path}", pid=pid) from None
+    except ProcessLookupError:
+        raise NoSuchProcess("process exited", pid=pid) from None
+
+
+def readlink(pid: int, name: str) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/{name}")
+    except FileNotFoundError:
+        raise NoSuchProcess(f"/proc/{pid}/{name} vanished", pid=pid) from None
+
+
+@dataclass
+class MapsLine:
+    start: int
+    end: int
+    perms: str
+    offset: int
+    dev: str
+    inode: int
+    path: str
+
+
+def parse_maps(text: str) -> list[MapsLine]:
+    out = []
+    for line in text.splitlines():
+        parts = line.split(None, 5)
+        start, end = parts[0].split("-")
+        out.append(MapsLine(int(start, 16), int(end, 16), parts[1], int(parts[2], 16),
+                            parts[3], int(parts[4]), parts[5] if len(parts) > 5 else ""))
+    return out
+
+
+def parse_smaps_vmflags(text: str) -> dict[int, list[str]]:
+    """VMA start -> its VmFlags list."""
+    flags: dict[int, list[str]] = {}
+    start = None
+    for line in text.splitlines():
+        if line.startswith("VmFlags:"):
+            if start is not None:
+                flags[start] = line.split()[1:]
+        elif line and line[0] in "0123456789abcdef" and "-" in line.split(None, 1)[0]:
+            start = int(line.split("-", 1)[0], 16)
+    return flags
+
+
+def parse_stat(text: str) -> list[str]:
+    """Fields of /proc/PID/stat, 1-based as in proc(5) (index 0 unused); comm kept whole."""
+    lp, rp = text.index("("), text.rindex(")")
+    return ["", text[:lp].strip(), text[lp + 1:rp]] + text[rp + 2:].split()
+
+
+def parse_status(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
+
+
+LIMIT_NAMES = {  # /proc/PID/limits row -> RLIMIT_* number
+    "Max cpu time": 0, "Max file size": 1, "Max data size": 2, "Max stack size": 3,
+    "Max core file size": 4, "Max resident set": 5, "Max processes": 6,
+    "Max open files": 7, "Max locked memory": 8, "Max address space": 9,
+    "Max file locks": 10, "Max pending signals": 11, "Max msgqueue size": 12,
+    "Max nice priority": 13, "Max realtime priority": 14, "Max realtime timeout": 15,
+}
+
+
+def parse_limits(text: str) -> dict[str, list[int]]:
+    """name -> [soft, hard], -1 for unlimited."""
+    out = {}
+    for line in text.splitlines()[1:]:
+        name = line[:26].strip()
+        if name not in LIMIT_NAMES:
+            continue
+        soft, hard = line[26:].split()[:2]
+        out[name] = [-1 if soft == "unlimited" else int(soft),
+                     -1 if hard == "unlimited" else int(hard)]
+    return out
+
+
+def parse_fdinfo(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            out.setdefault(key.strip(), value.strip())
+    return out
+
+
+def parse_auxv(data: bytes) -> list[tuple[int, int]]:
+    words = memoryview(data).cast("Q")
+    return [(words[i], words[i + 1]) for i in range(0, len(words) - 1, 2)]

@@ -1,0 +1,149 @@
+"""The command line: `upmig dump | resume | inspect`. Every expected failure becomes
+one stderr line `upmig: ...` and the exit status of its error class."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from upmig import __version__
+from upmig.errors import UpmigError, describe_oserror
+
+EXIT_STATUSES = """exit status:
+  0   success (resume: the resumed process's own status, 128+N if killed by signal N)
+  1   other failure          5  the process holds state upmig cannot move
+  2   bad command line       6  the image is unreadable, truncated, corrupt or too new
+  3   no such process        7  rebuilding the process failed (nothing left running)
+  4   access denied          8  this machine differs from the source (a file, the vdso)
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="upmig", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Move a running Linux process to another machine: dump it to an image, "
+                    "resume the image elsewhere. No cooperation from the process is needed.",
+        epilog=EXIT_STATUSES)
+    p.add_argument("--version", action="version", version=f"upmig {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("dump", help="write a process's image (and kill it, by default)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Freeze PID with ptrace, write its whole state to IMAGE, "
+                                   "then kill it (migration). If anything fails, the process "
+                                   "runs on untouched and no image is left.",
+                       epilog="example:\n  upmig dump 4242 -o job.upmig\n"
+                              "  upmig dump 4242 -o ckpt.upmig --leave-running")
+    d.add_argument("pid", type=int, metavar="PID")
+    d.add_argument("-o", "--output", required=True, metavar="IMAGE", help="image file to write")
+    leave = d.add_mutually_exclusive_group()
+    leave.add_argument("--leave-running", action="store_true",
+                       help="let the process go on after the dump (a checkpoint)")
+    leave.add_argument("--leave-stopped", action="store_true",
+                       help="leave the process stopped (SIGSTOP) after the dump")
+    d.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    r = sub.add_parser("resume", help="rebuild the process of an image and run it",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Rebuild IMAGE's process on this machine, with its "
+                                   "original PID when that is free. By default wait for it "
+                                   "and exit with its status; its fds 0-2 that were a "
+                                   "terminal, pipe or socket become upmig's own.",
+                       epilog="example:\n  upmig resume job.upmig\n  upmig resume -d job.upmig")
+    r.add_argument("image", metavar="IMAGE")
+    r.add_argument("-d", "--detach", action="store_true",
+                   help="print the PID and return at once, leaving the process running")
+    r.add_argument("--json", action="store_true",
+                   help="print one JSON object on stdout (after it exits, unless --detach)")
+
+    i = sub.add_parser("inspect", help="show what an image holds",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Print an image's process, threads and registers, memory "
+                                   "areas with sizes, fds, signals and totals.",
+                       epilog="example:\n  upmig inspect job.upmig\n"
+                              "  upmig inspect --json job.upmig | jq .totals")
+    i.add_argument("image", metavar="IMAGE")
+    i.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    return p
+
+
+class _Progress:
+    """A self-erasing status line on a terminal; silent otherwise."""
+
+    def __init__(self, what: str):
+        self.on = sys.stderr.isatty()
+        self.what = what
+        self.total = 0
+
+    def __call__(self, step: str, nbytes: int) -> None:
+        if not self.on:
+            return
+        self.total += nbytes
+        mib = f" {self.total / 2**20:.0f} MiB" if self.total else ""
+        sys.stderr.write(f"\r\x1b[K{self.what}: {step}{mib}")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.on:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+def _dump(a: argparse.Namespace) -> int:
+    from upmig.dump import dump
+
+    leave = "run" if a.leave_running else "stop" if a.leave_stopped else "kill"
+    progress = _Progress(f"dumping pid {a.pid}")
+    try:
+        res = dump(a.pid, a.output, leave=leave, progress=progress)
+    finally:
+        progress.done()
+    after = {"kill": "killed", "run": "left running", "stop": "left stopped"}[leave]
+    if a.json:
+        print(json.dumps({**res.__dict__, "process": after}))
+    else:
+        print(f"dumped pid {res.pid} to {res.image}: {res.image_bytes / 2**20:.1f} MiB "
+              f"({res.data_bytes / 2**20:.1f} MiB of pages, {res.vmas} vmas, {res.fds} fds), "
+              f"frozen {res.frozen_seconds * 1000:.0f} ms; process {after}")
+    return 0
+
+
+def _resume(a: argparse.Namespace) -> int:
+    from upmig.restore import resume, stderr_notice, wait
+
+    res = resume(a.image, notice=stderr_notice)
+    if a.detach:
+        print(json.dumps(res.__dict__) if a.json else res.pid, flush=True)
+        return 0
+    status = wait(res.pid)
+    if a.json:
+        print(json.dumps({**res.__dict__, "exit_status": status}), flush=True)
+    return status
+
+
+def _inspect(a: argparse.Namespace) -> int:
+    from upmig.summary import render, summary
+
+    s = summary(a.image)
+    print(json.dumps(s) if a.json else render(s))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    run = {"dump": _dump, "resume": _resume, "inspect": _inspect}[a.command]
+    try:
+        return run(a)
+    except UpmigError as e:
+        print(f"upmig: {e}", file=sys.stderr)
+        return e.exit_code
+    except BrokenPipeError:
+        os._exit(1)  # our reader went away: nothing left to say to it
+    except OSError as e:
+        print(f"upmig: {describe_oserror(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("upmig: interrupted", file=sys.stderr)
+        return 130

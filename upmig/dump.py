@@ -1,0 +1,169 @@
+"""`upmig dump`: freeze, capture every kind of state, write one image, release.
+
+The process is precious: every check that can refuse runs before anything is
+written; the image is written under a temporary name and renamed only when
+complete; on any failure the temporary file is removed and the process runs on."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from upmig import __version__, _proc, fileid, files, freeze, inject, memmap, regs, signals, task
+from upmig import _native as nat
+from upmig.errors import CantMigrate, NoSuchProcess, UpmigError, describe_oserror
+from upmig.image import ImageWriter
+from upmig.records import Header
+
+SYS_brk = 12
+LEAVE = ("kill", "run", "stop")
+
+
+@dataclass
+class DumpResult:
+    pid: int
+    image: str
+    image_bytes: int
+    data_bytes: int
+    vmas: int
+    fds: int
+    frozen_seconds: float
+    seconds: float
+
+
+Progress = Callable[[str, int], None]
+
+
+def dump(pid: int, image_path: str, *, leave: str = "kill",
+         progress: Progress | None = None) -> DumpResult:
+    """Write an image of pid to image_path; then kill it (default), or leave it
+    running ("run") or stopped ("stop"). On failure the process runs on untouched."""
+    if leave not in LEAVE:
+        raise ValueError(f"leave must be one of {LEAVE}")
+    began = time.perf_counter()
+    note = progress or (lambda step, n: None)
+    preflight(pid)
+    tmp = _temp_path(image_path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise UpmigError(f"cannot write the image: {e.strerror}", what=image_path) from None
+    try:
+        with freeze.frozen(pid) as fz:
+            frozen_at = time.perf_counter()
+            try:
+                size, data, nvma, nfd = _capture_and_write(pid, fz, fd, note)
+                os.fsync(fd)
+                os.close(fd)
+                fd = -1
+                os.rename(tmp, image_path)
+            except OSError as e:
+                raise _explain(pid, e) from None
+            fz.on_release = leave
+            frozen = time.perf_counter() - frozen_at
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        _unlink(tmp)
+        raise
+    return DumpResult(pid, image_path, size, data, nvma, nfd, frozen,
+                      time.perf_counter() - began)
+
+
+def preflight(pid: int) -> None:
+    """Cheap refusals before the process is even frozen."""
+    if pid == os.getpid():
+        raise CantMigrate("is upmig itself", pid=pid)
+    status = _proc.parse_status(_proc.read_text(pid, "status"))
+    if status.get("State", "").startswith(("Z", "X")):
+        raise NoSuchProcess("is a zombie (it has exited)", pid=pid)
+    threads = int(status.get("Threads", "1"))
+    if threads > 1:
+        raise CantMigrate(f"has {threads} threads; multi-threaded processes are not "
+                          "supported yet", pid=pid)
+    if status.get("Seccomp", "0") != "0":
+        raise CantMigrate("runs under a seccomp filter, which is not supported yet", pid=pid)
+    if _proc.read_text(pid, "timers").strip():
+        raise CantMigrate("has POSIX timers (timer_create), which are not supported yet",
+                          pid=pid)
+    for ns in ("pid", "mnt"):
+        if os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"):
+            raise CantMigrate(f"runs in another {ns} namespace, which is not supported yet",
+                              pid=pid)
+    ppid = int(status.get("PPid", "0"))
+    if ppid > 0:
+        for kind, what in ((nat.KCMP_VM, "memory"), (nat.KCMP_FILES, "its file table")):
+            if nat.lib.up_kcmp(pid, ppid, kind, 0, 0) == 0:
+                raise CantMigrate(f"shares {what} with its parent pid {ppid} (vfork or "
+                                  "clone); this is not supported yet", pid=pid)
+
+
+def _capture_and_write(pid: int, fz: freeze.Frozen, fd: int, note: Progress
+                       ) -> tuple[int, int, int, int]:
+    if len(fz.tids) > 1:
+        raise CantMigrate(f"has {len(fz.tids)} threads; multi-threaded processes are not "
+                          "supported yet", pid=pid)
+    note("registers", 0)
+    thread = regs.capture(pid)
+    mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        note("state", 0)
+        vdso = [v for v in memmap.list_vmas(pid) if v.role == "vdso"]
+        if not vdso:
+            raise CantMigrate("has no [vdso] mapping; upmig needs one", pid=pid)
+        gadget = inject.find_syscall_insn(mem_fd, vdso[0].start, vdso[0].end)
+        blocked = nat.get_sigmask(pid)
+        with inject.session(pid, thread.regs, gadget, mem_fd) as s:
+            sig = signals.capture(s, pid, blocked)
+            tsk = task.capture(s, pid)
+            brk = s.call(SYS_brk, 0, what="brk(0)")
+        mm = memmap.capture_mm(pid, brk)
+        vmas = memmap.list_vmas(pid)      # again: the scratch page is gone now
+        fds = files.capture(pid)
+        mapped = sorted({v.path for v in vmas if v.role == "file"} | {tsk.exe})
+        identities = [fileid.identify(p) for p in mapped]
+        note("pages", 0)
+        runs = memmap.page_runs(pid, vmas)
+
+        w = ImageWriter(fd, progress=lambda n: note("pages", n))
+        w.record(Header(arch=platform.machine(), kernel=platform.release(),
+                        upmig_version=__version__, created=time.time(),
+                        hostname=socket.gethostname(), page_size=os.sysconf("SC_PAGE_SIZE"),
+                        pid=pid))
+        for rec in (tsk, mm, sig, thread, *identities, *vmas):
+            w.record(rec)
+        readable = [r for v in vmas if memmap.is_readable(v) for r in runs.get(v.start, [])]
+        hidden = [r for v in vmas if not memmap.is_readable(v) for r in runs.get(v.start, [])]
+        if readable:
+            w.pages(pid, -1, readable)
+        if hidden:
+            w.pages(pid, mem_fd, hidden)  # /proc/PID/mem reads what mprotect hides
+        for rec in fds:
+            w.record(rec)
+        w.finish()
+        note("done", 0)
+        return os.fstat(fd).st_size, w.data_bytes, len(vmas), len(fds)
+    finally:
+        os.close(mem_fd)
+
+
+def _explain(pid: int, e: OSError) -> UpmigError:
+    if not os.path.exists(f"/proc/{pid}"):
+        return NoSuchProcess("exited during the dump", pid=pid)
+    return UpmigError(describe_oserror(e), pid=pid, what="dump failed")
+
+
+def _temp_path(image_path: str) -> str:
+    head, tail = os.path.split(os.path.abspath(image_path))
+    return os.path.join(head, f".{tail}.partial-{os.getpid()}")
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,203 @@
+"""The image file: one stream of checksummed frames.
+
+Grammar (little-endian):
+
+    image   := header frame* trailer
+    header  := MAGIC (8 bytes) version:u32 reserved:u32
+    frame   := type:u32 length:u32 payload[length] hash:u64
+    type    := 1 RECORD  payload is msgpack [kind, {field: value}] (upmig.records)
+             | 2 DATA    payload is page bytes belonging to the last "pages" record
+             | 3 TRAILER payload is a RECORD body of kind "trailer"; always last
+
+Each frame's hash is XXH64 over its head and payload, seeded with the previous
+frame's hash (the first with XXH64 of the header), so every frame can be checked as
+it streams by, and the trailer's hash covers the whole image: a cut, a flipped byte,
+a dropped or reordered frame are all caught before anything is rebuilt.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from upmig import _native
+from upmig.errors import Corrupt, ImageError, Truncated, VersionTooNew
+from upmig.records import Pages, Trailer, from_wire, to_wire
+
+MAGIC = b"UPMIG\x00\x89\n"
+VERSION = 1
+HEADER = struct.Struct("<8sII")
+FRAME_HEAD = struct.Struct("<II")
+FRAME_TAIL = struct.Struct("<Q")
+RECORD, DATA, TRAILER = 1, 2, 3
+MAX_PAYLOAD = 1 << 26  # no record or data frame is larger; a bigger length is corruption
+
+
+class ImageWriter:
+    """Writes records and page data to an open fd, keeping the hash chain."""
+
+    def __init__(self, fd: int, progress: Callable[[int], None] | None = None):
+        self.fd = fd
+        self.records = 0
+        self.data_bytes = 0
+        self.progress = progress
+        header = HEADER.pack(MAGIC, VERSION, 0)
+        self._write(header)
+        self.chain = _native.xxh64(header)
+        self._pages = _native.PageWriter()
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+
+    def _frame(self, ftype: int, payload: bytes) -> None:
+        head = FRAME_HEAD.pack(ftype, len(payload))
+        self.chain = _native.xxh64(payload, _native.xxh64(head, self.chain))
+        self._write(head + payload + FRAME_TAIL.pack(self.chain))
+
+    def record(self, rec: Any) -> None:
+        self._frame(RECORD, msgpack.packb(to_wire(rec), use_bin_type=True))
+        self.records += 1
+
+    def pages(self, pid: int, mem_fd: int, runs: list[tuple[int, int]]) -> int:
+        """A pages record for runs, then their bytes copied straight from the target."""
+        nbytes = sum(e - s for s, e in runs)
+        self.record(Pages(runs=[x for run in runs for x in run], nbytes=nbytes))
+        stats = self._pages.dump(pid, mem_fd, runs, self.fd, self.chain)
+        self.chain = stats.hash
+        self.data_bytes += stats.bytes
+        if self.progress:
+            self.progress(stats.bytes)
+        return stats.bytes
+
+    def finish(self) -> None:
+        trailer = Trailer(records=self.records + 1, data_bytes=self.data_bytes)
+        self._frame(TRAILER, msgpack.packb(to_wire(trailer), use_bin_type=True))
+
+
+@dataclass
+class PageData:
+    """A pages record and where its bytes sit in the mapped image."""
+
+    runs: list[tuple[int, int]]
+    chunks: list[tuple[int, int]]  # (offset in image, length)
+
+
+@dataclass
+class Image:
+    """A verified image: its records in order, page data left in the mapping."""
+
+    path: str
+    size: int
+    records: list[Any]
+    pages: list[PageData]
+    data: mmap.mmap | None = field(repr=False, default=None)
+
+    def of(self, cls: type) -> list[Any]:
+        return [r for r in self.records if isinstance(r, cls)]
+
+    def one(self, cls: type) -> Any:
+        found = self.of(cls)
+        if len(found) != 1:
+            raise Corrupt(f"expected one {cls.kind} record, found {len(found)}", what=self.path)
+        return found[0]
+
+    def close(self) -> None:
+        if self.data is not None:
+            self.data.close()
+            self.data = None
+
+
+def load(path: str) -> Image:
+    """Open, verify every checksum, then parse. Raises an ImageError subclass."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ImageError(f"cannot open image: {e.strerror}", what=path) from None
+    try:
+        size = os.fstat(fd).st_size
+        if size < HEADER.size:
+            raise Truncated(f"image is truncated ({size} bytes, not even a header)", what=path)
+        data = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    except OSError as e:
+        raise ImageError(f"cannot read image: {e.strerror}", what=path) from None
+    finally:
+        os.close(fd)
+    try:
+        return _parse(path, data)
+    except BaseException:
+        data.close()
+        raise
+
+
+def _parse(path: str, data: mmap.mmap) -> Image:
+    magic, version, _ = HEADER.unpack_from(data, 0)
+    if magic != MAGIC:
+        raise Corrupt("not an upmig image (bad magic)", what=path)
+    if version > VERSION:
+        raise VersionTooNew(f"image format {version} is newer than this upmig reads "
+                            f"({VERSION}); upgrade upmig", what=path)
+    if version != VERSION:
+        raise Corrupt(f"unknown image format version {version}", what=path)
+    seed = _native.xxh64(data[:HEADER.size])
+    rc, off, _ = _native.verify_frames(data, HEADER.size, seed, MAX_PAYLOAD)
+    if rc < 0:
+        _verify_failed(path, rc, off, len(data))
+    return _records(path, data)
+
+
+def _verify_failed(path: str, rc: int, off: int, size: int) -> None:
+    if rc == -errno.ENODATA:
+        raise Truncated(f"image is truncated at byte {size} (a frame at {off} is cut short "
+                        "or the trailer is missing)", what=path)
+    if rc == -errno.EBADMSG:
+        raise Corrupt(f"image is corrupt: checksum mismatch in the frame at byte {off}",
+                      what=path)
+    raise Corrupt(f"image is corrupt: bad frame at byte {off}", what=path)
+
+
+def _records(path: str, data: mmap.mmap) -> Image:
+    records: list[Any] = []
+    pages: list[PageData] = []
+    off = HEADER.size
+    want = 0  # data bytes still owed to the last pages record
+    while True:
+        ftype, length = FRAME_HEAD.unpack_from(data, off)
+        body = off + FRAME_HEAD.size
+        if ftype == DATA:
+            if not pages or length > want:
+                raise Corrupt(f"unexpected page data at byte {off}", what=path)
+            pages[-1].chunks.append((body, length))
+            want -= length
+        else:
+            if want:
+                raise Corrupt(f"page data missing before byte {off}", what=path)
+            rec = _decode(path, data[body:body + length], off)
+            if ftype == TRAILER:
+                if not isinstance(rec, Trailer) or rec.records != len(records) + 1:
+                    raise Corrupt("trailer does not match the records", what=path)
+                return Image(path, len(data), records, pages, data)
+            records.append(rec)
+            if isinstance(rec, Pages):
+                runs = list(zip(rec.runs[0::2], rec.runs[1::2], strict=True))
+                pages.append(PageData(runs, []))
+                want = rec.nbytes
+        off = body + length + FRAME_TAIL.size
+
+
+def _decode(path: str, payload: bytes, off: int) -> Any:
+    try:
+        kind, body = msgpack.unpackb(payload, raw=False)
+        return from_wire(kind, body)
+    except Exception as e:  # any malformed record is the same fault to the user
+        raise Corrupt(f"unreadable record at byte {off} ({type(e).__name__})",
+                      what=path) from None

@@ -1,0 +1,70 @@
+"""Run syscalls inside a frozen process, then put it back exactly as it was.
+
+All signals are blocked while we work, so that nothing is delivered between our
+single steps; a scratch page is mapped for syscall arguments and unmapped after.
+The process's registers and signal mask are restored however the block ends."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from upmig import _native as nat
+from upmig.errors import UpmigError
+
+SYS_mmap, SYS_munmap = 9, 11
+PROT_RW = 0x3
+MAP_PRIVATE_ANON = 0x22
+ALL_SIGNALS = (1 << 64) - 1
+SCRATCH = 16 * 4096
+
+
+@dataclass
+class Session:
+    """An injector plus a scratch area in the target and a way to read it back."""
+
+    inj: nat.Injector
+    scratch: int
+    mem_fd: int
+
+    def call(self, nr: int, *args: int, what: str = "") -> int:
+        return self.inj.call(nr, *args, what=what)
+
+    def raw(self, nr: int, *args: int) -> int:
+        return self.inj.raw(nr, *args)
+
+    def read(self, addr: int, size: int) -> bytes:
+        return os.pread(self.mem_fd, size, addr)
+
+    def write(self, addr: int, data: bytes) -> None:
+        os.pwrite(self.mem_fd, data, addr)
+
+
+def find_syscall_insn(mem_fd: int, start: int, end: int) -> int:
+    """The address of a `syscall` instruction (0f 05) in [start, end) of the target."""
+    code = os.pread(mem_fd, end - start, start)
+    at = code.find(b"\x0f\x05")
+    if at < 0:
+        raise UpmigError(f"no syscall instruction in {start:#x}-{end:#x}")
+    return start + at
+
+
+@contextmanager
+def session(pid: int, regs: bytes, gadget: int, mem_fd: int) -> Iterator[Session]:
+    mask = nat.get_sigmask(pid)
+    nat.set_sigmask(pid, ALL_SIGNALS)
+    inj = nat.Injector(pid, regs, gadget)
+    scratch = 0
+    try:
+        scratch = inj.call(SYS_mmap, 0, SCRATCH, PROT_RW, MAP_PRIVATE_ANON, -1, 0,
+                           what="mmap(scratch)")
+        yield Session(inj, scratch, mem_fd)
+    finally:
+        try:
+            if scratch:
+                inj.raw(SYS_munmap, scratch, SCRATCH)
+        finally:
+            nat.set_regs(pid, regs)
+            nat.set_sigmask(pid, mask)

@@ -1,0 +1,298 @@
+"""The address space: VMAs, which pages to store, the mm fields, and rebuilding them.
+
+Dump side: list_vmas() classifies /proc/PID/maps (refusing what cannot move),
+page_runs() asks PAGEMAP_SCAN which pages differ from their backing, and the
+image writer streams those runs through the C helper. Restore side: see the
+functions below `# ---- restore`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from upmig import _native as nat
+from upmig import _proc
+from upmig.errors import CantMigrate
+from upmig.records import MM, Vma
+
+# PAGEMAP_SCAN: pages that are present or swapped, neither file pages nor the zero page.
+# For a private mapping that is exactly what differs from its backing.
+_NOT_FILE_NOT_ZERO = nat.lib.UP_PAGE_IS_FILE | nat.lib.UP_PAGE_IS_PFNZERO
+_IN_MEMORY = nat.lib.UP_PAGE_IS_PRESENT | nat.lib.UP_PAGE_IS_SWAPPED
+VDSO_ROLES = ("vvar", "vvar_vclock", "vdso")
+SEEK_DATA, SEEK_HOLE = 3, 4
+
+
+def _role(m: _proc.MapsLine) -> str:
+    path = m.path
+    if path in ("[heap]", "[stack]"):
+        return path[1:-1]
+    if path in ("[vdso]", "[vvar]", "[vvar_vclock]"):
+        return path[1:-1]
+    shared = m.perms[3] == "s"
+    if path == "/dev/zero (deleted)" and shared:
+        return "shmem"
+    if path == "" or path.startswith("[anon:"):
+        return "shmem" if shared else "anon"
+    return "file"
+
+
+def _refusal(m: _proc.MapsLine, role: str) -> str | None:
+    path = m.path
+    if path.startswith("/SYSV"):
+        return f"maps SysV shared memory ({path}); SysV shm is not supported yet"
+    if path.startswith("[") and role not in ("heap", "stack", "vdso", "vvar", "vvar_vclock"):
+        return f"has the mapping {path}, which upmig cannot move"
+    if role == "file":
+        if path.endswith(" (deleted)"):
+            return f"maps the deleted file {path[:-10]}; deleted files are not supported yet"
+        if path.startswith("/dev/") or path.startswith("anon_inode:"):
+            return f"maps the device {path}; mapped devices are not supported"
+        if path.startswith("/memfd:"):
+            return f"maps the memfd {path}; memfd mappings are not supported yet"
+    return None
+
+
+def list_vmas(pid: int) -> list[Vma]:
+    maps = _proc.parse_maps(_proc.read_text(pid, "maps"))
+    smaps = _proc.read_text(pid, "smaps")
+    vmflags = _proc.parse_smaps_vmflags(smaps)
+    vmas = []
+    for m in maps:
+        if m.path == "[vsyscall]":
+            continue  # a fixed kernel page, the same on every machine
+        role = _role(m)
+        why = _refusal(m, role)
+        if why:
+            raise CantMigrate(why, pid=pid)
+        vmas.append(Vma(start=m.start, end=m.end, perms=m.perms, offset=m.offset,
+                        path=m.path if role == "file" else "", role=role,
+                        vmflags=vmflags.get(m.start, [])))
+    _refuse_shared_anon(pid, smaps, vmas)
+    return vmas
+
+
+def _refuse_shared_anon(pid: int, smaps: str, vmas: list[Vma]) -> None:
+    """MAP_SHARED anonymous memory is ordinary state unless another process maps it."""
+    shmem = {v.start for v in vmas if v.role == "shmem"}
+    if not shmem:
+        return
+    start = None
+    for line in smaps.splitlines():
+        head = line.split(None, 1)[0] if line else ""
+        if "-" in head and not head.endswith(":"):
+            start = int(head.split("-")[0], 16)
+        elif start in shmem and head in ("Shared_Clean:", "Shared_Dirty:"):
+            if int(line.split()[1]) > 0:
+                raise CantMigrate(f"shares memory with another process (MAP_SHARED at "
+                                  f"{start:#x}); shared memory is not supported yet", pid=pid)
+
+
+def is_readable(v: Vma) -> bool:
+    return v.perms[0] == "r"
+
+
+def page_runs(pid: int, vmas: list[Vma]) -> dict[int, list[tuple[int, int]]]:
+    """VMA start -> the runs of its pages whose contents must travel."""
+    runs: dict[int, list[tuple[int, int]]] = {}
+    pm = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for v in vmas:
+            if v.role in VDSO_ROLES:
+                continue
+            if v.role == "shmem":
+                found = _shmem_runs(pid, v)
+            elif v.perms[3] == "s":
+                continue  # shared file mapping: its file holds the contents
+            else:
+                found = nat.pagemap_scan(pm, v.start, v.end, _NOT_FILE_NOT_ZERO,
+                                         _NOT_FILE_NOT_ZERO, _IN_MEMORY)
+            if found:
+                runs[v.start] = found
+                v.data_bytes = sum(e - s for s, e in found)
+    finally:
+        os.close(pm)
+    return runs
+
+
+def _shmem_runs(pid: int, v: Vma) -> list[tuple[int, int]]:
+    """The data extents of a shared anonymous mapping, from its shmem file's holes.
+    (Pagemap would miss pages that are in the page cache but not mapped.)"""
+    fd = os.open(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        runs, pos, end = [], v.offset, v.offset + (v.end - v.start)
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, SEEK_DATA)
+            except OSError:
+                break  # ENXIO: no data past pos
+            if data >= end:
+                break
+            hole = min(os.lseek(fd, data, SEEK_HOLE), end)
+            runs.append((v.start + data - v.offset, v.start + hole - v.offset))
+            pos = hole
+        return runs
+    finally:
+        os.close(fd)
+
+
+def capture_mm(pid: int, brk: int) -> MM:
+    st = _proc.parse_stat(_proc.read_text(pid, "stat"))
+
+    def f(i: int) -> int:
+        return int(st[i])
+
+    return MM(start_code=f(26), end_code=f(27), start_data=f(45), end_data=f(46),
+              start_brk=f(47), brk=brk, start_stack=f(28), arg_start=f(48), arg_end=f(49),
+              env_start=f(50), env_end=f(51), auxv=_proc.read_bytes(pid, "auxv"))
+
+
+@dataclass
+class VdsoBlock:
+    """Where [vvar], [vvar_vclock] and [vdso] sit: role -> (start, end)."""
+
+    parts: dict[str, tuple[int, int]]
+
+    @classmethod
+    def of(cls, vmas: list[Vma]) -> VdsoBlock:
+        return cls({v.role: (v.start, v.end) for v in vmas if v.role in VDSO_ROLES})
+
+    def sizes(self) -> dict[str, int]:
+        return {k: e - s for k, (s, e) in self.parts.items()}
+
+
+# ---- restore
+
+SYS_mmap, SYS_mprotect, SYS_munmap, SYS_mremap, SYS_madvise = 9, 10, 11, 25, 28
+SYS_openat, SYS_close, SYS_prctl = 257, 3, 157
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_GROWSDOWN = 1, 2, 0x10, 0x20, 0x100
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+O_RDONLY, O_RDWR, O_CLOEXEC = 0, 2, 0o2000000
+PR_SET_MM, PR_SET_MM_MAP = 35, 14
+MADVISE = {"dd": 16, "dc": 10, "wf": 18, "hg": 14, "nh": 15}  # VmFlags -> MADV_*
+
+
+def prot_of(perms: str) -> int:
+    return ((PROT_READ if perms[0] == "r" else 0) | (PROT_WRITE if perms[1] == "w" else 0)
+            | (PROT_EXEC if perms[2] == "x" else 0))
+
+
+def move_vdso(s, here: VdsoBlock, there: VdsoBlock) -> None:
+    """Move this process's vdso block to where the image had it, all parts together
+    and at their relative offsets (the vdso finds its data pages by offset)."""
+    if here.sizes() != there.sizes():
+        from upmig.errors import Mismatch
+
+        raise Mismatch(f"the vdso here ({here.sizes()}) differs from the image's "
+                       f"({there.sizes()}): the kernels are too different")
+    lo_here = min(s0 for s0, _ in here.parts.values())
+    lo_there = min(s0 for s0, _ in there.parts.values())
+    span = max(e for _, e in here.parts.values()) - lo_here
+    if lo_here == lo_there:
+        return
+    if abs(lo_here - lo_there) < span:  # overlapping: go through a free spot first
+        tmp = s.call(SYS_mmap, 0, span, 0, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0, what="mmap")
+        _mremap_block(s, here, lo_here, tmp)
+        here = VdsoBlock({k: (a - lo_here + tmp, b - lo_here + tmp)
+                          for k, (a, b) in here.parts.items()})
+        lo_here = tmp
+    _mremap_block(s, here, lo_here, lo_there)
+
+
+def _mremap_block(s, block: VdsoBlock, lo: int, new_lo: int) -> None:
+    for role in VDSO_ROLES:
+        if role in block.parts:
+            a, b = block.parts[role]
+            s.call(SYS_mremap, a, b - a, b - a, MREMAP_MAYMOVE | MREMAP_FIXED, new_lo + a - lo,
+                   what=f"mremap([{role}])")
+
+
+def free_gap(vmas: list[Vma], size: int, start: int = 1 << 33) -> int:
+    """An address where size bytes overlap none of vmas."""
+    at = start
+    for v in sorted(vmas, key=lambda v: v.start):
+        if v.end <= at:
+            continue
+        if v.start >= at + size:
+            break
+        at = v.end
+    return at
+
+
+class FileOpener:
+    """Opens each backing file once in the target; closes them all at the end."""
+
+    def __init__(self, s):
+        self.s = s
+        self.fds: dict[tuple[str, int], int] = {}
+
+    def fd(self, path: str, mode: int) -> int:
+        key = (path, mode)
+        if key not in self.fds:
+            self.s.write(self.s.scratch, os.fsencode(path) + b"\0")
+            self.fds[key] = self.s.call(SYS_openat, -100, self.s.scratch, mode | O_CLOEXEC, 0,
+                                        what=f"open({path})")
+        return self.fds[key]
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            self.s.raw(SYS_close, fd)
+        self.fds.clear()
+
+
+def map_vmas(s, vmas: list[Vma]) -> None:
+    """mmap every VMA at its address; writable for now where page data goes in."""
+    files = FileOpener(s)
+    try:
+        for v in vmas:
+            if v.role in VDSO_ROLES:
+                continue
+            shared = v.perms[3] == "s"
+            prot = prot_of(v.perms)
+            if v.data_bytes:
+                prot |= PROT_READ | PROT_WRITE
+            flags = MAP_FIXED | (MAP_SHARED if shared else MAP_PRIVATE)
+            if "gd" in v.vmflags:
+                flags |= MAP_GROWSDOWN
+            fd, off = -1, 0
+            if v.role == "file":
+                mode = O_RDWR if shared and "mw" in v.vmflags else O_RDONLY
+                fd, off = files.fd(v.path, mode), v.offset
+            else:
+                flags |= MAP_ANONYMOUS
+            s.call(SYS_mmap, v.start, v.end - v.start, prot, flags, fd, off,
+                   what=f"mmap({v.start:#x}, {v.path or v.role})")
+    finally:
+        files.close()
+
+
+def finish_vmas(s, vmas: list[Vma]) -> None:
+    """Final protections and the madvise flags, once the pages are in."""
+    for v in vmas:
+        if v.role in VDSO_ROLES:
+            continue
+        if v.data_bytes and prot_of(v.perms) != prot_of(v.perms) | PROT_READ | PROT_WRITE:
+            s.call(SYS_mprotect, v.start, v.end - v.start, prot_of(v.perms), what="mprotect")
+        for flag in v.vmflags:
+            if flag in MADVISE:
+                s.call(SYS_madvise, v.start, v.end - v.start, MADVISE[flag], what="madvise")
+
+
+def restore_mm(s, mm: MM, exe: str) -> None:
+    """PR_SET_MM_MAP: code/data/brk/stack/arg/env boundaries, auxv, and /proc/PID/exe."""
+    import struct
+
+    auxv_at = s.scratch + 1024
+    s.write(auxv_at, mm.auxv)
+    s.write(s.scratch, os.fsencode(exe) + b"\0")
+    exe_fd = s.call(SYS_openat, -100, s.scratch, O_RDONLY | O_CLOEXEC, 0, what=f"open({exe})")
+    try:
+        packed = struct.pack("<11QQII", mm.start_code, mm.end_code, mm.start_data, mm.end_data,
+                             mm.start_brk, mm.brk, mm.start_stack, mm.arg_start, mm.arg_end,
+                             mm.env_start, mm.env_end, auxv_at, len(mm.auxv), exe_fd)
+        s.write(s.scratch + 512, packed)
+        s.call(SYS_prctl, PR_SET_MM, PR_SET_MM_MAP, s.scratch + 512, len(packed), 0,
+               what="prctl(PR_SET_MM_MAP)")
+    finally:
+        s.raw(SYS_close, exe_fd)

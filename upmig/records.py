@@ -1,0 +1,160 @@
+"""The state records an image holds: plain dataclasses, one per kind of state.
+
+Dump modules fill them, upmig.image (de)serialises them, restore reads them. A new
+kind of state is one new record here plus a dump and a restore function."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+
+@dataclass
+class Header:
+    kind: ClassVar[str] = "header"
+    arch: str
+    kernel: str
+    upmig_version: str
+    created: float
+    hostname: str
+    page_size: int
+    pid: int
+
+
+@dataclass
+class Task:
+    """Per-process kernel state other than memory, signals and files."""
+
+    kind: ClassVar[str] = "task"
+    pid: int
+    comm: str
+    cmdline: list[str]
+    exe: str
+    cwd: str
+    root: str
+    umask: int
+    personality: int
+    uids: list[int]          # real, effective, saved, fs
+    gids: list[int]
+    groups: list[int]
+    rlimits: dict[str, list[int]]   # name -> [soft, hard]; -1 is unlimited
+    session_leader: bool
+    group_leader: bool
+    clear_child_tid: int
+    dumpable: int = 1
+
+
+@dataclass
+class MM:
+    """The mm fields PR_SET_MM_MAP restores, and the auxv."""
+
+    kind: ClassVar[str] = "mm"
+    start_code: int
+    end_code: int
+    start_data: int
+    end_data: int
+    start_brk: int
+    brk: int
+    start_stack: int
+    arg_start: int
+    arg_end: int
+    env_start: int
+    env_end: int
+    auxv: bytes
+
+
+@dataclass
+class Vma:
+    kind: ClassVar[str] = "vma"
+    start: int
+    end: int
+    perms: str               # as in /proc/PID/maps: "rw-p"
+    offset: int
+    path: str                # backing file, [heap]/[stack]/[vdso]..., or ""
+    role: str                # anon | file | shmem | heap | stack | vdso | vvar | vvar_vclock
+    vmflags: list[str]       # two-letter VmFlags from smaps
+    data_bytes: int = 0      # bytes of page contents stored in the image
+
+
+@dataclass
+class MappedFile:
+    """The identity of a mapped file, checked on the target before anything is mapped."""
+
+    kind: ClassVar[str] = "mapped_file"
+    path: str
+    size: int
+    mtime: float
+    build_id: str            # hex ELF build-id, or ""
+    content_hash: str        # hex xxh64 of the contents when there is no build-id
+
+
+@dataclass
+class Pages:
+    """Runs of page contents; their bytes follow as data frames, in this order."""
+
+    kind: ClassVar[str] = "pages"
+    runs: list[int]          # flat [start0, end0, start1, end1, ...]
+    nbytes: int
+
+
+@dataclass
+class Fd:
+    kind: ClassVar[str] = "fd"
+    fd: int
+    type: str                # file | dir | chardev | inherit
+    path: str
+    flags: int               # open(2) status flags from fdinfo, without O_CLOEXEC
+    cloexec: bool
+    pos: int
+    shared_with: int = -1    # lowest fd sharing this open file description, or -1
+    note: str = ""           # for inspect: what an inherited fd was
+
+
+@dataclass
+class Signals:
+    kind: ClassVar[str] = "signals"
+    actions: list[list[int]]     # [signo, handler, flags, restorer, mask]
+    blocked: int
+    pending_private: list[bytes]  # raw siginfo_t, 128 bytes each
+    pending_shared: list[bytes]
+    altstack: list[int]          # [ss_sp, ss_flags, ss_size]
+    itimers: list[list[int]]     # [which, interval_sec, interval_usec, value_sec, value_usec]
+
+
+@dataclass
+class Thread:
+    kind: ClassVar[str] = "thread"
+    tid: int
+    regs: bytes              # struct user_regs_struct as the kernel gave it
+    xsave: bytes             # NT_X86_XSTATE
+    syscall: int = -1        # the syscall it was stopped in, or -1
+    syscall_result: int = 0  # rax at the stop (-ERESTART* while in a syscall)
+
+
+@dataclass
+class Trailer:
+    kind: ClassVar[str] = "trailer"
+    records: int
+    data_bytes: int
+
+
+RECORD_TYPES: dict[str, type] = {
+    cls.kind: cls for cls in (Header, Task, MM, Vma, MappedFile, Pages, Fd, Signals, Thread,
+                              Trailer)
+}
+
+
+def to_wire(rec: Any) -> list:
+    """[kind, {field: value}] for msgpack."""
+    return [rec.kind, {f.name: getattr(rec, f.name) for f in fields(rec)}]
+
+
+def from_wire(kind: str, body: dict) -> Any:
+    """Rebuild a record; unknown fields (from a newer minor version) are ignored,
+    missing ones raise KeyError/TypeError for the caller to report."""
+    cls = RECORD_TYPES[kind]
+    return cls(**{f.name: body[f.name] for f in fields(cls) if f.name in body})
+
+
+__all__ = ["Header", "Task", "MM", "Vma", "MappedFile", "Pages", "Fd", "Signals", "Thread",
+           "Trailer", "RECORD_TYPES", "to_wire", "from_wire"]

@@ -1,0 +1,59 @@
+"""General registers and the XSAVE area of a stopped thread, and the fix-up that lets
+a thread caught inside a syscall restart it correctly in its new life."""
+
+from __future__ import annotations
+
+import ctypes
+
+from ptrace.binding.linux_struct import user_regs_struct
+
+from upmig import _native as nat
+from upmig.records import Thread
+
+ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 514, 516
+RESTART_CODES = {-ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND, -ERESTART_RESTARTBLOCK}
+SYS_restart_syscall = 219
+EINTR = 4
+
+
+def decode(raw: bytes) -> user_regs_struct:
+    return user_regs_struct.from_buffer_copy(raw)
+
+
+def encode(regs: user_regs_struct) -> bytes:
+    return bytes(regs)
+
+
+def signed(v: int) -> int:
+    return ctypes.c_long(v).value
+
+
+def capture(tid: int) -> Thread:
+    raw = nat.get_regs(tid)
+    r = decode(raw)
+    orig, rax = signed(r.orig_rax), signed(r.rax)
+    in_syscall = orig >= 0 and rax in RESTART_CODES
+    return Thread(tid=tid, regs=raw, xsave=nat.get_regset(tid, nat.NT_X86_XSTATE),
+                  syscall=orig if in_syscall else -1, syscall_result=rax)
+
+
+def for_restore(raw: bytes) -> bytes:
+    """The registers to give a rebuilt thread.
+
+    A thread interrupted in a syscall shows rax = -ERESTART* and rip past the
+    `syscall` instruction. We re-execute that syscall from scratch (rip back 2,
+    rax = its number) and clear orig_rax so the kernel does no fix-up of its own:
+    that is what the kernel itself does for every code but RESTARTBLOCK, whose
+    restart state (say, a nanosleep's deadline) lived in the old kernel, so we
+    restart the original call with its original arguments instead. Only a thread
+    that was already in restart_syscall cannot be restarted: it gets -EINTR."""
+    r = decode(raw)
+    orig, rax = signed(r.orig_rax), signed(r.rax)
+    if orig >= 0 and rax in RESTART_CODES:
+        if orig == SYS_restart_syscall:
+            r.rax = -EINTR & 0xFFFFFFFFFFFFFFFF
+        else:
+            r.rax = orig
+            r.rip -= 2
+    r.orig_rax = 0xFFFFFFFFFFFFFFFF
+    return encode(r)

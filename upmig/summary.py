@@ -1,0 +1,103 @@
+"""What an image holds, as a dict (for --json) and as readable text."""
+
+from __future__ import annotations
+
+import time
+
+from upmig import image, regs, signals
+from upmig.records import MM, Fd, Header, MappedFile, Signals, Task, Thread, Vma
+
+try:
+    from ptrace.syscall.linux.x86_64 import SYSCALL_NAMES
+except ImportError:  # only names for the display; numbers still shown
+    SYSCALL_NAMES = {}
+
+SHOWN_REGS = ("rip", "rsp", "rbp", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10",
+              "r11", "r12", "r13", "r14", "r15", "orig_rax", "eflags", "fs_base", "gs_base")
+
+
+def summary(path: str) -> dict:
+    img = image.load(path)
+    try:
+        return _summary(img)
+    finally:
+        img.close()
+
+
+def _summary(img: image.Image) -> dict:
+    head: Header = img.one(Header)
+    tsk: Task = img.one(Task)
+    mm: MM = img.one(MM)
+    th: Thread = img.one(Thread)
+    r = regs.decode(th.regs)
+    vmas: list[Vma] = img.of(Vma)
+    return {
+        "image": img.path,
+        "image_bytes": img.size,
+        "created": head.created,
+        "source": {"host": head.hostname, "kernel": head.kernel, "arch": head.arch,
+                   "upmig": head.upmig_version},
+        "process": {"pid": tsk.pid, "comm": tsk.comm, "cmdline": tsk.cmdline, "exe": tsk.exe,
+                    "cwd": tsk.cwd, "uid": tsk.uids[0], "gid": tsk.gids[0],
+                    "umask": f"{tsk.umask:04o}", "session_leader": tsk.session_leader,
+                    "brk": mm.brk},
+        "threads": [{"tid": th.tid,
+                     "state": (f"in {SYSCALL_NAMES.get(th.syscall, th.syscall)}()"
+                               if th.syscall >= 0 else "running"),
+                     "registers": {n: getattr(r, n) for n in SHOWN_REGS},
+                     "xsave_bytes": len(th.xsave)}],
+        "vmas": [{"start": v.start, "end": v.end, "perms": v.perms, "size": v.end - v.start,
+                  "stored": v.data_bytes, "what": v.path or f"[{v.role}]"} for v in vmas],
+        "mapped_files": [{"path": f.path, "size": f.size,
+                          "build_id": f.build_id or None} for f in img.of(MappedFile)],
+        "fds": [{"fd": f.fd, "type": f.type, "path": f.path or f.note, "flags": f"{f.flags:o}",
+                 "pos": f.pos, "cloexec": f.cloexec,
+                 **({"shares": f.shared_with} if f.shared_with >= 0 else {})}
+                for f in img.of(Fd)],
+        "signals": signals.describe(img.one(Signals)),
+        "totals": {"vmas": len(vmas), "mapped_bytes": sum(v.end - v.start for v in vmas),
+                   "stored_bytes": sum(v.data_bytes for v in vmas),
+                   "records": len(img.records)},
+    }
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def render(s: dict) -> str:
+    p, src = s["process"], s["source"]
+    created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["created"]))
+    out = [f"image     {s['image']} ({_size(s['image_bytes'])}, made {created} on {src['host']}, "
+           f"kernel {src['kernel']}, upmig {src['upmig']})",
+           f"process   pid {p['pid']} {p['comm']!r}: {' '.join(p['cmdline'])}",
+           f"          exe {p['exe']}  cwd {p['cwd']}  uid {p['uid']} gid {p['gid']}  "
+           f"umask {p['umask']}"]
+    for t in s["threads"]:
+        r = t["registers"]
+        out.append(f"thread    tid {t['tid']} {t['state']}  rip {r['rip']:#x} rsp {r['rsp']:#x}  "
+                   f"xsave {t['xsave_bytes']} bytes")
+        names = [n for n in SHOWN_REGS if n not in ("rip", "rsp")]
+        for i in range(0, len(names), 5):
+            out.append("          " + "  ".join(f"{n} {r[n]:#x}" for n in names[i:i + 5]))
+    out.append(f"memory    {s['totals']['vmas']} vmas, {_size(s['totals']['mapped_bytes'])} "
+               f"mapped, {_size(s['totals']['stored_bytes'])} stored")
+    for v in s["vmas"]:
+        out.append(f"          {v['start']:012x}-{v['end']:012x} {v['perms']} "
+                   f"{_size(v['size']):>10} {_size(v['stored']) if v['stored'] else '':>10}  "
+                   f"{v['what']}")
+    out.append(f"fds       {len(s['fds'])}")
+    for f in s["fds"]:
+        extra = f" (shares fd {f['shares']})" if "shares" in f else ""
+        out.append(f"          {f['fd']:>4} {f['type']:<8} {f['path']}  flags {f['flags']} "
+                   f"pos {f['pos']}{' cloexec' if f['cloexec'] else ''}{extra}")
+    sig = s["signals"]
+    out.append(f"signals   handled {sorted(sig['handled'])}  blocked {sig['blocked']}  "
+               f"pending {sig['pending']}")
+    if sig["itimers"]:
+        out.append(f"          itimers {sig['itimers']}")
+    return "\n".join(out)
