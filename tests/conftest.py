@@ -1,0 +1,174 @@
+"""Shared harness: build victims, start them, drive upmig's command line.
+
+The pytest process makes itself a child subreaper, so processes resumed with
+--detach become its children and are reaped here (PID 1 reaps only every few
+seconds on these machines, which would keep PIDs taken)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+VICTIMS = ROOT / "tests" / "victims"
+BUILD = ROOT / "tests" / ".build"
+UPMIG = [sys.executable, "-m", "upmig"]
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def pytest_configure(config):
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def build_victim(name: str, *defines: str) -> Path:
+    """Compile tests/victims/NAME.c (once per set of defines) and return the binary."""
+    src = VICTIMS / f"{name}.c"
+    out = BUILD / (name + "".join(f".{d}" for d in defines))
+    if out.exists() and out.stat().st_mtime >= src.stat().st_mtime:
+        return out
+    BUILD.mkdir(exist_ok=True)
+    extra = []
+    first = src.read_text().splitlines()[0]
+    if first.startswith("// cflags:"):
+        extra = first.split(":", 1)[1].split()
+    subprocess.run(["cc", "-O1", "-g", "-Wall", "-Wextra", *[f"-D{d}" for d in defines],
+                    "-o", str(out), str(src), *extra], check=True)
+    return out
+
+
+def run_upmig(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    r = subprocess.run([*UPMIG, *args], capture_output=True, text=True, timeout=timeout,
+                       cwd=ROOT)
+    if check and r.returncode != 0:
+        raise AssertionError(f"upmig {' '.join(args)} failed ({r.returncode}): {r.stderr}")
+    return r
+
+
+def wait_for(pred, timeout: float = 20, what: str = "condition") -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def reap(pid: int, timeout: float = 10) -> int | None:
+    """Reap pid if it is our child (directly or through the subreaper); its status."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            got, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return None
+        if got:
+            return status
+        time.sleep(0.01)
+    raise AssertionError(f"pid {pid} did not exit")
+
+
+class Run:
+    """One victim's life: started here, then any number of dump/resume hops.
+
+    Its stdout is the regular file `stdout.txt` in its own directory, so it keeps
+    writing to the same file after every resume."""
+
+    def __init__(self, argv: list[str], cwd: Path, stdin=subprocess.DEVNULL):
+        self.cwd = cwd
+        self.out_path = cwd / "stdout.txt"
+        self.proc = subprocess.Popen(argv, cwd=cwd, stdin=stdin,
+                                     stdout=open(self.out_path, "wb"),
+                                     stderr=subprocess.STDOUT, close_fds=True)
+        self.pid = self.proc.pid
+        self.resumer: subprocess.Popen | None = None  # `upmig resume` in wait mode
+        self.hops = 0
+
+    def output(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    def wait_output(self, text: str, timeout: float = 20) -> None:
+        wait_for(lambda: text in self.output(), timeout, f"{text!r} in output")
+
+    def image(self) -> Path:
+        return self.cwd / f"hop{self.hops}.upmig"
+
+    def dump(self, *flags: str) -> Path:
+        img = self.image()
+        run_upmig("dump", str(self.pid), "-o", str(img), *flags)
+        if not flags:
+            self._reap_killed()
+        return img
+
+    def _reap_killed(self) -> None:
+        if self.resumer is not None:
+            assert self.resumer.wait(timeout=10) == 128 + signal.SIGKILL
+            self.resumer = None
+        elif self.proc.returncode is None:
+            assert self.proc.wait(timeout=10) == -signal.SIGKILL
+
+    def resume(self, img: Path, stdin=subprocess.DEVNULL) -> None:
+        """`upmig resume IMAGE` in wait mode; the process is its child."""
+        self.resumer = subprocess.Popen([*UPMIG, "resume", str(img)], cwd=ROOT, stdin=stdin,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        close_fds=True)
+        wait_for(lambda: self._alive_again(), 20, "the resumed process")
+        self.hops += 1
+
+    def _alive_again(self) -> bool:
+        if self.resumer is not None and self.resumer.poll() is not None:
+            err = self.resumer.stderr.read().decode()
+            raise AssertionError(f"resume exited {self.resumer.returncode}: {err}")
+        try:  # rebuilt and let go: no longer the stub, no longer traced
+            with open(f"/proc/{self.pid}/status") as f:
+                traced = "TracerPid:\t0\n" not in f.read()
+            return not traced and not os.readlink(f"/proc/{self.pid}/exe").endswith("-stub")
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+
+    def hop(self, *flags: str) -> None:
+        self.resume(self.dump(*flags))
+
+    def finish(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Signal the process and return its exit status (shell style)."""
+        if sig:
+            os.kill(self.pid, sig)
+        if self.resumer is not None:
+            return self.resumer.wait(timeout=timeout)
+        rc = self.proc.wait(timeout=timeout)
+        return rc if rc >= 0 else 128 - rc
+
+    def kill(self) -> None:
+        for p in (self.proc, self.resumer):
+            if p is not None and p.poll() is None:
+                try:
+                    os.kill(self.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait(timeout=10)
+
+
+@pytest.fixture
+def run_victim(tmp_path):
+    """Start a victim by name (or an argv); everything started is killed at the end."""
+    runs: list[Run] = []
+
+    def start(name_or_argv, *args: str, stdin=subprocess.DEVNULL, defines=()) -> Run:
+        if isinstance(name_or_argv, str):
+            argv = [str(build_victim(name_or_argv, *defines)), *args]
+        else:
+            argv = list(name_or_argv)
+        d = tmp_path / f"run{len(runs)}"
+        d.mkdir()
+        r = Run(argv, d, stdin=stdin)
+        runs.append(r)
+        return r
+
+    yield start
+    for r in runs:
+        r.kill()
