@@ -1,0 +1,123 @@
+// hog.c - upmig benchmark victim: N MiB of touched anonymous memory, random content.
+//
+// usage: hog MIB
+// Maps MIB MiB, fills it with xorshift64 output (one value per 8 bytes, fast and
+// incompressible), prints "READY <checksum>" and sleeps in pause(). On SIGUSR1 it
+// checks every word against the regenerated sequence and prints "OK <checksum>"
+// (or "BAD <count> words differ, first at byte <offset>"), where the checksum is
+// recomputed from memory: so the bench can tell that a resumed copy is intact.
+// The check runs inside the handler so that no signal can slip in before pause().
+#include <errno.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define SEED 0x2545F4914F6CDD1DULL
+
+static uint64_t *mem;
+static size_t nwords;
+
+static uint64_t xorshift(uint64_t *s)
+{
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    return *s;
+}
+
+/* Sum of word[w] * (2w+1) mod 2^64: any single changed or moved word changes it. */
+static uint64_t checksum(void)
+{
+    uint64_t sum = 0;
+    for (size_t w = 0; w < nwords; w++)
+        sum += mem[w] * (2 * w + 1);
+    return sum;
+}
+
+/* write(2) all of s; only async-signal-safe calls, as it also runs in the handler. */
+static void say(const char *s)
+{
+    size_t len = strlen(s);
+    while (len > 0) {
+        ssize_t n = write(STDOUT_FILENO, s, len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            _exit(3);
+        s += n;
+        len -= (size_t)n;
+    }
+}
+
+/* Decimal of v into buf (at least 21 bytes); returns buf. */
+static char *dec(uint64_t v, char *buf)
+{
+    char tmp[21];
+    int n = 0;
+    do
+        tmp[n++] = (char)('0' + v % 10);
+    while ((v /= 10) != 0);
+    for (int i = 0; i < n; i++)
+        buf[i] = tmp[n - 1 - i];
+    buf[n] = '\0';
+    return buf;
+}
+
+static void on_usr1(int sig)
+{
+    (void)sig;
+    int saved = errno;
+    uint64_t s = SEED, bad = 0, first = 0;
+    char a[21], b[21];
+    for (size_t w = 0; w < nwords; w++)
+        if (mem[w] != xorshift(&s) && bad++ == 0)
+            first = w * 8;
+    if (bad == 0) {
+        say("OK ");
+        say(dec(checksum(), a));
+    } else {
+        say("BAD ");
+        say(dec(bad, a));
+        say(" words differ, first at byte ");
+        say(dec(first, b));
+    }
+    say("\n");
+    errno = saved;
+}
+
+int main(int argc, char **argv)
+{
+    char *end;
+    unsigned long mib = argc == 2 ? strtoul(argv[1], &end, 10) : 0;
+    if (argc != 2 || *end != '\0' || mib > (1UL << 20)) {
+        fprintf(stderr, "usage: hog MIB\n");
+        return 2;
+    }
+    nwords = (mib << 20) / 8;
+    if (nwords > 0) {
+        mem = mmap(NULL, mib << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (mem == MAP_FAILED) {
+            perror("hog: mmap");
+            return 1;
+        }
+    }
+    uint64_t s = SEED;
+    for (size_t w = 0; w < nwords; w++)
+        mem[w] = xorshift(&s);
+
+    struct sigaction sa = {.sa_handler = on_usr1};
+    if (sigemptyset(&sa.sa_mask) != 0 || sigaction(SIGUSR1, &sa, NULL) != 0) {
+        perror("hog: sigaction");
+        return 1;
+    }
+    char buf[21];
+    say("READY ");
+    say(dec(checksum(), buf));
+    say("\n");
+    for (;;)
+        pause();
+}

@@ -1,0 +1,86 @@
+"""Real programs nobody here wrote, as they are: migrated at several moments, their
+output must equal an uninterrupted run byte for byte."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import VICTIMS
+
+BC_INPUT = b"scale=2600; 4*a(1)\nquit\n"
+
+
+def straight_run(argv: list[str], tmp_path: Path, stdin: bytes | None = None) -> bytes:
+    r = subprocess.run(argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       cwd=tmp_path, check=True, timeout=120)
+    return r.stdout
+
+
+def migrate_at_random(run, hops: int, seed: int, spread: float) -> None:
+    rnd = random.Random(seed)
+    for _ in range(hops):
+        time.sleep(rnd.uniform(0.05, spread))
+        if (run.resumer or run.proc).poll() is not None:
+            return  # it finished before we got to it: the comparison still holds
+        run.hop()
+
+
+def python_job() -> list[str]:
+    return [sys.executable, "-S", str(VICTIMS / "pyjob.py")]
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_python_output_equals_straight_run(run_victim, tmp_path, seed):
+    expected = straight_run(python_job(), tmp_path)
+    r = run_victim(python_job())
+    migrate_at_random(r, hops=3, seed=seed, spread=0.6)
+    assert r.finish(sig=0, timeout=120) == 0
+    assert r.out_path.read_bytes() == expected
+
+
+def test_python_chain_of_five(run_victim, tmp_path):
+    expected = straight_run(python_job(), tmp_path)
+    r = run_victim(python_job())
+    migrate_at_random(r, hops=5, seed=7, spread=0.3)
+    assert r.hops == 5, "the job finished before five hops; make it longer"
+    assert r.finish(sig=0, timeout=120) == 0
+    assert r.out_path.read_bytes() == expected
+
+
+@pytest.mark.skipif(not shutil.which("bc"), reason="bc is not installed")
+@pytest.mark.parametrize("seed", [3, 4])
+def test_bc_pi_equals_straight_run(run_victim, tmp_path, seed):
+    expected = straight_run(["bc", "-l"], tmp_path, stdin=BC_INPUT)
+    feed = tmp_path / "bc.in"
+    feed.write_bytes(BC_INPUT)
+    with open(feed, "rb") as stdin:  # a file: reopened at its offset after resume
+        r = run_victim(["bc", "-l"], stdin=stdin)
+    migrate_at_random(r, hops=3, seed=seed, spread=0.5)
+    assert r.finish(sig=0, timeout=120) == 0
+    assert r.out_path.read_bytes() == expected
+    assert len(expected) > 2600
+
+
+@pytest.mark.skipif(not shutil.which("bc"), reason="bc is not installed")
+def test_bc_reading_a_pipe_gets_the_resumers_stdin(run_victim, tmp_path):
+    """stdin was a pipe from outside: after resume it is `upmig resume`'s own stdin."""
+    expected = straight_run(["bc", "-l"], tmp_path, stdin=BC_INPUT)
+    r = run_victim(["bc", "-l"], stdin=subprocess.PIPE)
+    r.proc.stdin.write(b"scale=2600; 4*a(1)\n")
+    r.proc.stdin.flush()
+    time.sleep(0.4)  # computing now
+    img = r.dump()
+    r.proc.stdin.close()
+    with open(tmp_path / "rest.in", "wb") as f:
+        f.write(b"quit\n")
+    with open(tmp_path / "rest.in", "rb") as rest:
+        r.resume(img, stdin=rest)
+    assert r.finish(sig=0, timeout=120) == 0
+    assert r.out_path.read_bytes() == expected
