@@ -12,7 +12,6 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -38,33 +37,37 @@ static uint64_t checksum(void)
     return sum;
 }
 
-/* write(2) all of s; only async-signal-safe calls, as it also runs in the handler. */
-static void say(const char *s)
+/* Append s, or the decimal of v, at *p: the line is built first and written with
+ * one write(2), so a reader never sees half of it. Async-signal-safe. */
+static void put(char **p, const char *s)
 {
-    size_t len = strlen(s);
-    while (len > 0) {
-        ssize_t n = write(STDOUT_FILENO, s, len);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            _exit(3);
-        s += n;
-        len -= (size_t)n;
-    }
+    while (*s)
+        *(*p)++ = *s++;
 }
 
-/* Decimal of v into buf (at least 21 bytes); returns buf. */
-static char *dec(uint64_t v, char *buf)
+static void put_num(char **p, uint64_t v)
 {
-    char tmp[21];
+    char tmp[20];
     int n = 0;
     do
         tmp[n++] = (char)('0' + v % 10);
     while ((v /= 10) != 0);
-    for (int i = 0; i < n; i++)
-        buf[i] = tmp[n - 1 - i];
-    buf[n] = '\0';
-    return buf;
+    while (n > 0)
+        *(*p)++ = tmp[--n];
+}
+
+static void say(const char *line, char *end)
+{
+    size_t len = (size_t)(end - line);
+    while (len > 0) {
+        ssize_t n = write(STDOUT_FILENO, line, len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            _exit(3);
+        line += n;
+        len -= (size_t)n;
+    }
 }
 
 static void on_usr1(int sig)
@@ -72,20 +75,21 @@ static void on_usr1(int sig)
     (void)sig;
     int saved = errno;
     uint64_t s = SEED, bad = 0, first = 0;
-    char a[21], b[21];
     for (size_t w = 0; w < nwords; w++)
         if (mem[w] != xorshift(&s) && bad++ == 0)
             first = w * 8;
+    char line[128], *p = line;
     if (bad == 0) {
-        say("OK ");
-        say(dec(checksum(), a));
+        put(&p, "OK ");
+        put_num(&p, checksum());
     } else {
-        say("BAD ");
-        say(dec(bad, a));
-        say(" words differ, first at byte ");
-        say(dec(first, b));
+        put(&p, "BAD ");
+        put_num(&p, bad);
+        put(&p, " words differ, first at byte ");
+        put_num(&p, first);
     }
-    say("\n");
+    put(&p, "\n");
+    say(line, p);
     errno = saved;
 }
 
@@ -114,10 +118,11 @@ int main(int argc, char **argv)
         perror("hog: sigaction");
         return 1;
     }
-    char buf[21];
-    say("READY ");
-    say(dec(checksum(), buf));
-    say("\n");
+    char line[64], *p = line;
+    put(&p, "READY ");
+    put_num(&p, checksum());
+    put(&p, "\n");
+    say(line, p);
     for (;;)
         pause();
 }

@@ -6,6 +6,7 @@ complete; on any failure the temporary file is removed and the process runs on."
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import socket
@@ -152,9 +153,18 @@ def _capture_and_write(pid: int, fz: freeze.Frozen, fd: int, note: Progress
 
 
 def _explain(pid: int, e: OSError) -> UpmigError:
-    if not os.path.exists(f"/proc/{pid}"):
+    # The process is frozen by us: ESRCH can only mean it was killed meanwhile.
+    if e.errno == errno.ESRCH or _gone(pid):
         return NoSuchProcess("exited during the dump", pid=pid)
     return UpmigError(describe_oserror(e), pid=pid, what="dump failed")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = _proc.parse_status(_proc.read_text(pid, "status")).get("State", "")
+    except UpmigError:
+        return True
+    return state.startswith(("Z", "X"))
 
 
 def _temp_path(image_path: str) -> str:

@@ -8,7 +8,7 @@ import stat
 
 from upmig import _native as nat
 from upmig import _proc
-from upmig.errors import CantMigrate
+from upmig.errors import CantMigrate, RestoreError
 from upmig.inject import Session
 from upmig.records import Fd
 
@@ -112,8 +112,8 @@ def restore(s: Session, pid: int, recs: list[Fd]) -> None:
             s.write(s.scratch, path)
             src = s.raw(SYS_openat, AT_FDCWD, s.scratch, _open_flags(r), 0)
             if src < 0:
-                raise CantMigrate(f"cannot reopen {r.path} for fd {r.fd}: "
-                                  f"{os.strerror(-src)}", pid=pid)
+                raise RestoreError(f"cannot reopen {r.path} for fd {r.fd}: "
+                                   f"{os.strerror(-src)}")
         cloexec = O_CLOEXEC if r.cloexec else 0
         if src != r.fd:
             s.call(SYS_dup3, src, r.fd, cloexec, what=f"dup3({src}, {r.fd})")

@@ -1,0 +1,125 @@
+"""Failure paths: the process under migration is left as it was, a failed resume
+leaves nothing behind, and the user gets one line, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import upmig
+from conftest import ROOT, UPMIG, run_upmig
+
+
+def stub_pids() -> set[int]:
+    out = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if os.readlink(d / "exe").endswith("upmig-stub"):
+                    out.add(int(d.name))
+            except OSError:
+                pass
+    return out
+
+
+def is_running_untraced(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return "TracerPid:\t0\n" in status and "\nState:\tZ" not in status
+
+
+def test_process_exits_during_dump(run_victim, tmp_path):
+    r = run_victim("memory")
+    r.wait_output("READY\n")
+    img = tmp_path / "gone.upmig"
+
+    def kill_midway(step, nbytes):
+        if step == "pages":
+            os.kill(r.pid, signal.SIGKILL)
+
+    with pytest.raises(upmig.NoSuchProcess, match="exited during the dump"):
+        upmig.dump(r.pid, str(img), progress=kill_midway)
+    assert not img.exists()
+    assert not list(tmp_path.glob(".gone.upmig.partial-*"))
+
+
+def test_image_that_does_not_fit_leaves_process_running(run_victim, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        r = run_victim("memory")  # ~60 MiB of data: cannot fit in 1 MiB
+        r.wait_output("READY\n")
+        res = run_upmig("dump", str(r.pid), "-o", str(small / "x.upmig"), check=False)
+        assert res.returncode == 1
+        assert res.stderr.count("\n") == 1 and "No space left" in res.stderr
+        assert "Traceback" not in res.stderr
+        assert os.listdir(small) == []
+        assert is_running_untraced(r.pid)
+        time.sleep(0.2)
+        assert r.finish() == 0 and r.output() == "READY\nPASS\n"
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_changed_mapped_file_is_refused_by_name(run_victim):
+    r = run_victim("privmap")
+    r.wait_output("READY\n")
+    img = r.dump()
+    data = r.cwd / "data.bin"
+    blob = bytearray(data.read_bytes())
+    blob[100] ^= 0xFF
+    data.write_bytes(bytes(blob))
+    before = stub_pids()
+    res = run_upmig("resume", str(img), check=False)
+    assert res.returncode == 8
+    assert res.stderr.strip().startswith("upmig: mapped file") and "data.bin" in res.stderr
+    assert res.stderr.count("\n") == 1
+    assert stub_pids() == before
+    assert not Path(f"/proc/{r.pid}").exists()
+
+
+def test_missing_open_file_fails_resume_and_leaves_nothing(run_victim):
+    r = run_victim("files")
+    r.wait_output("READY\n")
+    img = r.dump()
+    (r.cwd / "app.log").unlink()
+    res = run_upmig("resume", str(img), check=False)
+    assert res.returncode == 7, res.stderr
+    assert "app.log" in res.stderr and res.stderr.count("\n") == 1
+    assert "Traceback" not in res.stderr
+    time.sleep(0.1)
+    assert not Path(f"/proc/{r.pid}").exists()
+    assert not stub_pids()
+
+
+def test_taken_pid_gives_a_new_pid_and_a_notice(run_victim):
+    r = run_victim("counter")
+    r.wait_output("READY\n")
+    img = r.dump("--leave-running")   # the original keeps its PID
+    p = subprocess.Popen([*UPMIG, "resume", "--detach", str(img)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    new = int(out)
+    try:
+        assert new != r.pid
+        assert f"pid {r.pid} is still taken" in err and "new pid" in err
+        assert is_running_untraced(new)
+    finally:
+        os.kill(new, signal.SIGKILL)
+        os.waitpid(new, 0)
+
+
+def test_dump_of_zombie_or_self_is_refused():
+    p = subprocess.Popen(["true"])
+    time.sleep(0.3)  # exited, not reaped: a zombie
+    try:
+        res = run_upmig("dump", str(p.pid), "-o", "/tmp/never.upmig", check=False)
+        assert res.returncode == 3 and "zombie" in res.stderr
+    finally:
+        p.wait()
