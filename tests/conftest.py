@@ -79,12 +79,13 @@ class Run:
     Its stdout is the regular file `stdout.txt` in its own directory, so it keeps
     writing to the same file after every resume."""
 
-    def __init__(self, argv: list[str], cwd: Path, stdin=subprocess.DEVNULL):
+    def __init__(self, argv: list[str], cwd: Path, stdin=subprocess.DEVNULL, preexec_fn=None):
         self.cwd = cwd
         self.out_path = cwd / "stdout.txt"
         self.proc = subprocess.Popen(argv, cwd=cwd, stdin=stdin,
                                      stdout=open(self.out_path, "wb"),
-                                     stderr=subprocess.STDOUT, close_fds=True)
+                                     stderr=subprocess.STDOUT, close_fds=True,
+                                     preexec_fn=preexec_fn)
         self.pid = self.proc.pid
         self.resumer: subprocess.Popen | None = None  # `upmig resume` in wait mode
         self.hops = 0
@@ -158,14 +159,15 @@ def run_victim(tmp_path):
     """Start a victim by name (or an argv); everything started is killed at the end."""
     runs: list[Run] = []
 
-    def start(name_or_argv, *args: str, stdin=subprocess.DEVNULL, defines=()) -> Run:
+    def start(name_or_argv, *args: str, stdin=subprocess.DEVNULL, defines=(),
+              preexec_fn=None) -> Run:
         if isinstance(name_or_argv, str):
             argv = [str(build_victim(name_or_argv, *defines)), *args]
         else:
             argv = list(name_or_argv)
         d = tmp_path / f"run{len(runs)}"
-        d.mkdir()
-        r = Run(argv, d, stdin=stdin)
+        d.mkdir(exist_ok=True)
+        r = Run(argv, d, stdin=stdin, preexec_fn=preexec_fn)
         runs.append(r)
         return r
 

@@ -96,3 +96,99 @@ def test_leave_running_then_resume_the_checkpoint(run_victim):
     r.resume(img)
     time.sleep(0.2)
     assert r.finish() == 0, r.output()
+
+
+def test_blocked_in_pause(run_victim):
+    r = run_victim("waiter", "pause")
+    r.wait_output("READY\n")
+    time.sleep(0.2)
+    r.hop()
+    time.sleep(0.3)  # a spurious return from pause() would FAIL now
+    assert r.finish() == 0, r.output()
+    assert r.output() == "READY\nPASS\n"
+
+
+def test_blocked_in_poll_on_stdin(run_victim):
+    r = run_victim("waiter", "poll", stdin=subprocess.PIPE)
+    r.wait_output("READY\n")
+    time.sleep(0.2)
+    img = r.dump()
+    rd, wr = os.pipe()
+    r.resume(img, stdin=rd)
+    os.close(rd)
+    time.sleep(0.3)
+    os.write(wr, b"ping\n")
+    r.wait_output("GOT ping\n")
+    os.close(wr)
+    assert r.finish() == 0, r.output()
+
+
+def test_leave_stopped_then_continue(run_victim):
+    r = run_victim("counter")
+    r.wait_output("READY\n")
+    r.dump("--leave-stopped")
+    wait_for_state(r.pid, "T")
+    os.kill(r.pid, signal.SIGCONT)
+    time.sleep(0.2)
+    assert r.finish() == 0 and r.output() == "READY\nPASS\n"
+
+
+def wait_for_state(pid: int, state: str) -> None:
+    from conftest import wait_for
+
+    def has_state():
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == state
+
+    wait_for(has_state, 10, f"state {state}")
+
+
+def proc_view(pid: int) -> dict:
+    """What the kernel says about a process, field by field, for before/after checks."""
+    status = dict(line.split(":\t", 1) for line in open(f"/proc/{pid}/status").read().splitlines()
+                  if ":\t" in line)
+    keep = ("Name", "Umask", "Uid", "Gid", "Groups", "Cpus_allowed_list", "SigBlk", "SigIgn",
+            "SigCgt")
+    return {
+        **{k: status[k] for k in keep},
+        "cmdline": open(f"/proc/{pid}/cmdline", "rb").read(),
+        "environ": open(f"/proc/{pid}/environ", "rb").read(),
+        "exe": os.readlink(f"/proc/{pid}/exe"),
+        "cwd": os.readlink(f"/proc/{pid}/cwd"),
+        "limits": open(f"/proc/{pid}/limits").read(),
+        "personality": open(f"/proc/{pid}/personality").read(),
+        "auxv": open(f"/proc/{pid}/auxv", "rb").read(),
+        "maps": [line.split()[0] + " " + line.split()[1] + " " + line.split(None, 5)[-1]
+                 for line in open(f"/proc/{pid}/maps").read().splitlines()],
+        "stat_mm": open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[23:26]
+        + open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[42:49],
+    }
+
+
+def test_task_state_is_the_same_after_resume(run_victim, tmp_path):
+    """A process run as another user, with its own umask, limits, affinity, name and
+    personality looks the same to the kernel after resume."""
+    import resource
+
+    tmp_path.chmod(0o777)
+
+    def become_someone_else():
+        os.umask(0o027)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (300, 900))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        os.sched_setaffinity(0, {0})
+        os.setgroups([100, 65534])
+        os.setresgid(65534, 65534, 65534)
+        os.setresuid(65534, 65534, 65534)
+
+    argv = [str(__import__("conftest").build_victim("waiter")), "pause"]
+    (tmp_path / "run0").mkdir(mode=0o777)
+    r = run_victim(["setarch", "x86_64", "-R", *argv], preexec_fn=become_someone_else)
+    r.wait_output("READY\n")
+    before = proc_view(r.pid)
+    r.hop()
+    after = proc_view(r.pid)
+    for key in before:
+        assert after[key] == before[key], key
+    assert before["Uid"].split()[0] == "65534" and before["Umask"] == "0027"
+    assert r.finish() == 0, r.output()

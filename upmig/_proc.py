@@ -115,3 +115,8 @@ def parse_fdinfo(text: str) -> dict[str, str]:
 def parse_auxv(data: bytes) -> list[tuple[int, int]]:
     words = memoryview(data).cast("Q")
     return [(words[i], words[i + 1]) for i in range(0, len(words) - 1, 2)]
+
+
+def last_cpu(pid: int) -> int:
+    """The CPU the task last ran on (stat field 39)."""
+    return int(parse_stat(read_text(pid, "stat"))[39])

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-import platform
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,6 +86,10 @@ def preflight(pid: int) -> None:
                           "supported yet", pid=pid)
     if status.get("Seccomp", "0") != "0":
         raise CantMigrate("runs under a seccomp filter, which is not supported yet", pid=pid)
+    children = _proc.read_text(pid, f"task/{pid}/children").split()
+    if children:
+        raise CantMigrate(f"has {len(children)} child process(es) ({', '.join(children[:5])}); "
+                          "process trees are not supported yet", pid=pid)
     if _proc.read_text(pid, "timers").strip():
         raise CantMigrate("has POSIX timers (timer_create), which are not supported yet",
                           pid=pid)
@@ -118,7 +120,7 @@ def _capture_and_write(pid: int, fz: freeze.Frozen, fd: int, note: Progress
             raise CantMigrate("has no [vdso] mapping; upmig needs one", pid=pid)
         gadget = inject.find_syscall_insn(mem_fd, vdso[0].start, vdso[0].end)
         blocked = nat.get_sigmask(pid)
-        with inject.session(pid, thread.regs, gadget, mem_fd) as s:
+        with inject.pinned_with(pid), inject.session(pid, thread.regs, gadget, mem_fd) as s:
             sig = signals.capture(s, pid, blocked)
             tsk = task.capture(s, pid)
             brk = s.call(SYS_brk, 0, what="brk(0)")
@@ -131,10 +133,10 @@ def _capture_and_write(pid: int, fz: freeze.Frozen, fd: int, note: Progress
         runs = memmap.page_runs(pid, vmas)
 
         w = ImageWriter(fd, progress=lambda n: note("pages", n))
-        w.record(Header(arch=platform.machine(), kernel=platform.release(),
-                        upmig_version=__version__, created=time.time(),
-                        hostname=socket.gethostname(), page_size=os.sysconf("SC_PAGE_SIZE"),
-                        pid=pid))
+        uts = os.uname()
+        w.record(Header(arch=uts.machine, kernel=uts.release, upmig_version=__version__,
+                        created=time.time(), hostname=uts.nodename,
+                        page_size=os.sysconf("SC_PAGE_SIZE"), pid=pid))
         for rec in (tsk, mm, sig, thread, *identities, *vmas):
             w.record(rec)
         readable = [r for v in vmas if memmap.is_readable(v) for r in runs.get(v.start, [])]

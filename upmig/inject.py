@@ -42,6 +42,24 @@ class Session:
         os.pwrite(self.mem_fd, data, addr)
 
 
+@contextmanager
+def pinned_with(pid: int, cpu: int | None = None) -> Iterator[None]:
+    """Run upmig on the target's CPU for a burst of injected syscalls: a ptrace
+    round trip costs ~14 us on one CPU against 70-220 us across two (VM wake-ups)."""
+    from upmig import _proc
+
+    mine = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {_proc.last_cpu(pid) if cpu is None else cpu})
+    except (OSError, ValueError):
+        yield  # not allowed there: slower, not wrong
+        return
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, mine)
+
+
 def find_syscall_insn(mem_fd: int, start: int, end: int) -> int:
     """The address of a `syscall` instruction (0f 05) in [start, end) of the target."""
     code = os.pread(mem_fd, end - start, start)

@@ -42,6 +42,7 @@ class Task:
     group_leader: bool
     clear_child_tid: int
     dumpable: int = 1
+    cpus: list[int] | None = None   # CPU affinity; None means every CPU
 
 
 @dataclass

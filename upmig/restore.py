@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from upmig import _native as nat
-from upmig import _proc, fileid, files, image, memmap, regs, signals, task
+from upmig import _proc, fileid, files, image, inject, memmap, regs, signals, task
 from upmig.errors import Mismatch, RestoreError, UpmigError, describe_oserror
 from upmig.inject import SCRATCH, Session
 from upmig.records import MM, Fd, Header, MappedFile, Signals, Task, Thread, Vma
@@ -48,7 +48,10 @@ def resume(image_path: str, *, notice: Notice | None = None) -> ResumeResult:
         want = img.one(Task).pid
         pid = _spawn_stub(want, say)
         try:
-            _rebuild(pid, img)
+            cpu = _proc.last_cpu(os.getpid())
+            os.sched_setaffinity(pid, {cpu})  # stub and upmig share a CPU while we work
+            with inject.pinned_with(pid, cpu):
+                _rebuild(pid, img)
         except BaseException as e:
             _kill(pid)
             if isinstance(e, UpmigError):
@@ -88,10 +91,9 @@ def wait(pid: int) -> int:
 # ---- before any process exists
 
 def _check_machine(img: image.Image, head: Header) -> None:
-    import platform
-
-    if head.arch != platform.machine():
-        raise Mismatch(f"image is for {head.arch}, this machine is {platform.machine()}")
+    machine = os.uname().machine
+    if head.arch != machine:
+        raise Mismatch(f"image is for {head.arch}, this machine is {machine}")
     if head.page_size != nat.PAGE:
         raise Mismatch(f"image has {head.page_size}-byte pages, this machine {nat.PAGE}")
     for rec in img.of(MappedFile):
@@ -174,6 +176,7 @@ def _rebuild(pid: int, img: image.Image) -> None:
         task.restore_creds(s, tsk)
         inj.call(SYS_munmap, scratch, SCRATCH, what="munmap(scratch)")
         _stage_registers(pid, img.one(Thread), sig.blocked)
+        task.restore_affinity(pid, tsk)
     finally:
         os.close(mem_fd)
     nat.ptrace(nat.PTRACE_DETACH, pid, 0, 0)

@@ -45,7 +45,20 @@ def capture(s: Session, pid: int) -> Task:
         group_leader=int(stat[5]) == pid,
         clear_child_tid=clear_child_tid,
         dumpable=dumpable,
+        cpus=_affinity(pid),
     )
+
+
+def _affinity(pid: int) -> list[int] | None:
+    cpus = os.sched_getaffinity(pid)
+    return None if len(cpus) == os.cpu_count() else sorted(cpus)
+
+
+def restore_affinity(pid: int, rec: Task) -> None:
+    """The CPUs it may run on: as before where they exist here, else all of them."""
+    here = set(range(os.cpu_count() or 1))
+    wanted = set(rec.cpus or here) & here
+    os.sched_setaffinity(pid, wanted or here)
 
 
 def _str(s: Session, text: str, at: int = 0) -> int:

@@ -1,0 +1,279 @@
+"""upmig benchmark: dump and resume processes with 64 MiB, 512 MiB and 2 GiB of
+touched random memory, prove every resumed copy intact, and set the figures
+against what this machine itself can move (bench/limits.c).
+
+    .venv/bin/python bench/bench.py [--sizes 64,512,2048] [--quick]
+
+Timings are only printed: the exit status is non-zero only when something broke
+(a command failed, or a resumed process's memory differs from the original)."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+BUILD = BENCH / ".build"
+UPMIG = Path(sys.executable).with_name("upmig")  # the console script users run
+IMAGE_DIR = "/dev/shm"  # tmpfs: the disk must not be what is measured
+MIB = 1 << 20
+LIMIT_MIB = 1024
+FIXED_TARGET = 0.150  # seconds, CLI wall time of dump and of resume -d of a tiny process
+DUMP_RATIO_TARGET = 0.6  # of process_vm_readv, for 2 GiB
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class Broken(Exception):
+    """Something that must work did not: the run fails, whatever the timings."""
+
+
+@dataclass
+class Trip:
+    """One process's dump and resume."""
+    dump: dict  # `upmig dump --json`
+    resume: dict  # `upmig resume -d --json`
+    dump_wall: float
+    resume_wall: float
+
+
+def build(name: str) -> Path:
+    src, out = BENCH / f"{name}.c", BUILD / name
+    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        BUILD.mkdir(exist_ok=True)
+        subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-o", str(out), str(src)], check=True)
+    return out
+
+
+def measure_limits(work: Path, reps: int) -> dict[str, tuple[float, str]]:
+    """{key: (GB/s, what)} from bench/limits.c."""
+    r = subprocess.run([str(build("limits")), str(LIMIT_MIB), str(reps), str(work)],
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        raise Broken(f"limits failed ({r.returncode}): {r.stderr.strip()}")
+    limits = {}
+    for line in r.stdout.splitlines():
+        key, gbs, what = line.split(" ", 2)
+        limits[key] = (float(gbs), what)
+    return limits
+
+
+def upmig(*args: str) -> tuple[dict, float]:
+    """Run the upmig command line; its JSON answer and its wall time."""
+    began = time.perf_counter()
+    r = subprocess.run([str(UPMIG), *args], capture_output=True, text=True, timeout=600)
+    wall = time.perf_counter() - began
+    if r.returncode != 0:
+        raise Broken(f"upmig {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
+    return json.loads(r.stdout), wall
+
+
+def wait_line(path: Path, prefixes: tuple[str, ...], skip: int, timeout: float) -> str:
+    """The first complete line after the first `skip` lines that starts with a prefix."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        lines = path.read_text(errors="replace").split("\n")[skip:-1]
+        for line in lines:
+            if line.startswith(prefixes):
+                return line
+        time.sleep(0.01)
+    raise Broken(f"timed out waiting for {' or '.join(prefixes)!r} in {path.name}")
+
+
+def kill_and_reap(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+def migrate(hog_bin: Path, mib: int, work: Path) -> Trip:
+    """Start a hog of `mib` MiB, dump it (killing it), resume it, check its memory.
+    Whatever happens, no process and no image is left behind."""
+    out, img = work / f"hog{mib}.out", work / f"hog{mib}.upmig"
+    resumed = None
+    with open(out, "wb") as f:
+        hog = subprocess.Popen([str(hog_bin), str(mib)], stdin=subprocess.DEVNULL, stdout=f,
+                               stderr=subprocess.STDOUT, cwd=work)
+    try:
+        ready = wait_line(out, ("READY",), 0, timeout=120)
+        dumped, dump_wall = upmig("dump", str(hog.pid), "-o", str(img), "--json")
+        # The original must be gone before resume: its PID is wanted back, and its
+        # memory would otherwise sit beside the image and the resumed copy.
+        if hog.wait(timeout=30) != -signal.SIGKILL:
+            raise Broken(f"the dumped hog ended with {hog.returncode}, not SIGKILL")
+        back, resume_wall = upmig("resume", "-d", "--json", str(img))
+        resumed = back["pid"]  # our child: we are its subreaper
+        img.unlink()  # free the tmpfs pages before the check walks all memory
+        os.kill(resumed, signal.SIGUSR1)
+        said = wait_line(out, ("OK", "BAD"), 1, timeout=120)
+        if said != "OK" + ready[len("READY"):]:
+            raise Broken(f"{mib} MiB hog after resume: {said!r}, before dump: {ready!r}")
+        return Trip(dumped, back, dump_wall, resume_wall)
+    finally:
+        hog.kill()
+        hog.wait()
+        if resumed is not None:
+            kill_and_reap(resumed)
+        img.unlink(missing_ok=True)
+        out.unlink(missing_ok=True)
+
+
+def gbs(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9
+
+
+def mark(ok: bool) -> str:
+    return "✓" if ok else "✗"
+
+
+def size_row(mib: int, trips: list[Trip], limits: dict) -> tuple[str, dict]:
+    """A markdown table row for one size (medians over its trips), and its figures."""
+    med = lambda f: statistics.median(f(t) for t in trips)  # noqa: E731
+    data = med(lambda t: t.dump["data_bytes"])
+    image = med(lambda t: t.dump["image_bytes"])
+    touched = mib * MIB
+    dump_s, resume_s = med(lambda t: t.dump["seconds"]), med(lambda t: t.resume["seconds"])
+    dump_gbs, resume_gbs = gbs(data, dump_s), gbs(data, resume_s)
+    fig = {"dump_x": dump_gbs / limits["readv"][0], "resume_x": resume_gbs / limits["writev"][0]}
+    image_ok = image <= touched * 1.01 + 64 * 1024
+    same = all(t.resume["same_pid"] for t in trips)
+    row = (f"| {mib} MiB | {dump_s:.3f} s | {dump_gbs:.2f} | {fig['dump_x']:.2f}× "
+           f"| {med(lambda t: t.dump['frozen_seconds']):.3f} s | {resume_s:.3f} s "
+           f"| {resume_gbs:.2f} | {fig['resume_x']:.2f}× "
+           f"| {image / touched:.4f} {mark(image_ok)} | ✓{' same pid' if same else ''} |")
+    return row, fig
+
+
+def run(args: argparse.Namespace, work: Path) -> tuple[list[str], list[str]]:
+    """Every measurement; (report lines, failures)."""
+    hog = build("hog")
+    failures: list[str] = []
+    note = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+
+    note(f"measuring this machine's limits ({LIMIT_MIB} MiB, best of {args.limit_reps})...")
+    limits = measure_limits(work, args.limit_reps)
+    note(f"fixed cost: {args.fixed_reps} trips of a 0 MiB hog...")
+    fixed = [migrate(hog, 0, work) for _ in range(args.fixed_reps)]
+    dump_fixed = statistics.median(t.dump_wall for t in fixed)
+    resume_fixed = statistics.median(t.resume_wall for t in fixed)
+
+    rows, figs = [], {}
+    for mib in args.sizes:
+        note(f"{mib} MiB: {args.reps} trip(s)...")
+        try:
+            row, figs[mib] = size_row(mib, [migrate(hog, mib, work) for _ in range(args.reps)],
+                                      limits)
+        except (Broken, subprocess.TimeoutExpired) as e:
+            failures.append(f"{mib} MiB: {e}")
+            row = f"| {mib} MiB | FAILED |" + " |" * 8
+        rows.append(row)
+
+    reps = f"median of {args.reps}" if args.reps > 1 else "one run"
+    out = [
+        f"upmig {upmig_version()} on {machine()}",
+        "",
+        "| touched memory | dump | dump GB/s | × readv | frozen | resume | resume GB/s "
+        "| × writev | image / touched | intact |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---|",
+        *rows,
+        "",
+        f"Random content, image on tmpfs ({IMAGE_DIR}); {reps} per size. dump and resume are "
+        "upmig's own timings (--json `seconds`); GB/s = data_bytes / seconds (GB = 1e9 B); "
+        "× readv and × writev are that throughput over process_vm_readv (reused buffer) and "
+        "process_vm_writev (unpopulated memory) below. image / touched target: "
+        "≤ 1.01 + 64 KiB. intact: the resumed hog re-read all its memory and found every word.",
+        "",
+        f"| fixed cost, tiny process (0 MiB hog), CLI wall time, median of {args.fixed_reps} "
+        "| time | target |",
+        "|:---|---:|---:|",
+        f"| `upmig dump PID -o IMAGE --json` | {dump_fixed * 1000:.0f} ms "
+        f"| < {FIXED_TARGET * 1000:.0f} ms {mark(dump_fixed < FIXED_TARGET)} |",
+        f"| `upmig resume -d --json IMAGE` | {resume_fixed * 1000:.0f} ms "
+        f"| < {FIXED_TARGET * 1000:.0f} ms {mark(resume_fixed < FIXED_TARGET)} |",
+        "",
+        f"| machine limit ({LIMIT_MIB} MiB, best of {args.limit_reps}, bench/limits.c) "
+        "| GB/s |",
+        "|:---|---:|",
+        *(f"| {what} | {v:.2f} |" for v, what in limits.values()),
+    ]
+    if 2048 in figs:
+        x = figs[2048]["dump_x"]
+        out += ["", f"dump of 2 GiB: {x:.2f}× process_vm_readv "
+                    f"(target ≥ {DUMP_RATIO_TARGET}×) {mark(x >= DUMP_RATIO_TARGET)}"]
+    return out, failures
+
+
+def upmig_version() -> str:
+    from upmig import __version__
+
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True)
+    return __version__ + (f" (git {head.stdout.strip()})" if head.returncode == 0 else "")
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine())
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"Linux {platform.release()}, {cpu}, {os.cpu_count()} CPUs, "
+            f"{ram:.0f} GiB RAM")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="64,512,2048",
+                   help="touched memory sizes in MiB, comma-separated (default 64,512,2048)")
+    p.add_argument("--quick", action="store_true",
+                   help="64 MiB only and fewer repetitions, for a fast look")
+    a = p.parse_args()
+    a.command = " ".join([os.path.relpath(sys.executable, ROOT),
+                          os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+    try:
+        a.sizes = [int(s) for s in ("64" if a.quick else a.sizes).split(",")]
+    except ValueError:
+        a.sizes = []
+    if not a.sizes or min(a.sizes) <= 0:
+        p.error("--sizes takes positive MiB numbers separated by commas, e.g. 64,512")
+    a.reps, a.fixed_reps, a.limit_reps = (1, 3, 2) if a.quick else (3, 9, 3)
+    return a
+
+
+def main() -> int:
+    args = parse_args()
+    # Processes resumed with --detach are reparented to us, so we can reap them
+    # (and their PIDs are free again at once for the next resume).
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    work = Path(tempfile.mkdtemp(prefix="upmig-bench-", dir=IMAGE_DIR))
+    try:
+        report, failures = run(args, work)
+    except (Broken, subprocess.TimeoutExpired) as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"$ {args.command}\n")
+    print("\n".join(report))
+    for f in failures:
+        print(f"\nFAILED {f}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
