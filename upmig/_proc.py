@@ -44,9 +44,14 @@ class MapsLine:
     path: str
 
 
+def lines(text: str) -> list[str]:
+    """Lines as the kernel ends them: only at "\n" (paths may hold \r, \f, U+2028...)."""
+    return [line for line in text.split("\n") if line]
+
+
 def parse_maps(text: str) -> list[MapsLine]:
     out = []
-    for line in text.splitlines():
+    for line in lines(text):
         parts = line.split(None, 5)
         start, end = parts[0].split("-")
         out.append(MapsLine(int(start, 16), int(end, 16), parts[1], int(parts[2], 16),
@@ -58,7 +63,7 @@ def parse_smaps_vmflags(text: str) -> dict[int, list[str]]:
     """VMA start -> its VmFlags list."""
     flags: dict[int, list[str]] = {}
     start = None
-    for line in text.splitlines():
+    for line in lines(text):
         if line.startswith("VmFlags:"):
             if start is not None:
                 flags[start] = line.split()[1:]
@@ -75,7 +80,7 @@ def parse_stat(text: str) -> list[str]:
 
 def parse_status(text: str) -> dict[str, str]:
     out = {}
-    for line in text.splitlines():
+    for line in lines(text):
         key, _, value = line.partition(":")
         out[key] = value.strip()
     return out
@@ -93,7 +98,7 @@ LIMIT_NAMES = {  # /proc/PID/limits row -> RLIMIT_* number
 def parse_limits(text: str) -> dict[str, list[int]]:
     """name -> [soft, hard], -1 for unlimited."""
     out = {}
-    for line in text.splitlines()[1:]:
+    for line in lines(text)[1:]:
         name = line[:26].strip()
         if name not in LIMIT_NAMES:
             continue
@@ -105,7 +110,7 @@ def parse_limits(text: str) -> dict[str, list[int]]:
 
 def parse_fdinfo(text: str) -> dict[str, str]:
     out = {}
-    for line in text.splitlines():
+    for line in lines(text):
         key, sep, value = line.partition(":")
         if sep:
             out.setdefault(key.strip(), value.strip())

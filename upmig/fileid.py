@@ -24,7 +24,10 @@ def elf_build_id(f) -> str:
     phentsize, phnum = struct.unpack_from("<HH", head, 54)
     for i in range(phnum):
         f.seek(phoff + i * phentsize)
-        ptype, _, offset, _, _, filesz = struct.unpack("<IIQQQQ", f.read(40))
+        phdr = f.read(40)
+        if len(phdr) < 40:
+            return ""  # cut short inside its headers: identified by contents instead
+        ptype, _, offset, _, _, filesz = struct.unpack("<IIQQQQ", phdr)
         if ptype != PT_NOTE:
             continue
         f.seek(offset)

@@ -78,7 +78,7 @@ def _refuse_shared_anon(pid: int, smaps: str, vmas: list[Vma]) -> None:
     if not shmem:
         return
     start = None
-    for line in smaps.splitlines():
+    for line in _proc.lines(smaps):
         head = line.split(None, 1)[0] if line else ""
         if "-" in head and not head.endswith(":"):
             start = int(head.split("-")[0], 16)
