@@ -87,6 +87,7 @@ class Run:
                                      stderr=subprocess.STDOUT, close_fds=True,
                                      preexec_fn=preexec_fn)
         self.pid = self.proc.pid
+        self.cmdline = b""  # read once it has exec'd: how we recognise it when rebuilt
         self.resumer: subprocess.Popen | None = None  # `upmig resume` in wait mode
         self.hops = 0
 
@@ -101,6 +102,8 @@ class Run:
 
     def dump(self, *flags: str) -> Path:
         img = self.image()
+        if not self.cmdline:
+            self.cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes()
         run_upmig("dump", str(self.pid), "-o", str(img), *flags)
         if not flags:
             self._reap_killed()
@@ -125,10 +128,11 @@ class Run:
         if self.resumer is not None and self.resumer.poll() is not None:
             err = self.resumer.stderr.read().decode()
             raise AssertionError(f"resume exited {self.resumer.returncode}: {err}")
-        try:  # rebuilt and let go: no longer the stub, no longer traced
+        try:  # rebuilt (its own cmdline, not the resumer's or the stub's) and let go
             with open(f"/proc/{self.pid}/status") as f:
                 traced = "TracerPid:\t0\n" not in f.read()
-            return not traced and not os.readlink(f"/proc/{self.pid}/exe").endswith("-stub")
+            rebuilt = Path(f"/proc/{self.pid}/cmdline").read_bytes() == self.cmdline
+            return rebuilt and not traced
         except (FileNotFoundError, ProcessLookupError):
             return False
 

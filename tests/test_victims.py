@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -192,3 +193,13 @@ def test_task_state_is_the_same_after_resume(run_victim, tmp_path):
         assert after[key] == before[key], key
     assert before["Uid"].split()[0] == "65534" and before["Umask"] == "0027"
     assert r.finish() == 0, r.output()
+
+
+def test_shared_anonymous_memory_of_one_process(run_victim):
+    from conftest import VICTIMS
+
+    r = run_victim([sys.executable, "-S", str(VICTIMS / "shmem.py")])
+    r.wait_output("READY\n")
+    r.hop()
+    assert r.finish() == 0, r.output()
+    assert r.output() == "READY\nPASS\n"
