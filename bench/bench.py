@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,16 +81,25 @@ def upmig(*args: str) -> tuple[dict, float]:
     return json.loads(r.stdout), wall
 
 
-def wait_line(path: Path, prefixes: tuple[str, ...], skip: int, timeout: float) -> str:
-    """The first complete line after the first `skip` lines that starts with a prefix."""
+def wait_line(path: Path, prefixes: tuple[str, ...], skip: int, alive: Callable[[], bool],
+              timeout: float = 120.0) -> str:
+    """The first complete line after the first `skip` lines that starts with a prefix;
+    gives up at once if alive() says the process writing it has died."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        lines = path.read_text(errors="replace").split("\n")[skip:-1]
-        for line in lines:
+        text = path.read_text(errors="replace")
+        for line in text.split("\n")[skip:-1]:
             if line.startswith(prefixes):
                 return line
+        if not alive():
+            raise Broken(f"{path.stem} died before saying {'/'.join(prefixes)}: {text!r}")
         time.sleep(0.01)
-    raise Broken(f"timed out waiting for {' or '.join(prefixes)!r} in {path.name}")
+    raise Broken(f"timed out waiting for {'/'.join(prefixes)} in {path.name}")
+
+
+def is_running(pid: int) -> bool:
+    """Reaps pid if it has ended: only for our own children."""
+    return os.waitpid(pid, os.WNOHANG)[0] == 0
 
 
 def kill_and_reap(pid: int) -> None:
@@ -109,7 +119,7 @@ def migrate(hog_bin: Path, mib: int, work: Path) -> Trip:
         hog = subprocess.Popen([str(hog_bin), str(mib)], stdin=subprocess.DEVNULL, stdout=f,
                                stderr=subprocess.STDOUT, cwd=work)
     try:
-        ready = wait_line(out, ("READY",), 0, timeout=120)
+        ready = wait_line(out, ("READY",), 0, lambda: hog.poll() is None)
         dumped, dump_wall = upmig("dump", str(hog.pid), "-o", str(img), "--json")
         # The original must be gone before resume: its PID is wanted back, and its
         # memory would otherwise sit beside the image and the resumed copy.
@@ -119,7 +129,7 @@ def migrate(hog_bin: Path, mib: int, work: Path) -> Trip:
         resumed = back["pid"]  # our child: we are its subreaper
         img.unlink()  # free the tmpfs pages before the check walks all memory
         os.kill(resumed, signal.SIGUSR1)
-        said = wait_line(out, ("OK", "BAD"), 1, timeout=120)
+        said = wait_line(out, ("OK", "BAD"), 1, lambda: is_running(resumed))
         if said != "OK" + ready[len("READY"):]:
             raise Broken(f"{mib} MiB hog after resume: {said!r}, before dump: {ready!r}")
         return Trip(dumped, back, dump_wall, resume_wall)
@@ -142,7 +152,9 @@ def mark(ok: bool) -> str:
 
 def size_row(mib: int, trips: list[Trip], limits: dict) -> tuple[str, dict]:
     """A markdown table row for one size (medians over its trips), and its figures."""
-    med = lambda f: statistics.median(f(t) for t in trips)  # noqa: E731
+    def med(field):
+        return statistics.median(field(t) for t in trips)
+
     data = med(lambda t: t.dump["data_bytes"])
     image = med(lambda t: t.dump["image_bytes"])
     touched = mib * MIB
@@ -162,7 +174,6 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[str], list[str]]:
     """Every measurement; (report lines, failures)."""
     hog = build("hog")
     failures: list[str] = []
-    note = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
     note(f"measuring this machine's limits ({LIMIT_MIB} MiB, best of {args.limit_reps})...")
     limits = measure_limits(work, args.limit_reps)
@@ -217,6 +228,10 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[str], list[str]]:
     return out, failures
 
 
+def note(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def upmig_version() -> str:
     from upmig import __version__
 
@@ -256,6 +271,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    # SIGTERM unwinds like ^C, through every finally: no hog or image is left.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # Processes resumed with --detach are reparented to us, so we can reap them
     # (and their PIDs are free again at once for the next resume).
     if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
