@@ -13,7 +13,8 @@ ffibuilder.set_source(
     '#include <stdint.h>\n#include <stddef.h>\n#include "helper.h"\n',
     sources=[str(HERE / "helper.c")],
     include_dirs=[str(HERE)],
-    extra_compile_args=["-O2", "-Wall", "-Wextra"],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-pthread"],
+    extra_link_args=["-pthread"],
 )
 
 if __name__ == "__main__":

@@ -3,10 +3,13 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
+#include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/ptrace.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -16,6 +19,7 @@
 #include "helper.h"
 
 #define UP_IOV_BATCH 1024       /* IOV_MAX: most iovecs one call takes */
+#define UP_MAX_THREADS 8
 
 /* ---- XXH64 (Yann Collet's algorithm, written from its specification) ---- */
 
@@ -75,10 +79,17 @@ uint64_t up_xxh64(const void *buf, size_t len, uint64_t seed)
     return h;
 }
 
-/* The chained hash of one frame: over its 8-byte head, then its payload. */
-static uint64_t frame_hash(const uint8_t *head, const void *payload, size_t len, uint64_t prev)
+/* A frame's own hash: over its 8-byte head, then its payload. Frames can be hashed
+ * in any order (by several threads); chain_hash then links them in file order. */
+static uint64_t frame_hash(const uint8_t *head, const void *payload, size_t len)
 {
-    return up_xxh64(payload, len, up_xxh64(head, UP_FRAME_HEAD, prev));
+    return up_xxh64(payload, len, up_xxh64(head, UP_FRAME_HEAD, 0));
+}
+
+/* What a frame's tail holds: its own hash chained onto the previous tail. */
+static uint64_t chain_hash(uint64_t prev, uint64_t frame)
+{
+    return up_xxh64(&frame, sizeof(frame), prev);
 }
 
 /* ---- ptrace ---- */
@@ -183,15 +194,50 @@ long up_pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end, uint64_t requ
 
 /* ---- bulk copies ---- */
 
-static int write_all(int fd, struct iovec *iov, int n)
+/* A position in the byte stream formed by a list of ranges laid end to end. */
+struct cursor {
+    const struct up_range *r;
+    size_t n, i;
+    uint64_t off;               /* offset inside r[i] */
+};
+
+static void cur_skip(struct cursor *c, uint64_t len)
+{
+    while (len && c->i < c->n) {
+        uint64_t left = c->r[c->i].end - c->r[c->i].start - c->off;
+        uint64_t step = len < left ? len : left;
+        c->off += step;
+        len -= step;
+        if (c->off == c->r[c->i].end - c->r[c->i].start) {
+            c->i++;
+            c->off = 0;
+        }
+    }
+}
+
+/* The next piece of at most len bytes, not crossing a range boundary. */
+static uint64_t cur_piece(struct cursor *c, uint64_t len, uint64_t *addr)
+{
+    if (c->i >= c->n)
+        return 0;
+    uint64_t left = c->r[c->i].end - c->r[c->i].start - c->off;
+    *addr = c->r[c->i].start + c->off;
+    return len < left ? len : left;
+}
+
+static int write_all(int fd, struct iovec *iov, int n, int64_t off)
 {
     while (n > 0) {
-        ssize_t w = writev(fd, iov, n);
+        ssize_t w = off >= 0 ? pwritev(fd, iov, n, off) : writev(fd, iov, n);
         if (w < 0) {
             if (errno == EINTR)
                 continue;
             return -errno;
         }
+        if (w == 0)
+            return -EIO;
+        if (off >= 0)
+            off += w;
         while (n > 0 && (size_t)w >= iov->iov_len) {
             w -= (ssize_t)iov->iov_len;
             iov++;
@@ -232,101 +278,295 @@ static int read_remote(int pid, int mem_fd, void *buf, size_t fill, struct iovec
     return (size_t)r == fill ? 0 : -EFAULT;     /* frozen target: short means a hole */
 }
 
-long up_dump_pages(int pid, int mem_fd, const struct up_range *runs, size_t nruns,
-                   int out_fd, void *buf, size_t buflen, struct up_copy_stats *stats)
+/* Read chunk number idx of the runs' byte stream into buf; its length in *len. */
+static int read_chunk(int pid, int mem_fd, struct cursor *cur, uint64_t *pos, uint64_t idx,
+                      uint64_t chunk, uint64_t total, void *buf, uint64_t *len)
 {
     struct iovec rem[UP_IOV_BATCH];
-    size_t ri = 0;
-    uint64_t roff = 0;
+    uint64_t at = idx * chunk, want = total - at < chunk ? total - at : chunk, got = 0;
+    int nrem = 0;
 
-    stats->failed_op = 0;
-    while (ri < nruns) {
-        size_t fill = 0;
-        int nrem = 0;
-        while (fill < buflen && ri < nruns && nrem < UP_IOV_BATCH) {
-            uint64_t len = runs[ri].end - runs[ri].start - roff;
-            if (len > buflen - fill)
-                len = buflen - fill;
-            rem[nrem].iov_base = (void *)(uintptr_t)(runs[ri].start + roff);
-            rem[nrem].iov_len = len;
-            nrem++;
-            fill += len;
-            roff += len;
-            if (roff == runs[ri].end - runs[ri].start) {
-                ri++;
-                roff = 0;
-            }
-        }
-        int r = read_remote(pid, mem_fd, buf, fill, rem, nrem);
-        if (r < 0) {
-            stats->failed_op = 1;
-            return r;
-        }
-        uint32_t head32[2] = { UP_FRAME_DATA, (uint32_t)fill };
-        uint8_t head[UP_FRAME_HEAD];
-        memcpy(head, head32, sizeof(head));
-        uint64_t h = frame_hash(head, buf, fill, stats->hash);
-        struct iovec out[3] = { { head, sizeof(head) }, { buf, fill }, { &h, sizeof(h) } };
-        r = write_all(out_fd, out, 3);
-        if (r < 0) {
-            stats->failed_op = 2;
-            return r;
-        }
-        stats->hash = h;
-        stats->bytes += fill;
-        stats->frames++;
+    cur_skip(cur, at - *pos);
+    while (got < want) {
+        uint64_t addr, n = cur_piece(cur, want - got, &addr);
+        if (n == 0 || nrem == UP_IOV_BATCH)
+            return -E2BIG;      /* cannot happen for chunk <= 4 MiB: <= 1024 pages */
+        rem[nrem].iov_base = (void *)(uintptr_t)addr;
+        rem[nrem].iov_len = n;
+        nrem++;
+        got += n;
+        cur_skip(cur, n);
     }
-    return (long)stats->bytes;
+    *pos = at + want;
+    *len = want;
+    return read_remote(pid, mem_fd, buf, want, rem, nrem);
 }
 
-long up_fill_pages(int pid, int mem_fd, const struct up_range *src, size_t nsrc,
-                   const struct up_range *dst, size_t ndst)
-{
-    struct iovec loc[UP_IOV_BATCH], rem[UP_IOV_BATCH];
-    size_t si = 0, di = 0;
-    uint64_t soff = 0, doff = 0, total = 0;
+struct dump_job {               /* shared by the workers of one up_dump_pages call */
+    int pid, mem_fd, out_fd, nthreads;
+    uint8_t *map;               /* the image's frames mapped (MAP_SHARED), or NULL */
+    const struct up_range *runs;
+    size_t nruns;
+    uint64_t total, chunk, nchunks, base;
+    uint64_t *hashes;           /* per data frame: hash of its head and payload */
+    volatile int stop;
+};
 
-    while (si < nsrc && di < ndst) {
+struct dump_worker {
+    struct dump_job *job;
+    int k, err, failed_op;
+    pthread_t th;
+};
+
+static void *dump_worker(void *arg)
+{
+    struct dump_worker *w = arg;
+    struct dump_job *j = w->job;
+    struct cursor cur = { j->runs, j->nruns, 0, 0 };
+    uint64_t pos = 0;
+    uint8_t *buf = j->map ? NULL : malloc(j->chunk);
+
+    if (!j->map && !buf) {
+        w->err = -ENOMEM;
+        return NULL;
+    }
+    for (uint64_t i = (uint64_t)w->k; i < j->nchunks && !j->stop; i += (uint64_t)j->nthreads) {
+        uint64_t off = i * (UP_FRAME_HEAD + j->chunk + UP_FRAME_TAIL), len;
+        /* With the image mapped, the kernel copies the target's pages straight into
+         * the image's pages: one copy, and no file lock shared by the workers. */
+        uint8_t *dst = j->map ? j->map + off + UP_FRAME_HEAD : buf;   /* map starts at base */
+        int r = read_chunk(j->pid, j->mem_fd, &cur, &pos, i, j->chunk, j->total, dst, &len);
+        if (r < 0) {
+            w->err = r;
+            w->failed_op = 1;
+            break;
+        }
+        uint32_t head32[2] = { UP_FRAME_DATA, (uint32_t)len };
+        uint8_t head[UP_FRAME_HEAD];
+        memcpy(head, head32, sizeof(head));
+        j->hashes[i] = frame_hash(head, dst, len);
+        if (j->map) {
+            memcpy(j->map + off, head, sizeof(head));
+            continue;
+        }
+        struct iovec out[2] = { { head, sizeof(head) }, { buf, len } };
+        r = write_all(j->out_fd, out, 2, (int64_t)(j->base + off));
+        if (r < 0) {
+            w->err = r;
+            w->failed_op = 2;
+            break;
+        }
+    }
+    if (w->err)
+        j->stop = 1;
+    free(buf);
+    return NULL;
+}
+
+/* After the workers: chain the frame hashes in order and write each frame's tail. */
+static int write_tails(struct dump_job *j, struct up_copy_stats *stats)
+{
+    for (uint64_t i = 0; i < j->nchunks; i++) {
+        uint64_t len = j->total - i * j->chunk < j->chunk ? j->total - i * j->chunk : j->chunk;
+        uint64_t off = j->base + i * (UP_FRAME_HEAD + j->chunk + UP_FRAME_TAIL);
+        stats->hash = chain_hash(stats->hash, j->hashes[i]);
+        if (j->map) {
+            memcpy(j->map + off - j->base + UP_FRAME_HEAD + len, &stats->hash, UP_FRAME_TAIL);
+            continue;
+        }
+        struct iovec tail = { &stats->hash, sizeof(stats->hash) };
+        int r = write_all(j->out_fd, &tail, 1, (int64_t)(off + UP_FRAME_HEAD + len));
+        if (r < 0)
+            return r;
+    }
+    return 0;
+}
+
+/* Map the image's next size bytes for the workers when the file system lets us
+ * reserve them first (fallocate: a full disk is then an error here, never a
+ * SIGBUS later); otherwise leave j->map NULL and the workers pwrite. */
+static int map_image(struct dump_job *j, uint64_t size, size_t *map_len)
+{
+    if (size < (16u << 20))
+        return 0;               /* small: not worth a mapping */
+    if (fallocate(j->out_fd, 0, (off_t)j->base, (off_t)size) < 0)
+        return errno == EOPNOTSUPP || errno == ENODEV ? 0 : -errno;
+    uint64_t lead = j->base & 4095;
+    *map_len = size + lead;
+    void *m = mmap(NULL, *map_len, PROT_READ | PROT_WRITE, MAP_SHARED, j->out_fd,
+                   (off_t)(j->base - lead));
+    if (m == MAP_FAILED)
+        return 0;               /* pwrite will do */
+    j->map = (uint8_t *)m + lead;
+    return 0;
+}
+
+long up_dump_pages(int pid, int mem_fd, const struct up_range *runs, size_t nruns,
+                   int out_fd, size_t chunk, int nthreads, struct up_copy_stats *stats)
+{
+    struct dump_job j = { .pid = pid, .mem_fd = mem_fd, .out_fd = out_fd, .runs = runs,
+                          .nruns = nruns, .chunk = chunk };
+    struct dump_worker w[UP_MAX_THREADS];
+    off_t base = lseek(out_fd, 0, SEEK_CUR);
+
+    stats->failed_op = 0;
+    for (size_t i = 0; i < nruns; i++)
+        j.total += runs[i].end - runs[i].start;
+    if (base < 0 || chunk > (4u << 20) || nthreads < 1 || nthreads > UP_MAX_THREADS)
+        return base < 0 ? -errno : -EINVAL;     /* a pipe: the caller streams instead */
+    j.base = (uint64_t)base;
+    j.nchunks = (j.total + chunk - 1) / chunk;
+    if (j.nchunks < (uint64_t)nthreads)
+        nthreads = j.nchunks ? (int)j.nchunks : 1;
+    j.nthreads = nthreads;
+    j.hashes = calloc(j.nchunks + 1, sizeof(uint64_t));
+    if (!j.hashes)
+        return -ENOMEM;
+    uint64_t size = j.nchunks * (UP_FRAME_HEAD + UP_FRAME_TAIL) + j.total;
+    size_t map_len = 0;
+    int err = map_image(&j, size, &map_len);
+    if (err) {
+        free(j.hashes);
+        stats->failed_op = 2;
+        return err;
+    }
+    int started = 0;
+    for (int k = 0; k < nthreads; k++) {
+        w[k] = (struct dump_worker){ .job = &j, .k = k };
+        if (k > 0 && pthread_create(&w[k].th, NULL, dump_worker, &w[k]) != 0) {
+            j.stop = 1;
+            err = -EAGAIN;
+            break;
+        }
+        started++;
+    }
+    if (started)
+        dump_worker(&w[0]);     /* this thread is worker 0 */
+    for (int k = 1; k < started; k++)
+        pthread_join(w[k].th, NULL);
+    for (int k = 0; k < started && !err; k++) {
+        if (w[k].err) {
+            err = w[k].err;
+            stats->failed_op = w[k].failed_op;
+        }
+    }
+    if (!err) {
+        err = write_tails(&j, stats);
+        if (err)
+            stats->failed_op = 2;
+    }
+    free(j.hashes);
+    if (j.map)
+        munmap(j.map - (j.base & 4095), map_len);
+    if (err)
+        return err;
+    if (lseek(out_fd, (off_t)(j.base + size), SEEK_SET) < 0)
+        return -errno;
+    stats->bytes = j.total;
+    stats->frames = j.nchunks;
+    return (long)j.total;
+}
+
+/* ---- restore: fill the target's memory ---- */
+
+struct fill_job {
+    int pid, mem_fd, err;
+    const struct up_range *src, *dst;
+    size_t nsrc, ndst;
+    uint64_t from, len;         /* this worker's part of the byte stream */
+    pthread_t th;
+};
+
+static int put_pieces(struct fill_job *f, struct iovec *loc, struct iovec *rem, int n,
+                      uint64_t batch)
+{
+    if (f->mem_fd < 0) {
+        ssize_t w = process_vm_writev(f->pid, loc, (unsigned long)n, rem, (unsigned long)n, 0);
+        if (w < 0)
+            return -errno;
+        return (uint64_t)w == batch ? 0 : -EFAULT;
+    }
+    for (int i = 0; i < n; i++) {
+        size_t done = 0;
+        while (done < rem[i].iov_len) {
+            ssize_t w = pwrite(f->mem_fd, (char *)loc[i].iov_base + done, rem[i].iov_len - done,
+                               (off_t)(uintptr_t)rem[i].iov_base + (off_t)done);
+            if (w < 0 && errno == EINTR)
+                continue;
+            if (w <= 0)
+                return w < 0 ? -errno : -EFAULT;
+            done += (size_t)w;
+        }
+    }
+    return 0;
+}
+
+static void *fill_worker(void *arg)
+{
+    struct fill_job *f = arg;
+    struct iovec loc[UP_IOV_BATCH], rem[UP_IOV_BATCH];
+    struct cursor s = { f->src, f->nsrc, 0, 0 }, d = { f->dst, f->ndst, 0, 0 };
+    uint64_t left = f->len;
+
+    cur_skip(&s, f->from);
+    cur_skip(&d, f->from);
+    while (left && !f->err) {
         int n = 0;
-        size_t batch = 0;
+        uint64_t batch = 0;
         /* Cut both lists at every boundary of either, so piece i of each side match. */
-        while (n < UP_IOV_BATCH && si < nsrc && di < ndst) {
-            uint64_t sl = src[si].end - src[si].start - soff;
-            uint64_t dl = dst[di].end - dst[di].start - doff;
+        while (n < UP_IOV_BATCH && left) {
+            uint64_t sa, da, sl = cur_piece(&s, left, &sa), dl = cur_piece(&d, left, &da);
             uint64_t len = sl < dl ? sl : dl;
-            loc[n].iov_base = (void *)(uintptr_t)(src[si].start + soff);
-            rem[n].iov_base = (void *)(uintptr_t)(dst[di].start + doff);
+            if (len == 0) {
+                f->err = -EINVAL;       /* the lists' lengths differ */
+                return NULL;
+            }
+            loc[n].iov_base = (void *)(uintptr_t)sa;
+            rem[n].iov_base = (void *)(uintptr_t)da;
             loc[n].iov_len = rem[n].iov_len = len;
             n++;
             batch += len;
-            soff += len;
-            doff += len;
-            if (soff == src[si].end - src[si].start) { si++; soff = 0; }
-            if (doff == dst[di].end - dst[di].start) { di++; doff = 0; }
+            left -= len;
+            cur_skip(&s, len);
+            cur_skip(&d, len);
         }
-        if (mem_fd >= 0) {
-            for (int i = 0; i < n; i++) {
-                size_t done = 0;
-                while (done < rem[i].iov_len) {
-                    ssize_t w = pwrite(mem_fd, (char *)loc[i].iov_base + done,
-                                       rem[i].iov_len - done,
-                                       (off_t)(uintptr_t)rem[i].iov_base + (off_t)done);
-                    if (w < 0 && errno == EINTR)
-                        continue;
-                    if (w <= 0)
-                        return w < 0 ? -errno : -EFAULT;
-                    done += (size_t)w;
-                }
-            }
-        } else {
-            ssize_t w = process_vm_writev(pid, loc, (unsigned long)n, rem, (unsigned long)n, 0);
-            if (w < 0)
-                return -errno;
-            if ((size_t)w != batch)
-                return -EFAULT;
-        }
-        total += batch;
+        f->err = put_pieces(f, loc, rem, n, batch);
     }
+    return NULL;
+}
+
+long up_fill_pages(int pid, int mem_fd, const struct up_range *src, size_t nsrc,
+                   const struct up_range *dst, size_t ndst, int nthreads)
+{
+    struct fill_job f[UP_MAX_THREADS];
+    uint64_t total = 0;
+
+    for (size_t i = 0; i < ndst; i++)
+        total += dst[i].end - dst[i].start;
+    if (nthreads < 1 || nthreads > UP_MAX_THREADS)
+        return -EINVAL;
+    /* Equal parts on page boundaries, so no two workers touch one page. */
+    uint64_t part = ((total / (uint64_t)nthreads) + 4095) & ~4095ULL;
+    int started = 0;
+    for (int k = 0; k < nthreads; k++) {
+        uint64_t from = (uint64_t)k * part;
+        f[k] = (struct fill_job){ .pid = pid, .mem_fd = mem_fd, .src = src, .nsrc = nsrc,
+                                  .dst = dst, .ndst = ndst, .from = from,
+                                  .len = from >= total ? 0 : (total - from < part ? total - from
+                                                                                  : part) };
+        if (k > 0 && pthread_create(&f[k].th, NULL, fill_worker, &f[k]) != 0) {
+            f[0].err = -EAGAIN;
+            break;
+        }
+        started++;
+    }
+    if (!f[0].err)
+        fill_worker(&f[0]);
+    for (int k = 1; k < started; k++)
+        pthread_join(f[k].th, NULL);
+    for (int k = 0; k < started; k++)
+        if (f[k].err)
+            return f[k].err;
     return (long)total;
 }
 
@@ -346,7 +586,7 @@ long up_verify_frames(const void *base, size_t len, size_t start, uint64_t seed,
             return -EINVAL;
         if (len - off - UP_FRAME_HEAD < (uint64_t)plen + UP_FRAME_TAIL)
             return -ENODATA;
-        uint64_t h = frame_hash(img + off, img + off + UP_FRAME_HEAD, plen, seed);
+        uint64_t h = chain_hash(seed, frame_hash(img + off, img + off + UP_FRAME_HEAD, plen));
         if (h != rd64(img + off + UP_FRAME_HEAD + plen))
             return -EBADMSG;
         seed = h;
@@ -394,4 +634,14 @@ int up_kcmp(int pid1, int pid2, int type, uint64_t idx1, uint64_t idx2)
 {
     long r = syscall(SYS_kcmp, pid1, pid2, type, idx1, idx2);
     return r < 0 ? -errno : (int)r;
+}
+
+uint64_t up_frame_hash(const void *head, const void *payload, size_t len)
+{
+    return frame_hash(head, payload, len);
+}
+
+uint64_t up_chain_hash(uint64_t prev, uint64_t frame)
+{
+    return chain_hash(prev, frame);
 }

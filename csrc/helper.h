@@ -52,17 +52,22 @@ long up_pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end, uint64_t requ
                      uint64_t inverted, uint64_t anyof, uint64_t returned,
                      struct up_range *out, size_t max, uint64_t *walk_end);
 
-/* Copy the target's bytes in runs[] to out_fd as data frames of at most buflen bytes,
- * chaining the hash from *stats.hash. Reads with process_vm_readv, or pread of
- * mem_fd (/proc/PID/mem) when mem_fd >= 0 (for unreadable mappings). */
+/* Copy the target's bytes in runs[] into out_fd (a file, from its current offset) as
+ * data frames of chunk (<= 4 MiB) bytes, by nthreads threads (<= 8), chaining the
+ * hash from stats->hash; leaves the offset at the end. Reads with process_vm_readv,
+ * or pread of mem_fd (/proc/PID/mem) when mem_fd >= 0 (for unreadable mappings). */
 long up_dump_pages(int pid, int mem_fd, const struct up_range *runs, size_t nruns,
-                   int out_fd, void *buf, size_t buflen, struct up_copy_stats *stats);
+                   int out_fd, size_t chunk, int nthreads, struct up_copy_stats *stats);
 
 /* Write local bytes (the concatenation of src[] ranges, addresses in this process)
- * into the target's runs dst[] (same total length): process_vm_writev, or pwrite
- * of mem_fd when mem_fd >= 0. Returns the bytes written. */
+ * into the target's runs dst[] (same total length), by nthreads threads:
+ * process_vm_writev, or pwrite of mem_fd when mem_fd >= 0. Returns the bytes. */
 long up_fill_pages(int pid, int mem_fd, const struct up_range *src, size_t nsrc,
-                   const struct up_range *dst, size_t ndst);
+                   const struct up_range *dst, size_t ndst, int nthreads);
+
+/* The image's checksums: a frame's own hash, and the chain of them in file order. */
+uint64_t up_frame_hash(const void *head, const void *payload, size_t len);
+uint64_t up_chain_hash(uint64_t prev, uint64_t frame);
 
 /* Walk the frames of an image mapped at base: check every frame's chained hash.
  * Returns the number of frames; *bad_off gets the offset of the first bad frame

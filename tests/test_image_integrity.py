@@ -306,15 +306,12 @@ def test_record_that_is_not_msgpack_with_a_good_checksum(work, real_image, frame
                     msgpack.packb(42)):
         out = bytearray(real_image[:H])
         chain = _native.xxh64(bytes(out))
-        head = image.FRAME_HEAD.pack(image.RECORD, len(payload))
-        chain = _native.xxh64(payload, _native.xxh64(head, chain))
-        out += head + payload + image.FRAME_TAIL.pack(chain)
+        frame, chain = image.seal(chain, image.RECORD, payload)
+        out += frame
         # Re-chain the rest of the frames after the replaced first one.
         for off, ftype, length in frames[1:]:
-            body = real_image[off + FH:off + FH + length]
-            head = image.FRAME_HEAD.pack(ftype, length)
-            chain = _native.xxh64(body, _native.xxh64(head, chain))
-            out += head + body + image.FRAME_TAIL.pack(chain)
+            frame, chain = image.seal(chain, ftype, real_image[off + FH:off + FH + length])
+            out += frame
         assert off0 == H
         work.write_bytes(bytes(out))
         with pytest.raises(Corrupt, match="unreadable record"):

@@ -189,23 +189,31 @@ def pagemap_scan(fd: int, start: int, end: int, required: int, inverted: int, an
     return out
 
 
+def copy_threads(nbytes: int) -> int:
+    """Threads for a bulk copy: one per CPU we may use (fresh pages fault in per CPU,
+    so two CPUs fill memory about twice as fast), but one for small copies."""
+    if nbytes < (16 << 20):
+        return 1
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
+
+
 class PageWriter:
-    """Streams target memory into an image fd as checksummed data frames."""
+    """Streams target memory into an image file as checksummed data frames."""
 
     CHUNK = 1 << 20  # fits in L2 with room: read, hash, write while it is hot
 
     def __init__(self):
-        self.buf = ffi.new("char[]", self.CHUNK)
         self.stats = ffi.new("struct up_copy_stats *")
 
     def dump(self, pid: int, mem_fd: int, runs: list[tuple[int, int]], out_fd: int,
              chain: int) -> CopyStats:
         arr = new_ranges(runs)
+        nbytes = sum(e - s for s, e in runs)
         self.stats.bytes = 0
         self.stats.frames = 0
         self.stats.hash = chain
-        rc = lib.up_dump_pages(pid, mem_fd, arr, len(runs), out_fd, self.buf, self.CHUNK,
-                               self.stats)
+        rc = lib.up_dump_pages(pid, mem_fd, arr, len(runs), out_fd, self.CHUNK,
+                               copy_threads(nbytes), self.stats)
         if rc < 0:
             call = "reading target memory" if self.stats.failed_op == 1 else "writing image"
             check(rc, call, pid if self.stats.failed_op == 1 else None)
@@ -215,8 +223,17 @@ class PageWriter:
 def fill_pages(pid: int, mem_fd: int, src: list[tuple[int, int]], dst: list[tuple[int, int]]
                ) -> int:
     """Write local ranges (concatenated) into the target's ranges dst."""
+    nbytes = sum(e - s for s, e in dst)
     return check(lib.up_fill_pages(pid, mem_fd, new_ranges(src), len(src), new_ranges(dst),
-                                   len(dst)), "writing target memory", pid)
+                                   len(dst), copy_threads(nbytes)), "writing target memory", pid)
+
+
+def frame_hash(head: bytes, payload: bytes) -> int:
+    return int(lib.up_frame_hash(head, ffi.from_buffer(payload), len(payload)))
+
+
+def chain_hash(prev: int, frame: int) -> int:
+    return int(lib.up_chain_hash(prev, frame))
 
 
 def xxh64(data, seed: int = 0) -> int:

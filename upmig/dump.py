@@ -48,7 +48,8 @@ def dump(pid: int, image_path: str, *, leave: str = "kill",
     preflight(pid)
     tmp = _temp_path(image_path)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        # Read-write: the page copy maps the image to write into it directly.
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except OSError as e:
         raise UpmigError(f"cannot write the image: {e.strerror}", what=image_path) from None
     try:

@@ -9,10 +9,12 @@ Grammar (little-endian):
              | 2 DATA    payload is page bytes belonging to the last "pages" record
              | 3 TRAILER payload is a RECORD body of kind "trailer"; always last
 
-Each frame's hash is XXH64 over its head and payload, seeded with the previous
-frame's hash (the first with XXH64 of the header), so every frame can be checked as
-it streams by, and the trailer's hash covers the whole image: a cut, a flipped byte,
-a dropped or reordered frame are all caught before anything is rebuilt.
+Each frame's tail is its own hash (XXH64 over head and payload) chained onto the
+previous tail (XXH64 of the frame hash seeded with it; the first is seeded with
+XXH64 of the header). Frames can be hashed in parallel while dumping; every frame
+can still be checked as it streams by, and the trailer's tail covers the whole
+image: a cut, a flipped byte, a dropped or reordered frame are all caught before
+anything is rebuilt.
 """
 
 from __future__ import annotations
@@ -40,6 +42,13 @@ RECORD, DATA, TRAILER = 1, 2, 3
 MAX_PAYLOAD = 1 << 26  # no record or data frame is larger; a bigger length is corruption
 
 
+def seal(chain: int, ftype: int, payload: bytes) -> tuple[bytes, int]:
+    """One whole frame following a frame whose tail was chain; and its own tail."""
+    head = FRAME_HEAD.pack(ftype, len(payload))
+    chain = _native.chain_hash(chain, _native.frame_hash(head, payload))
+    return head + payload + FRAME_TAIL.pack(chain), chain
+
+
 class ImageWriter:
     """Writes records and page data to an open fd, keeping the hash chain."""
 
@@ -60,9 +69,8 @@ class ImageWriter:
             view = view[n:]
 
     def _frame(self, ftype: int, payload: bytes) -> None:
-        head = FRAME_HEAD.pack(ftype, len(payload))
-        self.chain = _native.xxh64(payload, _native.xxh64(head, self.chain))
-        self._write(head + payload + FRAME_TAIL.pack(self.chain))
+        frame, self.chain = seal(self.chain, ftype, payload)
+        self._write(frame)
 
     def record(self, rec: Any) -> None:
         self._frame(RECORD, msgpack.packb(to_wire(rec), use_bin_type=True))

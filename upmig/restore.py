@@ -48,10 +48,7 @@ def resume(image_path: str, *, notice: Notice | None = None) -> ResumeResult:
         want = img.one(Task).pid
         pid = _spawn_stub(want, say)
         try:
-            cpu = _proc.last_cpu(os.getpid())
-            os.sched_setaffinity(pid, {cpu})  # stub and upmig share a CPU while we work
-            with inject.pinned_with(pid, cpu):
-                _rebuild(pid, img)
+            _rebuild(pid, img)
         except BaseException as e:
             _kill(pid)
             if isinstance(e, UpmigError):
@@ -155,31 +152,44 @@ def _rebuild(pid: int, img: image.Image) -> None:
     nat.set_sigmask(pid, (1 << 64) - 1)  # nothing is delivered while we work
     inj = nat.Injector(pid, stub_regs, regs.decode(stub_regs).rip)
     mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+    # The stub and upmig share a CPU during the bursts of injected syscalls; the bulk
+    # page copy in between runs unpinned, on every CPU.
+    cpu = _proc.last_cpu(os.getpid())
+    os.sched_setaffinity(pid, {cpu})
     try:
         vmas = img.of(Vma)
-        _clear_stub(pid, inj, mem_fd, vmas)
-        scratch = memmap.free_gap(vmas, SCRATCH)
-        inj.call(SYS_mmap, scratch, SCRATCH, 3, MAP_FIXED_PRIVATE_ANON, -1, 0,
-                 what="mmap(scratch)")
-        inj.set_stack(scratch + SCRATCH - 64)
-        s = Session(inj, scratch, mem_fd)
-        _stage_memory(s, pid, img, vmas)
-        tsk: Task = img.one(Task)
-        task.restore_early(s, tsk)
-        files.restore(s, pid, img.of(Fd))
-        task.restore_limits(s, pid, tsk)
-        sig: Signals = img.one(Signals)
-        signals.restore(s, pid, sig)
-        if pid != tsk.pid and tsk.clear_child_tid:
-            # glibc caches the thread's TID where clear_child_tid points.
-            os.pwrite(mem_fd, pid.to_bytes(4, "little"), tsk.clear_child_tid)
-        task.restore_creds(s, tsk)
-        inj.call(SYS_munmap, scratch, SCRATCH, what="munmap(scratch)")
-        _stage_registers(pid, img.one(Thread), sig.blocked)
-        task.restore_affinity(pid, tsk)
+        with inject.pinned_with(pid, cpu):
+            _clear_stub(pid, inj, mem_fd, vmas)
+            scratch = memmap.free_gap(vmas, SCRATCH)
+            inj.call(SYS_mmap, scratch, SCRATCH, 3, MAP_FIXED_PRIVATE_ANON, -1, 0,
+                     what="mmap(scratch)")
+            inj.set_stack(scratch + SCRATCH - 64)
+            s = Session(inj, scratch, mem_fd)
+            memmap.map_vmas(s, vmas)
+        _fill_memory(pid, img)
+        with inject.pinned_with(pid, cpu):
+            memmap.finish_vmas(s, vmas)
+            memmap.restore_mm(s, img.one(MM), img.one(Task).exe)
+            _stage_task(s, pid, img, mem_fd)
+            inj.call(SYS_munmap, scratch, SCRATCH, what="munmap(scratch)")
+            _stage_registers(pid, img.one(Thread), img.one(Signals).blocked)
+        task.restore_affinity(pid, img.one(Task))
     finally:
         os.close(mem_fd)
     nat.ptrace(nat.PTRACE_DETACH, pid, 0, 0)
+
+
+def _stage_task(s: Session, pid: int, img: image.Image, mem_fd: int) -> None:
+    """Files, task state and signals; credentials last, as they drop our rights."""
+    tsk: Task = img.one(Task)
+    task.restore_early(s, tsk)
+    files.restore(s, pid, img.of(Fd))
+    task.restore_limits(s, pid, tsk)
+    signals.restore(s, pid, img.one(Signals))
+    if pid != tsk.pid and tsk.clear_child_tid:
+        # glibc caches the thread's TID where clear_child_tid points.
+        os.pwrite(mem_fd, pid.to_bytes(4, "little"), tsk.clear_child_tid)
+    task.restore_creds(s, tsk)
 
 
 def _clear_stub(pid: int, inj: nat.Injector, mem_fd: int, vmas: list[Vma]) -> None:
@@ -208,14 +218,12 @@ def _clear_stub(pid: int, inj: nat.Injector, mem_fd: int, vmas: list[Vma]) -> No
             inj.call(SYS_munmap, m.start, m.end - m.start, what="munmap(stub)")
 
 
-def _stage_memory(s: Session, pid: int, img: image.Image, vmas: list[Vma]) -> None:
-    memmap.map_vmas(s, vmas)
+def _fill_memory(pid: int, img: image.Image) -> None:
+    """Page contents straight from the mapped image into the target."""
     base = nat.buffer_address(img.data)
     for pd in img.pages:
         src = [(base + off, base + off + n) for off, n in pd.chunks]
         nat.fill_pages(pid, -1, src, pd.runs)
-    memmap.finish_vmas(s, vmas)
-    memmap.restore_mm(s, img.one(MM), img.one(Task).exe)
 
 
 def _stage_registers(pid: int, th: Thread, blocked: int) -> None:
