@@ -58,18 +58,24 @@ def test_signals_handlers_alarm_pending_altstack(run_victim):
 
 def test_blocked_in_read_on_stdin(run_victim):
     r = run_victim("readblock", stdin=subprocess.PIPE)
-    r.wait_output("READY\n")
-    time.sleep(0.2)             # now blocked in read(0)
-    img = r.dump()
-    rd, wr = os.pipe()
-    r.resume(img, stdin=rd)     # fd 0 is re-attached to the resumer's stdin
-    os.close(rd)
-    time.sleep(0.2)
-    os.write(wr, b"hello upmig\n")
-    r.wait_output("GOT hello upmig\n")
-    os.close(wr)
+    feed_after_resume(r, b"hello upmig\n")
     assert r.finish() == 0, r.output()
     assert r.output() == "READY\nGOT hello upmig\nPASS\n"
+
+
+def feed_after_resume(r, data: bytes) -> None:
+    """Dump r while it is blocked reading stdin, resume it with a new pipe as the
+    resumer's stdin (fd 0 is re-attached to it), write data, and see it arrive."""
+    r.wait_output("READY\n")
+    time.sleep(0.2)             # now blocked
+    img = r.dump()
+    rd, wr = os.pipe()
+    r.resume(img, stdin=rd)
+    os.close(rd)
+    time.sleep(0.2)
+    os.write(wr, data)
+    r.wait_output(f"GOT {data.decode()}")
+    os.close(wr)
 
 
 def test_blocked_in_nanosleep(run_victim):
@@ -111,17 +117,9 @@ def test_blocked_in_pause(run_victim):
 
 def test_blocked_in_poll_on_stdin(run_victim):
     r = run_victim("waiter", "poll", stdin=subprocess.PIPE)
-    r.wait_output("READY\n")
-    time.sleep(0.2)
-    img = r.dump()
-    rd, wr = os.pipe()
-    r.resume(img, stdin=rd)
-    os.close(rd)
-    time.sleep(0.3)
-    os.write(wr, b"ping\n")
-    r.wait_output("GOT ping\n")
-    os.close(wr)
+    feed_after_resume(r, b"ping\n")
     assert r.finish() == 0, r.output()
+    assert r.output() == "READY\nGOT ping\nPASS\n"
 
 
 def test_leave_stopped_then_continue(run_victim):
