@@ -150,15 +150,19 @@ int up_inject(int pid, void *regs, long nr, const uint64_t *args, int64_t *ret)
     r[R_R9] = args[5];
     if (ptrace(PTRACE_SETREGS, pid, 0, r) < 0)
         return -errno;
-    if (ptrace(PTRACE_SINGLESTEP, pid, 0, 0) < 0)
-        return -errno;
-    int w = up_waitpid(pid, &status, 0);
-    if (w < 0)
-        return w;
-    if (!WIFSTOPPED(status))
-        return -ESRCH;          /* the tracee died under us */
-    if (WSTOPSIG(status) != SIGTRAP)
-        return -ECANCELED;      /* some other stop: the caller must not go on */
+    /* Syscall-enter stop, then syscall-exit stop. Unlike a single step, these stops
+     * send the tracee no SIGTRAP (a forced SIGTRAP would reset its disposition). */
+    for (int stop = 0; stop < 2; stop++) {
+        if (ptrace(PTRACE_SYSCALL, pid, 0, 0) < 0)
+            return -errno;
+        int w = up_waitpid(pid, &status, 0);
+        if (w < 0)
+            return w;
+        if (!WIFSTOPPED(status))
+            return -ESRCH;      /* the tracee died under us */
+        if (WSTOPSIG(status) != (SIGTRAP | 0x80))
+            return -ECANCELED;  /* some other stop: the caller must not go on */
+    }
     if (ptrace(PTRACE_GETREGS, pid, 0, r) < 0)
         return -errno;
     if (r[R_RIP] != rip + 2)

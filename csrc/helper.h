@@ -42,8 +42,9 @@ int up_waitpid(int pid, int *status, int flags);
 long up_getregset(int pid, int note, void *buf, size_t len);
 long up_setregset(int pid, int note, const void *buf, size_t len);
 
-/* Run one syscall in a stopped tracee: set regs (a 27-word user_regs_struct) with
- * rip at a syscall instruction, single-step, fetch rax into *ret. regs is scratch. */
+/* Run one syscall in a stopped tracee (traced with PTRACE_O_TRACESYSGOOD): set regs
+ * (a 27-word user_regs_struct) with rip at a syscall instruction, run it between its
+ * syscall-enter and syscall-exit stops, fetch rax into *ret. regs is scratch. */
 int up_inject(int pid, void *regs, long nr, const uint64_t *args, int64_t *ret);
 
 /* PAGEMAP_SCAN over [start, end) of an opened /proc/PID/pagemap: fills out[] with

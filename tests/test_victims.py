@@ -201,3 +201,48 @@ def test_shared_anonymous_memory_of_one_process(run_victim):
     r.hop()
     assert r.finish() == 0, r.output()
     assert r.output() == "READY\nPASS\n"
+
+
+SIGNAL_KEEPER = """
+import signal, sys
+signal.signal(signal.SIGTRAP, lambda *a: None)
+signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGWINCH})
+print("READY", flush=True)
+signal.sigwait({signal.SIGTERM})
+"""
+
+
+def signal_masks(pid: int) -> dict[str, str]:
+    lines = open(f"/proc/{pid}/status").read().splitlines()
+    return {k: v for k, v in (line.split(":\t", 1) for line in lines if ":\t" in line)
+            if k in ("SigBlk", "SigIgn", "SigCgt")}
+
+
+def test_dump_leaves_signal_dispositions_untouched(run_victim):
+    """Injecting syscalls must not disturb SIGTRAP (a forced trap would reset its
+    handler) nor anything else, in the live process and in the image."""
+    r = run_victim([sys.executable, "-c", SIGNAL_KEEPER])
+    r.wait_output("READY\n")
+    before = signal_masks(r.pid)
+    assert int(before["SigCgt"], 16) & (1 << 4)      # SIGTRAP handled
+    img = r.dump("--leave-running")
+    assert signal_masks(r.pid) == before
+    os.kill(r.pid, signal.SIGKILL)
+    r.proc.wait()
+    r.resume(img)
+    assert signal_masks(r.pid) == before
+
+
+def test_leave_running_while_blocked_in_read(run_victim):
+    """After a checkpoint the live process is back in its read(), which then
+    returns the data (not -ERESTARTSYS, not EINTR)."""
+    r = run_victim("readblock", stdin=subprocess.PIPE)
+    r.wait_output("READY\n")
+    time.sleep(0.2)
+    r.dump("--leave-running")
+    r.dump("--leave-running")
+    r.proc.stdin.write(b"hello upmig\n")
+    r.proc.stdin.flush()
+    r.wait_output("GOT hello upmig\n")
+    assert r.finish() == 0, r.output()

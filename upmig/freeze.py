@@ -37,9 +37,10 @@ def list_tids(pid: int) -> list[int]:
         raise NoSuchProcess("no such process", pid=pid) from None
 
 
-def _seize(pid: int, tid: int) -> None:
+def _seize(fz: Frozen, pid: int, tid: int) -> None:
     try:
-        nat.ptrace(nat.PTRACE_SEIZE, tid, 0, 0)
+        nat.ptrace(nat.PTRACE_SEIZE, tid, 0, nat.PTRACE_O_TRACESYSGOOD)
+        fz.tids.append(tid)  # from here on it is ours to release
         nat.ptrace(nat.PTRACE_INTERRUPT, tid)
     except OSError as e:
         if e.errno == errno.ESRCH:
@@ -50,6 +51,15 @@ def _seize(pid: int, tid: int) -> None:
                    else "cannot be traced (ptrace not permitted)")
             raise AccessDenied(why, pid=pid) from None
         raise
+
+
+def restop(pid: int, tid: int) -> None:
+    """Put a thread we moved about (injected syscalls) back into an interrupt stop:
+    there the kernel redoes the syscall-restart fix-up of its registers when it goes
+    on, and there it simply runs on if upmig dies."""
+    nat.ptrace(nat.PTRACE_INTERRUPT, tid)
+    nat.ptrace(nat.PTRACE_CONT, tid, 0, 0)
+    _wait_stopped(pid, tid)
 
 
 def _wait_stopped(pid: int, tid: int) -> None:
@@ -92,10 +102,13 @@ def _release(fz: Frozen) -> None:
             except OSError:
                 pass
         return
-    sig = signal.SIGSTOP if fz.on_release == "stop" else 0
+    if fz.on_release == "stop":
+        # From an interrupt stop PTRACE_DETACH ignores its signal: queue a SIGSTOP,
+        # which the process takes as soon as it runs.
+        os.kill(fz.pid, signal.SIGSTOP)
     for tid in fz.tids:
         try:
-            nat.ptrace(nat.PTRACE_DETACH, tid, 0, sig)
+            nat.ptrace(nat.PTRACE_DETACH, tid, 0, 0)
         except OSError:
             pass  # a thread that is gone needs no release
 
@@ -110,8 +123,7 @@ def frozen(pid: int) -> Iterator[Frozen]:
             if not new:
                 break
             for tid in new:
-                _seize(pid, tid)
-                fz.tids.append(tid)
+                _seize(fz, pid, tid)
                 _wait_stopped(pid, tid)
         else:
             raise UpmigError(f"threads kept appearing after {RESCANS} rescans", pid=pid)

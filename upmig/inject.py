@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from upmig import _native as nat
+from upmig import _proc, freeze
 from upmig.errors import UpmigError
 
 SYS_mmap, SYS_munmap = 9, 11
@@ -46,8 +47,6 @@ class Session:
 def pinned_with(pid: int, cpu: int | None = None) -> Iterator[None]:
     """Run upmig on the target's CPU for a burst of injected syscalls: a ptrace
     round trip costs ~14 us on one CPU against 70-220 us across two (VM wake-ups)."""
-    from upmig import _proc
-
     mine = os.sched_getaffinity(0)
     try:
         os.sched_setaffinity(0, {_proc.last_cpu(pid) if cpu is None else cpu})
@@ -86,3 +85,4 @@ def session(pid: int, regs: bytes, gadget: int, mem_fd: int) -> Iterator[Session
         finally:
             nat.set_regs(pid, regs)
             nat.set_sigmask(pid, mask)
+            freeze.restop(pid, pid)

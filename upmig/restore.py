@@ -133,7 +133,7 @@ def _spawn_stub(want: int, say: Notice) -> int:
     if not (os.WIFSTOPPED(status) and os.WSTOPSIG(status) == signal.SIGTRAP):
         _kill(pid)
         raise RestoreError(f"the stub {STUB} did not start (status {status:#x})")
-    nat.ptrace(nat.PTRACE_SETOPTIONS, pid, 0, nat.PTRACE_O_EXITKILL)
+    nat.ptrace(nat.PTRACE_SETOPTIONS, pid, 0, nat.PTRACE_O_EXITKILL | nat.PTRACE_O_TRACESYSGOOD)
     return pid
 
 
