@@ -4,6 +4,7 @@ verifies its own state (see tests/victims/README.md)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -147,7 +148,7 @@ def proc_view(pid: int) -> dict:
     status = dict(line.split(":\t", 1) for line in open(f"/proc/{pid}/status").read().splitlines()
                   if ":\t" in line)
     keep = ("Name", "Umask", "Uid", "Gid", "Groups", "Cpus_allowed_list", "SigBlk", "SigIgn",
-            "SigCgt")
+            "SigCgt", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs")
     return {
         **{k: status[k] for k in keep},
         "cmdline": open(f"/proc/{pid}/cmdline", "rb").read(),
@@ -246,3 +247,44 @@ def test_leave_running_while_blocked_in_read(run_victim):
     r.proc.stdin.flush()
     r.wait_output("GOT hello upmig\n")
     assert r.finish() == 0, r.output()
+
+
+@pytest.mark.skipif(not shutil.which("setpriv"), reason="setpriv (util-linux) is missing")
+def test_reduced_capabilities_and_no_new_privs_stay_reduced(run_victim):
+    """A root process that gave up capabilities must not get them back by moving."""
+    from conftest import build_victim
+
+    argv = ["setpriv", "--bounding-set", "-net_raw,-sys_ptrace", "--inh-caps", "+kill",
+            "--no-new-privs", str(build_victim("waiter")), "pause"]
+    r = run_victim(argv)
+    r.wait_output("READY\n")
+    before = proc_view(r.pid)
+    assert before["NoNewPrivs"] == "1"
+    r.hop()
+    assert proc_view(r.pid) == before
+    assert r.finish() == 0, r.output()
+
+
+RSEQ_USER = """
+import ctypes, os, signal
+libc = ctypes.CDLL(None)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+os.sched_setaffinity(0, {0})
+print("READY", libc.sched_getcpu(), flush=True)
+signal.sigwait({signal.SIGUSR1})
+os.sched_setaffinity(0, {1})
+print("NOW", libc.sched_getcpu(), flush=True)
+"""
+
+
+@pytest.mark.skipif(os.cpu_count() < 2, reason="needs two CPUs")
+def test_rseq_keeps_sched_getcpu_right(run_victim):
+    """glibc reads sched_getcpu() from its rseq area: the resumed process must be
+    registered again, or the kernel stops updating it."""
+    r = run_victim([sys.executable, "-c", RSEQ_USER])
+    r.wait_output("READY 0\n")
+    r.hop()
+    os.kill(r.pid, signal.SIGUSR1)
+    r.wait_output("NOW ")
+    assert r.finish(sig=0) == 0
+    assert r.output() == "READY 0\nNOW 1\n"

@@ -96,6 +96,18 @@ def set_sigmask(pid: int, mask: int) -> None:
           "PTRACE_SETSIGMASK", pid)
 
 
+PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
+
+
+def get_rseq(tid: int) -> list[int] | None:
+    """[area, size, signature] of the thread's rseq registration, or None."""
+    buf = ffi.new("uint64_t[3]")
+    check(lib.up_ptrace(PTRACE_GET_RSEQ_CONFIGURATION, tid, 24, int(ffi.cast("uintptr_t", buf)),
+                        ffi.NULL), "PTRACE_GET_RSEQ_CONFIGURATION", tid)
+    area, size, sig = int(buf[0]), int(buf[1]) & 0xFFFFFFFF, int(buf[1]) >> 32
+    return [area, size, sig] if area else None
+
+
 def peek_siginfo(pid: int, shared: bool) -> list[bytes]:
     """Every queued siginfo of the private (or shared) queue, without dequeuing."""
     out: list[bytes] = []

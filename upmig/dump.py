@@ -124,6 +124,7 @@ def _capture_and_write(pid: int, fz: freeze.Frozen, fd: int, note: Progress
         with inject.pinned_with(pid), inject.session(pid, thread.regs, gadget, mem_fd) as s:
             sig = signals.capture(s, pid, blocked)
             tsk = task.capture(s, pid)
+            regs.capture_thread_links(s, thread)
             brk = s.call(SYS_brk, 0, what="brk(0)")
         mm = memmap.capture_mm(pid, brk)
         vmas = memmap.list_vmas(pid)      # again: the scratch page is gone now

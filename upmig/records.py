@@ -43,6 +43,8 @@ class Task:
     clear_child_tid: int
     dumpable: int = 1
     cpus: list[int] | None = None   # CPU affinity; None means every CPU
+    caps: dict[str, int] | None = None  # CapInh/CapPrm/CapEff/CapBnd/CapAmb
+    no_new_privs: int = 0
 
 
 @dataclass
@@ -130,6 +132,8 @@ class Thread:
     xsave: bytes             # NT_X86_XSTATE
     syscall: int = -1        # the syscall it was stopped in, or -1
     syscall_result: int = 0  # rax at the stop (-ERESTART* while in a syscall)
+    rseq: list[int] | None = None        # [area, size, signature] if registered
+    robust_list: list[int] | None = None  # [head, len] if set
 
 
 @dataclass

@@ -4,11 +4,14 @@ a thread caught inside a syscall restart it correctly in its new life."""
 from __future__ import annotations
 
 import ctypes
+import struct
 
 from ptrace.binding.linux_struct import user_regs_struct
 
 from upmig import _native as nat
+from upmig.inject import Session
 from upmig.records import Thread
+from upmig.syscalls import nr
 
 ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 514, 516
 RESTART_CODES = {-ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND, -ERESTART_RESTARTBLOCK}
@@ -34,7 +37,24 @@ def capture(tid: int) -> Thread:
     orig, rax = signed(r.orig_rax), signed(r.rax)
     in_syscall = orig >= 0 and rax in RESTART_CODES
     return Thread(tid=tid, regs=raw, xsave=nat.get_regset(tid, nat.NT_X86_XSTATE),
-                  syscall=orig if in_syscall else -1, syscall_result=rax)
+                  syscall=orig if in_syscall else -1, syscall_result=rax,
+                  rseq=nat.get_rseq(tid))
+
+
+def capture_thread_links(s: Session, th: Thread) -> None:
+    """The robust futex list head, which only the thread itself can ask for."""
+    s.call(nr.get_robust_list, 0, s.scratch, s.scratch + 8, what="get_robust_list")
+    head, size = struct.unpack("<QQ", s.read(s.scratch, 16))
+    th.robust_list = [head, size] if head else None
+
+
+def restore_thread_links(s: Session, th: Thread) -> None:
+    """Re-register rseq and the robust futex list, which glibc set up at start."""
+    if th.robust_list:
+        s.call(nr.set_robust_list, *th.robust_list, what="set_robust_list")
+    if th.rseq:
+        area, size, sig = th.rseq
+        s.call(nr.rseq, area, size, 0, sig, what="rseq")
 
 
 def for_restore(raw: bytes) -> bytes:

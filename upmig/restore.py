@@ -182,14 +182,15 @@ def _rebuild(pid: int, img: image.Image) -> None:
 def _stage_task(s: Session, pid: int, img: image.Image, mem_fd: int) -> None:
     """Files, task state and signals; credentials last, as they drop our rights."""
     tsk: Task = img.one(Task)
+    task.restore_limits(s, pid, tsk)  # before the fds: RLIMIT_NOFILE bounds their numbers
     task.restore_early(s, tsk)
     files.restore(s, pid, img.of(Fd))
-    task.restore_limits(s, pid, tsk)
+    regs.restore_thread_links(s, img.one(Thread))
     signals.restore(s, pid, img.one(Signals))
     if pid != tsk.pid and tsk.clear_child_tid:
         # glibc caches the thread's TID where clear_child_tid points.
         os.pwrite(mem_fd, pid.to_bytes(4, "little"), tsk.clear_child_tid)
-    task.restore_creds(s, tsk)
+    task.restore_creds(s, pid, tsk)
 
 
 def _clear_stub(pid: int, inj: nat.Injector, mem_fd: int, vmas: list[Vma]) -> None:
@@ -229,7 +230,9 @@ def _fill_memory(pid: int, img: image.Image) -> None:
 def _stage_registers(pid: int, th: Thread, blocked: int) -> None:
     here = nat.get_regset(pid, nat.NT_X86_XSTATE)
     _check_xsave(th.xsave, here)
-    nat.set_regset(pid, nat.NT_X86_XSTATE, th.xsave)
+    # The kernel takes only an area of its own size; the header's xstate_bv says
+    # which parts of a shorter saved area are valid, the rest is zero.
+    nat.set_regset(pid, nat.NT_X86_XSTATE, th.xsave.ljust(len(here), b"\0"))
     nat.set_regs(pid, regs.for_restore(th.regs))
     nat.set_sigmask(pid, blocked)
 

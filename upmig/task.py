@@ -1,5 +1,5 @@
-"""Per-process kernel state: identity, cwd, umask, rlimits, creds, personality, comm,
-session and group leadership, clear_child_tid."""
+"""Per-process kernel state: identity, cwd, umask, rlimits, credentials and
+capabilities, personality, comm, session and group leadership, clear_child_tid."""
 
 from __future__ import annotations
 
@@ -7,14 +7,16 @@ import os
 import struct
 
 from upmig import _proc
-from upmig.errors import CantMigrate
+from upmig.errors import CantMigrate, Mismatch
 from upmig.inject import Session
 from upmig.records import Task
+from upmig.syscalls import nr
 
-SYS_umask, SYS_chdir, SYS_setsid, SYS_setpgid = 95, 80, 112, 109
-SYS_personality, SYS_prctl, SYS_prlimit64 = 135, 157, 302
-SYS_setgroups, SYS_setresuid, SYS_setresgid, SYS_set_tid_address = 116, 117, 119, 218
-PR_GET_DUMPABLE, PR_SET_DUMPABLE, PR_SET_NAME, PR_GET_TID_ADDRESS = 3, 4, 15, 40
+PR_GET_DUMPABLE, PR_SET_DUMPABLE, PR_SET_KEEPCAPS, PR_SET_NAME = 3, 4, 8, 15
+PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_GET_TID_ADDRESS, PR_CAP_AMBIENT = 24, 38, 40, 47
+PR_CAP_AMBIENT_RAISE = 2
+CAP_VERSION_3 = 0x20080522
+CAP_SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
 RLIM_INFINITY = (1 << 64) - 1
 
 
@@ -24,9 +26,9 @@ def capture(s: Session, pid: int) -> Task:
     root = _proc.readlink(pid, "root")
     if root != "/":
         raise CantMigrate(f"runs chrooted in {root}; chroot is not supported yet", pid=pid)
-    s.call(SYS_prctl, PR_GET_TID_ADDRESS, s.scratch, what="prctl(PR_GET_TID_ADDRESS)")
+    s.call(nr.prctl, PR_GET_TID_ADDRESS, s.scratch, what="prctl(PR_GET_TID_ADDRESS)")
     clear_child_tid, = struct.unpack("<Q", s.read(s.scratch, 8))
-    dumpable = s.call(SYS_prctl, PR_GET_DUMPABLE, what="prctl(PR_GET_DUMPABLE)")
+    dumpable = s.call(nr.prctl, PR_GET_DUMPABLE, what="prctl(PR_GET_DUMPABLE)")
     cmdline = _proc.read_bytes(pid, "cmdline").split(b"\0")
     return Task(
         pid=pid,
@@ -46,7 +48,13 @@ def capture(s: Session, pid: int) -> Task:
         clear_child_tid=clear_child_tid,
         dumpable=dumpable,
         cpus=_affinity(pid),
+        caps=capabilities(status),
+        no_new_privs=int(status.get("NoNewPrivs", "0")),
     )
+
+
+def capabilities(status: dict[str, str]) -> dict[str, int]:
+    return {name: int(status[name], 16) for name in CAP_SETS}
 
 
 def _affinity(pid: int) -> list[int] | None:
@@ -70,16 +78,16 @@ def _str(s: Session, text: str, at: int = 0) -> int:
 
 def restore_early(s: Session, rec: Task) -> None:
     """What needs the stub's privileges or must precede the files: cwd, umask, ids."""
-    s.call(SYS_chdir, _str(s, rec.cwd), what=f"chdir({rec.cwd})")
-    s.call(SYS_umask, rec.umask, what="umask")
+    s.call(nr.chdir, _str(s, rec.cwd), what=f"chdir({rec.cwd})")
+    s.call(nr.umask, rec.umask, what="umask")
     if rec.session_leader:
-        s.call(SYS_setsid, what="setsid")
+        s.call(nr.setsid, what="setsid")
     elif rec.group_leader:
-        s.call(SYS_setpgid, 0, 0, what="setpgid")
-    s.call(SYS_personality, rec.personality, what="personality")
-    s.call(SYS_prctl, PR_SET_NAME, _str(s, rec.comm), what="prctl(PR_SET_NAME)")
+        s.call(nr.setpgid, 0, 0, what="setpgid")
+    s.call(nr.personality, rec.personality, what="personality")
+    s.call(nr.prctl, PR_SET_NAME, _str(s, rec.comm), what="prctl(PR_SET_NAME)")
     if rec.clear_child_tid:
-        s.call(SYS_set_tid_address, rec.clear_child_tid, what="set_tid_address")
+        s.call(nr.set_tid_address, rec.clear_child_tid, what="set_tid_address")
 
 
 def restore_limits(s: Session, pid: int, rec: Task) -> None:
@@ -88,18 +96,50 @@ def restore_limits(s: Session, pid: int, rec: Task) -> None:
         val = struct.pack("<QQ", RLIM_INFINITY if soft < 0 else soft,
                           RLIM_INFINITY if hard < 0 else hard)
         s.write(s.scratch, val)
-        r = s.raw(SYS_prlimit64, 0, res, s.scratch, 0)
+        r = s.raw(nr.prlimit64, 0, res, s.scratch, 0)
         if r < 0:
-            raise CantMigrate(f"limit '{name}' ({soft}/{hard}) cannot be restored here "
-                              f"(error {-r}: {os.strerror(-r)})", pid=pid)
+            raise Mismatch(f"limit '{name}' ({soft}/{hard}) of pid {pid} cannot be restored "
+                           f"here ({os.strerror(-r)})")
 
 
-def restore_creds(s: Session, rec: Task) -> None:
-    """Last of the task state: dropping root ends our right to change the rest."""
+def restore_creds(s: Session, pid: int, rec: Task) -> None:
+    """Last of the task state: ids, then capabilities (dropping root ends our right
+    to change the rest)."""
+    caps = rec.caps or {}
+    have = capabilities(_proc.parse_status(_proc.read_text(pid, "status")))
+    for cap in range(64):  # the bounding set can only shrink: drop what it lacked
+        if caps and have["CapBnd"] >> cap & 1 and not caps["CapBnd"] >> cap & 1:
+            s.call(nr.prctl, PR_CAPBSET_DROP, cap, what=f"prctl(PR_CAPBSET_DROP, {cap})")
+    keep = bool(caps) and rec.uids[0] != 0 and caps["CapPrm"] != 0
+    if keep:  # a non-root process that holds capabilities keeps them across setresuid
+        s.call(nr.prctl, PR_SET_KEEPCAPS, 1, what="prctl(PR_SET_KEEPCAPS)")
     groups = rec.groups
     s.write(s.scratch, struct.pack(f"<{len(groups)}I", *groups))
-    s.call(SYS_setgroups, len(groups), s.scratch, what="setgroups")
-    s.call(SYS_setresgid, *rec.gids[:3], what="setresgid")
-    s.call(SYS_setresuid, *rec.uids[:3], what="setresuid")
-    # A change of uid makes the kernel clear the dumpable flag; put back what it was.
-    s.call(SYS_prctl, PR_SET_DUMPABLE, rec.dumpable, what="prctl(PR_SET_DUMPABLE)")
+    s.call(nr.setgroups, len(groups), s.scratch, what="setgroups")
+    s.call(nr.setresgid, *rec.gids[:3], what="setresgid")
+    s.call(nr.setresuid, *rec.uids[:3], what="setresuid")
+    if caps:
+        _set_caps(s, pid, caps)
+    if keep:
+        s.call(nr.prctl, PR_SET_KEEPCAPS, 0, what="prctl(PR_SET_KEEPCAPS)")
+    # A change of uid makes the kernel reset the dumpable flag; put back what it was
+    # (2, "suidsafe", is only ever set by the kernel).
+    if rec.dumpable in (0, 1):
+        s.call(nr.prctl, PR_SET_DUMPABLE, rec.dumpable, what="prctl(PR_SET_DUMPABLE)")
+    if rec.no_new_privs:
+        s.call(nr.prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, what="prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+def _set_caps(s: Session, pid: int, caps: dict[str, int]) -> None:
+    data = b"".join(struct.pack("<III", caps["CapEff"] >> sh & 0xFFFFFFFF,
+                                caps["CapPrm"] >> sh & 0xFFFFFFFF,
+                                caps["CapInh"] >> sh & 0xFFFFFFFF) for sh in (0, 32))
+    s.write(s.scratch, struct.pack("<Ii", CAP_VERSION_3, 0) + data)
+    r = s.raw(nr.capset, s.scratch, s.scratch + 8)
+    if r < 0:
+        raise Mismatch(f"the capabilities of pid {pid} cannot be given here "
+                       f"({os.strerror(-r)}): upmig lacks some of them")
+    for cap in range(64):
+        if caps["CapAmb"] >> cap & 1:
+            s.call(nr.prctl, PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0,
+                   what="prctl(PR_CAP_AMBIENT_RAISE)")
