@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -108,7 +109,7 @@ def test_taken_pid_gives_a_new_pid_and_a_notice(run_victim):
     new = int(out)
     try:
         assert new != r.pid
-        assert f"pid {r.pid} is still taken" in err and "new pid" in err
+        assert f"pid {r.pid} is taken" in err and "new pid" in err
         assert is_running_untraced(new)
     finally:
         os.kill(new, signal.SIGKILL)
@@ -123,3 +124,15 @@ def test_dump_of_zombie_or_self_is_refused():
         assert res.returncode == 3 and "zombie" in res.stderr
     finally:
         p.wait()
+
+
+def test_file_lock_is_refused_and_process_runs_on(run_victim):
+    r = run_victim([sys.executable, "-c", "import fcntl, time\n"
+                    "f = open('locked', 'w'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+                    "print('READY', flush=True); time.sleep(60)"])
+    r.wait_output("READY\n")
+    res = run_upmig("dump", str(r.pid), "-o", str(r.cwd / "x.upmig"), check=False)
+    assert res.returncode == 5
+    assert f"pid {r.pid} holds a file lock" in res.stderr and res.stderr.count("\n") == 1
+    assert not (r.cwd / "x.upmig").exists()
+    assert is_running_untraced(r.pid)

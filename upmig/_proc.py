@@ -29,8 +29,10 @@ def read_bytes(pid: int, name: str) -> bytes:
 def readlink(pid: int, name: str) -> str:
     try:
         return os.readlink(f"/proc/{pid}/{name}")
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         raise NoSuchProcess(f"/proc/{pid}/{name} vanished", pid=pid) from None
+    except PermissionError:
+        raise AccessDenied(f"cannot read /proc/{pid}/{name}", pid=pid) from None
 
 
 @dataclass

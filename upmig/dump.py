@@ -12,13 +12,25 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from upmig import __version__, _proc, fileid, files, freeze, inject, memmap, regs, signals, task
+from upmig import (
+    __version__,
+    _proc,
+    fileid,
+    files,
+    freeze,
+    image,
+    inject,
+    memmap,
+    regs,
+    signals,
+    task,
+)
 from upmig import _native as nat
-from upmig.errors import CantMigrate, NoSuchProcess, UpmigError, describe_oserror
+from upmig.errors import CantMigrate, ImageError, NoSuchProcess, UpmigError, describe_oserror
 from upmig.image import ImageWriter
-from upmig.records import Header
+from upmig.records import Header, MappedFile
+from upmig.syscalls import nr
 
-SYS_brk = 12
 LEAVE = ("kill", "run", "stop")
 
 
@@ -46,6 +58,7 @@ def dump(pid: int, image_path: str, *, leave: str = "kill",
     began = time.perf_counter()
     note = progress or (lambda step, n: None)
     preflight(pid)
+    known = _identify_mapped(pid)  # hashing data files is slow: do it before freezing
     tmp = _temp_path(image_path)
     try:
         # Read-write: the page copy maps the image to write into it directly.
@@ -56,10 +69,13 @@ def dump(pid: int, image_path: str, *, leave: str = "kill",
         with freeze.frozen(pid) as fz:
             frozen_at = time.perf_counter()
             try:
-                size, data, nvma, nfd = _capture_and_write(pid, fz, fd, note)
+                size, data, nvma, nfd = _capture_and_write(pid, fz, fd, note, known)
                 os.fsync(fd)
                 os.close(fd)
                 fd = -1
+                if leave == "kill":  # the image is all that will be left of it
+                    note("verifying", 0)
+                    _verify(tmp, pid)
                 os.rename(tmp, image_path)
             except OSError as e:
                 raise _explain(pid, e) from None
@@ -95,7 +111,7 @@ def preflight(pid: int) -> None:
         raise CantMigrate("has POSIX timers (timer_create), which are not supported yet",
                           pid=pid)
     for ns in ("pid", "mnt"):
-        if os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"):
+        if _proc.readlink(pid, f"ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"):
             raise CantMigrate(f"runs in another {ns} namespace, which is not supported yet",
                               pid=pid)
     ppid = int(status.get("PPid", "0"))
@@ -106,8 +122,29 @@ def preflight(pid: int) -> None:
                                   "clone); this is not supported yet", pid=pid)
 
 
-def _capture_and_write(pid: int, fz: freeze.Frozen, fd: int, note: Progress
-                       ) -> tuple[int, int, int, int]:
+def _identify_mapped(pid: int) -> dict[str, MappedFile]:
+    maps = _proc.parse_maps(_proc.read_text(pid, "maps"))
+    paths = {m.path for m in maps if m.path.startswith("/") and memmap.role_of(m) == "file"}
+    found = {}
+    for path in paths:
+        try:
+            found[path] = fileid.identify(path)
+        except OSError:
+            pass  # gone or odd: looked at again, and refused if need be, while frozen
+    return found
+
+
+def _verify(path: str, pid: int) -> None:
+    try:
+        image.load(path).close()
+    except ImageError as e:
+        raise UpmigError(f"the image just written does not verify ({e.why}); the process "
+                         "was left running", pid=pid) from None
+
+
+def _capture_and_write(pid: int, fz: freeze.Frozen, fd: int, note: Progress,
+                       known: dict[str, MappedFile]) -> tuple[int, int, int, int]:
+    preflight(pid)  # again, now that it is frozen: it may have forked meanwhile
     if len(fz.tids) > 1:
         raise CantMigrate(f"has {len(fz.tids)} threads; multi-threaded processes are not "
                           "supported yet", pid=pid)
@@ -116,7 +153,7 @@ def _capture_and_write(pid: int, fz: freeze.Frozen, fd: int, note: Progress
     mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
     try:
         note("state", 0)
-        vdso = [v for v in memmap.list_vmas(pid) if v.role == "vdso"]
+        vdso = [m for m in _proc.parse_maps(_proc.read_text(pid, "maps")) if m.path == "[vdso]"]
         if not vdso:
             raise CantMigrate("has no [vdso] mapping; upmig needs one", pid=pid)
         gadget = inject.find_syscall_insn(mem_fd, vdso[0].start, vdso[0].end)
@@ -125,12 +162,12 @@ def _capture_and_write(pid: int, fz: freeze.Frozen, fd: int, note: Progress
             sig = signals.capture(s, pid, blocked)
             tsk = task.capture(s, pid)
             regs.capture_thread_links(s, thread)
-            brk = s.call(SYS_brk, 0, what="brk(0)")
+            brk = s.call(nr.brk, 0, what="brk(0)")
         mm = memmap.capture_mm(pid, brk)
         vmas = memmap.list_vmas(pid)      # again: the scratch page is gone now
         fds = files.capture(pid)
         mapped = sorted({v.path for v in vmas if v.role == "file"} | {tsk.exe})
-        identities = [fileid.identify(p) for p in mapped]
+        identities = [known.get(p) or fileid.identify(p) for p in mapped]
         note("pages", 0)
         runs = memmap.page_runs(pid, vmas)
 

@@ -11,10 +11,10 @@ from upmig import _proc
 from upmig.errors import CantMigrate, RestoreError
 from upmig.inject import Session
 from upmig.records import Fd
+from upmig.syscalls import nr
 
 O_CLOEXEC = 0o2000000
 O_CREAT, O_EXCL, O_NOCTTY, O_TRUNC, O_PATH = 0o100, 0o200, 0o400, 0o1000, 0o10000000
-SYS_openat, SYS_close, SYS_lseek, SYS_dup3, SYS_fcntl = 257, 3, 8, 292, 72
 AT_FDCWD = -100
 F_SETFL = 4
 # Devices with no state of their own: reopened by path on the target.
@@ -76,6 +76,9 @@ def capture(pid: int) -> list[Fd]:
             st = None
         ftype, note = _classify(pid, fd, target, st)
         info = _proc.parse_fdinfo(_proc.read_text(pid, f"fdinfo/{fd}"))
+        if "lock" in info:
+            raise CantMigrate(f"holds a file lock (flock or POSIX) through fd {fd} on "
+                              f"{target}; file locks are not supported yet", pid=pid)
         flags = int(info["flags"], 8)
         rec = Fd(fd=fd, type=ftype, path=target if ftype != "inherit" else "",
                  flags=flags & ~O_CLOEXEC, cloexec=bool(flags & O_CLOEXEC),
@@ -110,19 +113,19 @@ def restore(s: Session, pid: int, recs: list[Fd]) -> None:
         else:
             path = os.fsencode(r.path) + b"\0"
             s.write(s.scratch, path)
-            src = s.raw(SYS_openat, AT_FDCWD, s.scratch, _open_flags(r), 0)
+            src = s.raw(nr.openat, AT_FDCWD, s.scratch, _open_flags(r), 0)
             if src < 0:
                 raise RestoreError(f"cannot reopen {r.path} for fd {r.fd}: "
                                    f"{os.strerror(-src)}")
         cloexec = O_CLOEXEC if r.cloexec else 0
         if src != r.fd:
-            s.call(SYS_dup3, src, r.fd, cloexec, what=f"dup3({src}, {r.fd})")
+            s.call(nr.dup3, src, r.fd, cloexec, what=f"dup3({src}, {r.fd})")
             if r.shared_with < 0:
-                s.call(SYS_close, src, what="close")
+                s.call(nr.close, src, what="close")
         elif cloexec:
-            s.call(SYS_fcntl, r.fd, 2, 1, what="fcntl(F_SETFD)")
+            s.call(nr.fcntl, r.fd, 2, 1, what="fcntl(F_SETFD)")
         if r.shared_with < 0 and r.type != "chardev" and not r.flags & O_PATH:
-            s.call(SYS_lseek, r.fd, r.pos, 0, what=f"lseek(fd {r.fd})")
+            s.call(nr.lseek, r.fd, r.pos, 0, what=f"lseek(fd {r.fd})")
     for fd in range(3):  # stdio the process had closed
         if fd not in wanted:
-            s.raw(SYS_close, fd)
+            s.raw(nr.close, fd)

@@ -40,6 +40,7 @@ FRAME_HEAD = struct.Struct("<II")
 FRAME_TAIL = struct.Struct("<Q")
 RECORD, DATA, TRAILER = 1, 2, 3
 MAX_PAYLOAD = 1 << 26  # no record or data frame is larger; a bigger length is corruption
+RUNS_PER_RECORD = 1 << 16  # a pages record of this many runs packs to ~1.5 MiB
 
 
 def seal(chain: int, ftype: int, payload: bytes) -> tuple[bytes, int]:
@@ -77,15 +78,20 @@ class ImageWriter:
         self.records += 1
 
     def pages(self, pid: int, mem_fd: int, runs: list[tuple[int, int]]) -> int:
-        """A pages record for runs, then their bytes copied straight from the target."""
-        nbytes = sum(e - s for s, e in runs)
-        self.record(Pages(runs=[x for run in runs for x in run], nbytes=nbytes))
-        stats = self._pages.dump(pid, mem_fd, runs, self.fd, self.chain)
-        self.chain = stats.hash
-        self.data_bytes += stats.bytes
-        if self.progress:
-            self.progress(stats.bytes)
-        return stats.bytes
+        """Pages records for runs, each followed by its bytes copied straight from the
+        target; records are kept well under MAX_PAYLOAD however fragmented memory is."""
+        total = 0
+        for at in range(0, len(runs), RUNS_PER_RECORD):
+            part = runs[at:at + RUNS_PER_RECORD]
+            nbytes = sum(e - s for s, e in part)
+            self.record(Pages(runs=[x for run in part for x in run], nbytes=nbytes))
+            stats = self._pages.dump(pid, mem_fd, part, self.fd, self.chain)
+            self.chain = stats.hash
+            self.data_bytes += stats.bytes
+            total += stats.bytes
+            if self.progress:
+                self.progress(stats.bytes)
+        return total
 
     def finish(self) -> None:
         trailer = Trailer(records=self.records + 1, data_bytes=self.data_bytes)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from upmig import _native as nat
 from upmig import _proc, freeze
 from upmig.errors import UpmigError
+from upmig.syscalls import nr
 
-SYS_mmap, SYS_munmap = 9, 11
 PROT_RW = 0x3
 MAP_PRIVATE_ANON = 0x22
 ALL_SIGNALS = (1 << 64) - 1
@@ -75,13 +75,13 @@ def session(pid: int, regs: bytes, gadget: int, mem_fd: int) -> Iterator[Session
     inj = nat.Injector(pid, regs, gadget)
     scratch = 0
     try:
-        scratch = inj.call(SYS_mmap, 0, SCRATCH, PROT_RW, MAP_PRIVATE_ANON, -1, 0,
+        scratch = inj.call(nr.mmap, 0, SCRATCH, PROT_RW, MAP_PRIVATE_ANON, -1, 0,
                            what="mmap(scratch)")
         yield Session(inj, scratch, mem_fd)
     finally:
         try:
             if scratch:
-                inj.raw(SYS_munmap, scratch, SCRATCH)
+                inj.raw(nr.munmap, scratch, SCRATCH)
         finally:
             nat.set_regs(pid, regs)
             nat.set_sigmask(pid, mask)

@@ -14,6 +14,7 @@ from upmig import _native as nat
 from upmig import _proc
 from upmig.errors import CantMigrate
 from upmig.records import MM, Vma
+from upmig.syscalls import nr
 
 # PAGEMAP_SCAN: pages that are present or swapped, neither file pages nor the zero page.
 # For a private mapping that is exactly what differs from its backing.
@@ -23,7 +24,7 @@ VDSO_ROLES = ("vvar", "vvar_vclock", "vdso")
 SEEK_DATA, SEEK_HOLE = 3, 4
 
 
-def _role(m: _proc.MapsLine) -> str:
+def role_of(m: _proc.MapsLine) -> str:
     path = m.path
     if path in ("[heap]", "[stack]"):
         return path[1:-1]
@@ -32,7 +33,7 @@ def _role(m: _proc.MapsLine) -> str:
     shared = m.perms[3] == "s"
     if path == "/dev/zero (deleted)" and shared:
         return "shmem"
-    if path == "" or path.startswith("[anon:"):
+    if path == "" or path.startswith(("[anon:", "[anon_shmem:")):
         return "shmem" if shared else "anon"
     return "file"
 
@@ -41,7 +42,8 @@ def _refusal(m: _proc.MapsLine, role: str) -> str | None:
     path = m.path
     if path.startswith("/SYSV"):
         return f"maps SysV shared memory ({path}); SysV shm is not supported yet"
-    if path.startswith("[") and role not in ("heap", "stack", "vdso", "vvar", "vvar_vclock"):
+    if path.startswith("[") and role not in ("heap", "stack", "vdso", "vvar", "vvar_vclock",
+                                             "anon", "shmem"):
         return f"has the mapping {path}, which upmig cannot move"
     if role == "file":
         if path.endswith(" (deleted)"):
@@ -61,12 +63,13 @@ def list_vmas(pid: int) -> list[Vma]:
     for m in maps:
         if m.path == "[vsyscall]":
             continue  # a fixed kernel page, the same on every machine
-        role = _role(m)
+        role = role_of(m)
         why = _refusal(m, role)
         if why:
             raise CantMigrate(why, pid=pid)
         vmas.append(Vma(start=m.start, end=m.end, perms=m.perms, offset=m.offset,
-                        path=m.path if role == "file" else "", role=role,
+                        path=m.path if role == "file" or m.path.startswith("[anon") else "",
+                        role=role,
                         vmflags=vmflags.get(m.start, [])))
     _refuse_shared_anon(pid, smaps, vmas)
     return vmas
@@ -163,10 +166,10 @@ class VdsoBlock:
 
 # ---- restore
 
-SYS_mmap, SYS_mprotect, SYS_munmap, SYS_mremap, SYS_madvise = 9, 10, 11, 25, 28
-SYS_openat, SYS_close, SYS_prctl = 257, 3, 157
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_GROWSDOWN = 1, 2, 0x10, 0x20, 0x100
+MAP_FIXED_NOREPLACE = 0x100000
+PR_SET_VMA, PR_SET_VMA_ANON_NAME = 0x53564D41, 0
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 O_RDONLY, O_RDWR, O_CLOEXEC = 0, 2, 0o2000000
 PR_SET_MM, PR_SET_MM_MAP = 35, 14
@@ -178,9 +181,10 @@ def prot_of(perms: str) -> int:
             | (PROT_EXEC if perms[2] == "x" else 0))
 
 
-def move_vdso(s, here: VdsoBlock, there: VdsoBlock) -> None:
+def move_vdso(s, here: VdsoBlock, there: VdsoBlock, taken: list) -> None:
     """Move this process's vdso block to where the image had it, all parts together
-    and at their relative offsets (the vdso finds its data pages by offset)."""
+    and at their relative offsets (the vdso finds its data pages by offset). taken:
+    what a temporary spot must avoid (objects with start and end)."""
     if here.sizes() != there.sizes():
         from upmig.errors import Mismatch
 
@@ -192,7 +196,9 @@ def move_vdso(s, here: VdsoBlock, there: VdsoBlock) -> None:
     if lo_here == lo_there:
         return
     if abs(lo_here - lo_there) < span:  # overlapping: go through a free spot first
-        tmp = s.call(SYS_mmap, 0, span, 0, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0, what="mmap")
+        tmp = free_gap(taken, span)
+        s.call(nr.mmap, tmp, span, 0, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0,
+               what="mmap(vdso on the way)")
         _mremap_block(s, here, lo_here, tmp)
         here = VdsoBlock({k: (a - lo_here + tmp, b - lo_here + tmp)
                           for k, (a, b) in here.parts.items()})
@@ -204,12 +210,12 @@ def _mremap_block(s, block: VdsoBlock, lo: int, new_lo: int) -> None:
     for role in VDSO_ROLES:
         if role in block.parts:
             a, b = block.parts[role]
-            s.call(SYS_mremap, a, b - a, b - a, MREMAP_MAYMOVE | MREMAP_FIXED, new_lo + a - lo,
+            s.call(nr.mremap, a, b - a, b - a, MREMAP_MAYMOVE | MREMAP_FIXED, new_lo + a - lo,
                    what=f"mremap([{role}])")
 
 
-def free_gap(vmas: list[Vma], size: int, start: int = 1 << 33) -> int:
-    """An address where size bytes overlap none of vmas."""
+def free_gap(vmas: list, size: int, start: int = 1 << 33) -> int:
+    """An address where size bytes overlap none of vmas (anything with start, end)."""
     at = start
     for v in sorted(vmas, key=lambda v: v.start):
         if v.end <= at:
@@ -231,13 +237,13 @@ class FileOpener:
         key = (path, mode)
         if key not in self.fds:
             self.s.write(self.s.scratch, os.fsencode(path) + b"\0")
-            self.fds[key] = self.s.call(SYS_openat, -100, self.s.scratch, mode | O_CLOEXEC, 0,
+            self.fds[key] = self.s.call(nr.openat, -100, self.s.scratch, mode | O_CLOEXEC, 0,
                                         what=f"open({path})")
         return self.fds[key]
 
     def close(self) -> None:
         for fd in self.fds.values():
-            self.s.raw(SYS_close, fd)
+            self.s.raw(nr.close, fd)
         self.fds.clear()
 
 
@@ -261,8 +267,13 @@ def map_vmas(s, vmas: list[Vma]) -> None:
                 fd, off = files.fd(v.path, mode), v.offset
             else:
                 flags |= MAP_ANONYMOUS
-            s.call(SYS_mmap, v.start, v.end - v.start, prot, flags, fd, off,
+            s.call(nr.mmap, v.start, v.end - v.start, prot, flags, fd, off,
                    what=f"mmap({v.start:#x}, {v.path or v.role})")
+            if v.path.startswith("[anon"):  # a name given with PR_SET_VMA_ANON_NAME
+                name = v.path[v.path.index(":") + 1:-1]
+                s.write(s.scratch, os.fsencode(name) + b"\0")
+                s.call(nr.prctl, PR_SET_VMA, PR_SET_VMA_ANON_NAME, v.start, v.end - v.start,
+                       s.scratch, what="prctl(PR_SET_VMA_ANON_NAME)")
     finally:
         files.close()
 
@@ -273,26 +284,28 @@ def finish_vmas(s, vmas: list[Vma]) -> None:
         if v.role in VDSO_ROLES:
             continue
         if v.data_bytes and prot_of(v.perms) != prot_of(v.perms) | PROT_READ | PROT_WRITE:
-            s.call(SYS_mprotect, v.start, v.end - v.start, prot_of(v.perms), what="mprotect")
+            s.call(nr.mprotect, v.start, v.end - v.start, prot_of(v.perms), what="mprotect")
         for flag in v.vmflags:
             if flag in MADVISE:
-                s.call(SYS_madvise, v.start, v.end - v.start, MADVISE[flag], what="madvise")
+                s.call(nr.madvise, v.start, v.end - v.start, MADVISE[flag], what="madvise")
+        if "lo" in v.vmflags:
+            s.call(nr.mlock, v.start, v.end - v.start, what="mlock")
 
 
 def restore_mm(s, mm: MM, exe: str) -> None:
     """PR_SET_MM_MAP: code/data/brk/stack/arg/env boundaries, auxv, and /proc/PID/exe."""
     import struct
 
-    auxv_at = s.scratch + 1024
+    auxv_at, map_at = s.scratch + 8192, s.scratch + 4096  # the path takes up to 4 KiB
     s.write(auxv_at, mm.auxv)
     s.write(s.scratch, os.fsencode(exe) + b"\0")
-    exe_fd = s.call(SYS_openat, -100, s.scratch, O_RDONLY | O_CLOEXEC, 0, what=f"open({exe})")
+    exe_fd = s.call(nr.openat, -100, s.scratch, O_RDONLY | O_CLOEXEC, 0, what=f"open({exe})")
     try:
         packed = struct.pack("<11QQII", mm.start_code, mm.end_code, mm.start_data, mm.end_data,
                              mm.start_brk, mm.brk, mm.start_stack, mm.arg_start, mm.arg_end,
                              mm.env_start, mm.env_end, auxv_at, len(mm.auxv), exe_fd)
-        s.write(s.scratch + 512, packed)
-        s.call(SYS_prctl, PR_SET_MM, PR_SET_MM_MAP, s.scratch + 512, len(packed), 0,
+        s.write(map_at, packed)
+        s.call(nr.prctl, PR_SET_MM, PR_SET_MM_MAP, map_at, len(packed), 0,
                what="prctl(PR_SET_MM_MAP)")
     finally:
-        s.raw(SYS_close, exe_fd)
+        s.raw(nr.close, exe_fd)

@@ -15,7 +15,6 @@ from upmig.syscalls import nr
 
 ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 514, 516
 RESTART_CODES = {-ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND, -ERESTART_RESTARTBLOCK}
-SYS_restart_syscall = 219
 EINTR = 4
 
 
@@ -70,7 +69,7 @@ def for_restore(raw: bytes) -> bytes:
     r = decode(raw)
     orig, rax = signed(r.orig_rax), signed(r.rax)
     if orig >= 0 and rax in RESTART_CODES:
-        if orig == SYS_restart_syscall:
+        if orig == nr.restart_syscall:
             r.rax = -EINTR & 0xFFFFFFFFFFFFFFFF
         else:
             r.rax = orig

@@ -20,10 +20,10 @@ from upmig import _proc, fileid, files, image, inject, memmap, regs, signals, ta
 from upmig.errors import Mismatch, RestoreError, UpmigError, describe_oserror
 from upmig.inject import SCRATCH, Session
 from upmig.records import MM, Fd, Header, MappedFile, Signals, Task, Thread, Vma
+from upmig.syscalls import nr
 
 STUB = Path(__file__).resolve().parent / "upmig-stub"
 PID_WAIT_SECONDS = 5.0  # how long to wait for a dead process's PID to be reaped
-SYS_munmap, SYS_mmap = 11, 9
 MAP_FIXED_PRIVATE_ANON = 0x10 | 0x02 | 0x20
 
 
@@ -116,7 +116,7 @@ def _spawn_stub(want: int, say: Notice) -> int:
             pid = nat.spawn(str(STUB), set_tid, traceme=True)
             break
         except OSError as e:
-            if e.errno == errno.EEXIST and time.monotonic() < deadline:
+            if e.errno == errno.EEXIST and time.monotonic() < deadline and _dying(want):
                 if not waited:
                     say(f"pid {want} is still taken; waiting up to {PID_WAIT_SECONDS:.0f}s "
                         "for it to be released")
@@ -135,6 +135,16 @@ def _spawn_stub(want: int, say: Notice) -> int:
         raise RestoreError(f"the stub {STUB} did not start (status {status:#x})")
     nat.ptrace(nat.PTRACE_SETOPTIONS, pid, 0, nat.PTRACE_O_EXITKILL | nat.PTRACE_O_TRACESYSGOOD)
     return pid
+
+
+def _dying(pid: int) -> bool:
+    """True if pid is held by a process that has exited (a zombie to be reaped soon)
+    or by nothing we can see (a PID just being released)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in "ZX"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
 
 
 def _kill(pid: int) -> None:
@@ -161,7 +171,7 @@ def _rebuild(pid: int, img: image.Image) -> None:
         with inject.pinned_with(pid, cpu):
             _clear_stub(pid, inj, mem_fd, vmas)
             scratch = memmap.free_gap(vmas, SCRATCH)
-            inj.call(SYS_mmap, scratch, SCRATCH, 3, MAP_FIXED_PRIVATE_ANON, -1, 0,
+            inj.call(nr.mmap, scratch, SCRATCH, 3, MAP_FIXED_PRIVATE_ANON, -1, 0,
                      what="mmap(scratch)")
             inj.set_stack(scratch + SCRATCH - 64)
             s = Session(inj, scratch, mem_fd)
@@ -171,7 +181,7 @@ def _rebuild(pid: int, img: image.Image) -> None:
             memmap.finish_vmas(s, vmas)
             memmap.restore_mm(s, img.one(MM), img.one(Task).exe)
             _stage_task(s, pid, img, mem_fd)
-            inj.call(SYS_munmap, scratch, SCRATCH, what="munmap(scratch)")
+            inj.call(nr.munmap, scratch, SCRATCH, what="munmap(scratch)")
             _stage_registers(pid, img.one(Thread), img.one(Signals).blocked)
         task.restore_affinity(pid, img.one(Task))
     finally:
@@ -205,18 +215,18 @@ def _clear_stub(pid: int, inj: nat.Injector, mem_fd: int, vmas: list[Vma]) -> No
     hi = max(b for _, b in there.parts.values())
     for m in stub_maps:
         if m.path == "[stack]":
-            inj.call(SYS_munmap, m.start, m.end - m.start, what="munmap(stub stack)")
+            inj.call(nr.munmap, m.start, m.end - m.start, what="munmap(stub stack)")
         elif m.start < hi and lo < m.end:
             raise RestoreError(f"the image's vdso at {lo:#x} overlaps the stub loader; "
                                "relink the stub elsewhere (Makefile STUB_BASE)")
-    memmap.move_vdso(Session(inj, 0, mem_fd), here, there)
+    memmap.move_vdso(Session(inj, 0, mem_fd), here, there, [*vmas, *mine])
     start, end = there.parts["vdso"]
     from upmig.inject import find_syscall_insn
 
     inj.move_to(find_syscall_insn(mem_fd, start, end))
     for m in stub_maps:
         if m.path != "[stack]":
-            inj.call(SYS_munmap, m.start, m.end - m.start, what="munmap(stub)")
+            inj.call(nr.munmap, m.start, m.end - m.start, what="munmap(stub)")
 
 
 def _fill_memory(pid: int, img: image.Image) -> None:

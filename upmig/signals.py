@@ -10,9 +10,8 @@ import struct
 from upmig import _native as nat
 from upmig.inject import Session
 from upmig.records import Signals
+from upmig.syscalls import nr
 
-SYS_rt_sigaction, SYS_getitimer, SYS_setitimer = 13, 36, 38
-SYS_rt_sigqueueinfo, SYS_sigaltstack, SYS_rt_tgsigqueueinfo = 129, 131, 297
 SIGKILL, SIGSTOP, NSIG = 9, 19, 64
 KSIGACTION = struct.Struct("<QQQQ")   # handler, flags, restorer, mask
 STACK_T = struct.Struct("<QiiQ")      # ss_sp, ss_flags, pad, ss_size
@@ -25,16 +24,16 @@ def capture(s: Session, tid: int, blocked: int) -> Signals:
     """blocked: the thread's mask as it was before injection blocked everything."""
     buf = s.scratch
     for sig in range(1, NSIG + 1):
-        s.call(SYS_rt_sigaction, sig, 0, buf + (sig - 1) * KSIGACTION.size, 8,
+        s.call(nr.rt_sigaction, sig, 0, buf + (sig - 1) * KSIGACTION.size, 8,
                what=f"rt_sigaction({sig})")
     raw = s.read(buf, NSIG * KSIGACTION.size)
     actions = [[sig, *KSIGACTION.unpack_from(raw, (sig - 1) * KSIGACTION.size)]
                for sig in range(1, NSIG + 1)]
-    s.call(SYS_sigaltstack, 0, buf, what="sigaltstack")
+    s.call(nr.sigaltstack, 0, buf, what="sigaltstack")
     sp, flags, _, size = STACK_T.unpack(s.read(buf, STACK_T.size))
     itimers = []
     for which in ITIMERS:
-        s.call(SYS_getitimer, which, buf, what="getitimer")
+        s.call(nr.getitimer, which, buf, what="getitimer")
         itimers.append([which, *ITIMERVAL.unpack(s.read(buf, ITIMERVAL.size))])
     # Pending signals last: an itimer that fires meanwhile is then seen as pending.
     return Signals(actions=actions, blocked=blocked,
@@ -50,23 +49,23 @@ def restore(s: Session, pid: int, rec: Signals) -> None:
         if sig in (SIGKILL, SIGSTOP):
             continue
         s.write(buf, KSIGACTION.pack(handler, flags, restorer, mask))
-        s.call(SYS_rt_sigaction, sig, buf, 0, 8, what=f"rt_sigaction({sig})")
+        s.call(nr.rt_sigaction, sig, buf, 0, 8, what=f"rt_sigaction({sig})")
     sp, flags, size = rec.altstack
     if not flags & SS_DISABLE:
         s.write(buf, STACK_T.pack(sp, flags, 0, size))
-        s.call(SYS_sigaltstack, buf, 0, what="sigaltstack")
+        s.call(nr.sigaltstack, buf, 0, what="sigaltstack")
     for which, *val in rec.itimers:
         if any(val):
             s.write(buf, ITIMERVAL.pack(*val))
-            s.call(SYS_setitimer, which, buf, 0, what="setitimer")
+            s.call(nr.setitimer, which, buf, 0, what="setitimer")
     # Re-queue pending signals as the process sending to itself, which may use any
     # si_code; all signals are blocked during injection, so none is delivered yet.
     for info in rec.pending_shared:
         s.write(buf, info)
-        s.call(SYS_rt_sigqueueinfo, pid, _signo(info), buf, what="rt_sigqueueinfo")
+        s.call(nr.rt_sigqueueinfo, pid, _signo(info), buf, what="rt_sigqueueinfo")
     for info in rec.pending_private:
         s.write(buf, info)
-        s.call(SYS_rt_tgsigqueueinfo, pid, pid, _signo(info), buf, what="rt_tgsigqueueinfo")
+        s.call(nr.rt_tgsigqueueinfo, pid, pid, _signo(info), buf, what="rt_tgsigqueueinfo")
 
 
 def _signo(info: bytes) -> int:
