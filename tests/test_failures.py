@@ -136,3 +136,25 @@ def test_file_lock_is_refused_and_process_runs_on(run_victim):
     assert f"pid {r.pid} holds a file lock" in res.stderr and res.stderr.count("\n") == 1
     assert not (r.cwd / "x.upmig").exists()
     assert is_running_untraced(r.pid)
+
+
+def test_upmig_terminated_mid_dump_leaves_process_running(run_victim, tmp_path):
+    """SIGTERM to upmig at any moment of a dump: it cleans up (no partial image) and
+    the process runs on correctly, whether or not the dump got to finish."""
+    r = run_victim("memory")
+    r.wait_output("READY\n")
+    for i, delay in enumerate([0.02, 0.06, 0.1, 0.14, 0.2, 0.3]):
+        img = tmp_path / f"t{i}.upmig"
+        p = subprocess.Popen([*UPMIG, "dump", str(r.pid), "-o", str(img), "--leave-running"],
+                             cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=30)
+        assert p.returncode in (0, 130, -signal.SIGTERM), err
+        assert "Traceback" not in err
+        assert not list(tmp_path.glob(f".t{i}.upmig.partial-*"))
+        if p.returncode != 0:
+            assert not img.exists()
+        time.sleep(0.05)
+        assert is_running_untraced(r.pid)
+    assert r.finish() == 0 and r.output() == "READY\nPASS\n"

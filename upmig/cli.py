@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from upmig import __version__
@@ -131,8 +132,20 @@ def _inspect(a: argparse.Namespace) -> int:
     return 0
 
 
+class Interrupted(UpmigError):
+    exit_code = 130
+
+
+def _interrupted(signum, _frame):
+    # An exception, not death: the cleanup on the way out (release the frozen
+    # process, remove the partial image, kill a half-built one) must run.
+    raise Interrupted(f"interrupted by signal {signum}; nothing was left behind")
+
+
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupted)
     run = {"dump": _dump, "resume": _resume, "inspect": _inspect}[a.command]
     try:
         return run(a)
