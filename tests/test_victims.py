@@ -332,3 +332,25 @@ def test_named_and_locked_memory(run_victim):
     assert vmflags_of(r.pid) == before
     os.kill(r.pid, signal.SIGUSR1)
     assert r.finish(sig=0) == 0 and r.output() == "READY\nPASS\n"
+
+
+def test_blocked_in_read_on_a_terminal(run_victim):
+    """stdin is a terminal: dumped while reading it, resumed on another terminal."""
+    import pty
+
+    master, slave = pty.openpty()
+    r = run_victim("readblock", stdin=slave)
+    os.close(slave)
+    r.wait_output("READY\n")
+    time.sleep(0.2)
+    img = r.dump()
+    master2, slave2 = pty.openpty()
+    r.resume(img, stdin=slave2)
+    os.close(slave2)
+    time.sleep(0.2)
+    os.write(master2, b"hello upmig\n")
+    r.wait_output("GOT hello upmig\n")
+    assert r.finish() == 0, r.output()
+    assert r.output() == "READY\nGOT hello upmig\nPASS\n"
+    os.close(master)
+    os.close(master2)
