@@ -135,14 +135,14 @@ class Injector:
 
     def __init__(self, pid: int, base_regs: bytes, gadget: int):
         self.pid = pid
+        self.gadget = gadget
         self.regs = ffi.new("uint64_t[]", NREGS)
         ffi.memmove(self.regs, base_regs, len(base_regs))
-        self.regs[16] = gadget
         self.args = ffi.new("uint64_t[6]")
         self.ret = ffi.new("int64_t *")
 
     def move_to(self, gadget: int) -> None:
-        self.regs[16] = gadget
+        self.gadget = gadget
 
     def set_stack(self, rsp: int) -> None:
         self.regs[19] = rsp
@@ -151,10 +151,11 @@ class Injector:
         """The syscall's return value, -errno included; raises only if injection failed."""
         for i in range(6):
             self.args[i] = (args[i] if i < len(args) else 0) & 0xFFFFFFFFFFFFFFFF
-        gadget = self.regs[16]
-        rc = lib.up_inject(self.pid, self.regs, nr, self.args, self.ret)
-        self.regs[16] = gadget
-        check(rc, f"injecting syscall {nr}", self.pid)
+        # Every call starts at the gadget: the registers the last one left behind
+        # point past it, and an exception may have come between two calls.
+        self.regs[16] = self.gadget
+        check(lib.up_inject(self.pid, self.regs, nr, self.args, self.ret),
+              f"injecting syscall {nr}", self.pid)
         return int(self.ret[0])
 
     def call(self, nr: int, *args: int, what: str = "") -> int:

@@ -21,6 +21,16 @@ EXIT_STATUSES = """exit status:
 """
 
 
+class Interrupted(UpmigError):
+    exit_code = 130
+
+
+def _interrupted(signum, _frame):
+    # An exception, not death: the cleanup on the way out (release the frozen
+    # process, remove the partial image, kill a half-built one) must run.
+    raise Interrupted(f"interrupted by signal {signum}; nothing was left behind")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="upmig", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -77,8 +87,10 @@ class _Progress:
         self.on = sys.stderr.isatty()
         self.what = what
         self.total = 0
+        self.step = ""
 
     def __call__(self, step: str, nbytes: int) -> None:
+        self.step = step
         if not self.on:
             return
         self.total += nbytes
@@ -97,11 +109,15 @@ def _dump(a: argparse.Namespace) -> int:
 
     leave = "run" if a.leave_running else "stop" if a.leave_stopped else "kill"
     progress = _Progress(f"dumping pid {a.pid}")
+    after = {"kill": "killed", "run": "left running", "stop": "left stopped"}[leave]
     try:
         res = dump(a.pid, a.output, leave=leave, progress=progress)
+    except Interrupted as e:
+        if progress.step == "committed":  # too late to undo: say what was done
+            e.why = f"interrupted after the image {a.output} was written; process {after}"
+        raise
     finally:
         progress.done()
-    after = {"kill": "killed", "run": "left running", "stop": "left stopped"}[leave]
     if a.json:
         print(json.dumps({**res.__dict__, "process": after}))
     else:
@@ -130,16 +146,6 @@ def _inspect(a: argparse.Namespace) -> int:
     s = summary(a.image)
     print(json.dumps(s) if a.json else render(s))
     return 0
-
-
-class Interrupted(UpmigError):
-    exit_code = 130
-
-
-def _interrupted(signum, _frame):
-    # An exception, not death: the cleanup on the way out (release the frozen
-    # process, remove the partial image, kill a half-built one) must run.
-    raise Interrupted(f"interrupted by signal {signum}; nothing was left behind")
 
 
 def main(argv: list[str] | None = None) -> int:

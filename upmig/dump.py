@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from upmig.records import Header, MappedFile
 from upmig.syscalls import nr
 
 LEAVE = ("kill", "run", "stop")
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
 
 
 @dataclass
@@ -60,6 +62,7 @@ def dump(pid: int, image_path: str, *, leave: str = "kill",
     preflight(pid)
     known = _identify_mapped(pid)  # hashing data files is slow: do it before freezing
     tmp = _temp_path(image_path)
+    deferred = None
     try:
         # Read-write: the page copy maps the image to write into it directly.
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -76,16 +79,25 @@ def dump(pid: int, image_path: str, *, leave: str = "kill",
                 if leave == "kill":  # the image is all that will be left of it
                     note("verifying", 0)
                     _verify(tmp, pid)
-                os.rename(tmp, image_path)
             except OSError as e:
                 raise _explain(pid, e) from None
+            # The commit: from the rename to the kill, a signal to upmig must not
+            # leave an image and a live process both, nor neither.
+            deferred = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            os.rename(tmp, image_path)
             fz.on_release = leave
+            note("committed", 0)
             frozen = time.perf_counter() - frozen_at
     except BaseException:
         if fd >= 0:
             os.close(fd)
         _unlink(tmp)
         raise
+    finally:
+        if deferred is not None:  # committed: what came meanwhile is too late to stop it
+            while signal.sigtimedwait(STOP_SIGNALS, 0) is not None:
+                pass
+            signal.pthread_sigmask(signal.SIG_SETMASK, deferred)
     return DumpResult(pid, image_path, size, data, nvma, nfd, frozen,
                       time.perf_counter() - began)
 
@@ -135,8 +147,10 @@ def _identify_mapped(pid: int) -> dict[str, MappedFile]:
 
 
 def _verify(path: str, pid: int) -> None:
+    """Read back what was written: every frame and record in place, the trailer
+    right. (The checksums were computed from these very bytes as they went out.)"""
     try:
-        image.load(path).close()
+        image.load(path, checksums=False).close()
     except ImageError as e:
         raise UpmigError(f"the image just written does not verify ({e.why}); the process "
                          "was left running", pid=pid) from None

@@ -131,8 +131,10 @@ class Image:
             self.data = None
 
 
-def load(path: str) -> Image:
-    """Open, verify every checksum, then parse. Raises an ImageError subclass."""
+def load(path: str, *, checksums: bool = True) -> Image:
+    """Open, verify every checksum, then parse. Raises an ImageError subclass.
+    checksums=False checks only the structure and the records (for an image this
+    process has just written and hashed itself)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
@@ -147,13 +149,13 @@ def load(path: str) -> Image:
     finally:
         os.close(fd)
     try:
-        return _parse(path, data)
+        return _parse(path, data, checksums)
     except BaseException:
         data.close()
         raise
 
 
-def _parse(path: str, data: mmap.mmap) -> Image:
+def _parse(path: str, data: mmap.mmap, checksums: bool) -> Image:
     magic, version, _ = HEADER.unpack_from(data, 0)
     if magic != MAGIC:
         raise Corrupt("not an upmig image (bad magic)", what=path)
@@ -162,10 +164,11 @@ def _parse(path: str, data: mmap.mmap) -> Image:
                             f"({VERSION}); upgrade upmig", what=path)
     if version != VERSION:
         raise Corrupt(f"unknown image format version {version}", what=path)
-    seed = _native.xxh64(data[:HEADER.size])
-    rc, off, _ = _native.verify_frames(data, HEADER.size, seed, MAX_PAYLOAD)
-    if rc < 0:
-        _verify_failed(path, rc, off, len(data))
+    if checksums:
+        seed = _native.xxh64(data[:HEADER.size])
+        rc, off, _ = _native.verify_frames(data, HEADER.size, seed, MAX_PAYLOAD)
+        if rc < 0:
+            _verify_failed(path, rc, off, len(data))
     return _records(path, data)
 
 
@@ -185,8 +188,14 @@ def _records(path: str, data: mmap.mmap) -> Image:
     off = HEADER.size
     want = 0  # data bytes still owed to the last pages record
     while True:
+        if off + FRAME_HEAD.size > len(data):
+            raise Truncated(f"image is truncated at byte {len(data)}", what=path)
         ftype, length = FRAME_HEAD.unpack_from(data, off)
         body = off + FRAME_HEAD.size
+        if ftype not in (RECORD, DATA, TRAILER) or length > MAX_PAYLOAD:
+            raise Corrupt(f"image is corrupt: bad frame at byte {off}", what=path)
+        if body + length + FRAME_TAIL.size > len(data):
+            raise Truncated(f"image is truncated at byte {len(data)}", what=path)
         if ftype == DATA:
             if not pages or length > want:
                 raise Corrupt(f"unexpected page data at byte {off}", what=path)
@@ -199,6 +208,8 @@ def _records(path: str, data: mmap.mmap) -> Image:
             if ftype == TRAILER:
                 if not isinstance(rec, Trailer) or rec.records != len(records) + 1:
                     raise Corrupt("trailer does not match the records", what=path)
+                if body + length + FRAME_TAIL.size != len(data):
+                    raise Corrupt("image has bytes after its trailer", what=path)
                 return Image(path, len(data), records, pages, data)
             records.append(rec)
             if isinstance(rec, Pages):
