@@ -160,6 +160,12 @@ class VdsoBlock:
     def of(cls, vmas: list[Vma]) -> VdsoBlock:
         return cls({v.role: (v.start, v.end) for v in vmas if v.role in VDSO_ROLES})
 
+    @classmethod
+    def of_pid(cls, pid: int) -> VdsoBlock:
+        maps = _proc.parse_maps(_proc.read_text(pid, "maps"))
+        return cls({m.path[1:-1]: (m.start, m.end) for m in maps
+                    if m.path[1:-1] in VDSO_ROLES and m.path[0] == "["})
+
     def sizes(self) -> dict[str, int]:
         return {k: e - s for k, (s, e) in self.parts.items()}
 

@@ -95,9 +95,7 @@ def _check_machine(img: image.Image, head: Header) -> None:
         raise Mismatch(f"image has {head.page_size}-byte pages, this machine {nat.PAGE}")
     for rec in img.of(MappedFile):
         fileid.check(rec)
-    mine = memmap.VdsoBlock({m.path[1:-1]: (m.start, m.end)
-                             for m in _proc.parse_maps(_proc.read_text(os.getpid(), "maps"))
-                             if m.path in ("[vdso]", "[vvar]", "[vvar_vclock]")})
+    mine = memmap.VdsoBlock.of_pid(os.getpid())
     theirs = memmap.VdsoBlock.of(img.of(Vma))
     if mine.sizes() != theirs.sizes():
         raise Mismatch(f"the vdso here ({mine.sizes()}) differs from the image's "
@@ -207,8 +205,7 @@ def _clear_stub(pid: int, inj: nat.Injector, mem_fd: int, vmas: list[Vma]) -> No
     """Empty the stub's address space but for its vdso block, moved to the image's
     place, and switch injection to a syscall instruction in that vdso."""
     mine = _proc.parse_maps(_proc.read_text(pid, "maps"))
-    here = memmap.VdsoBlock({m.path[1:-1]: (m.start, m.end) for m in mine
-                             if m.path in ("[vdso]", "[vvar]", "[vvar_vclock]")})
+    here = memmap.VdsoBlock.of_pid(pid)
     there = memmap.VdsoBlock.of(vmas)
     stub_maps = [m for m in mine if not m.path.startswith("[v")]
     lo = min(a for a, _ in there.parts.values())
@@ -221,9 +218,7 @@ def _clear_stub(pid: int, inj: nat.Injector, mem_fd: int, vmas: list[Vma]) -> No
                                "relink the stub elsewhere (Makefile STUB_BASE)")
     memmap.move_vdso(Session(inj, 0, mem_fd), here, there, [*vmas, *mine])
     start, end = there.parts["vdso"]
-    from upmig.inject import find_syscall_insn
-
-    inj.move_to(find_syscall_insn(mem_fd, start, end))
+    inj.move_to(inject.find_syscall_insn(mem_fd, start, end))
     for m in stub_maps:
         if m.path != "[stack]":
             inj.call(nr.munmap, m.start, m.end - m.start, what="munmap(stub)")
