@@ -161,3 +161,18 @@ def test_upmig_terminated_mid_dump_leaves_process_running(run_victim, tmp_path):
         time.sleep(0.05)
         assert is_running_untraced(r.pid)
     assert r.finish() == 0 and r.output() == "READY\nPASS\n"
+
+
+@pytest.mark.parametrize("setup,words", [
+    ("import os; os.mkdir('gone'); os.chdir('gone'); os.rmdir('../gone')",
+     "works in the deleted directory"),
+    ("f = open('/proc/self/status')", "holds the kernel file /proc/"),
+])
+def test_state_that_cannot_be_recreated_is_refused(run_victim, setup, words):
+    r = run_victim([sys.executable, "-c", f"{setup}\nimport time\n"
+                    "print('READY', flush=True); time.sleep(60)"])
+    r.wait_output("READY\n")
+    res = run_upmig("dump", str(r.pid), "-o", str(r.cwd / "x.upmig"), check=False)
+    assert res.returncode == 5, res.stderr
+    assert words in res.stderr and res.stderr.count("\n") == 1
+    assert is_running_untraced(r.pid)

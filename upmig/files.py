@@ -26,6 +26,17 @@ ANON_KINDS = {  # what anon_inode fds are, for the refusal
 }
 
 
+def _kernel_fs_devices() -> set[int]:
+    """Devices of /proc and /sys: their files describe this machine and this pid."""
+    out = set()
+    for path in ("/proc", "/sys"):
+        try:
+            out.add(os.stat(path).st_dev)
+        except OSError:
+            pass
+    return out
+
+
 def _is_tty(st: os.stat_result) -> bool:
     major = os.major(st.st_rdev)
     return stat.S_ISCHR(st.st_mode) and (major in (4, 5) or 136 <= major <= 143)
@@ -51,6 +62,9 @@ def _classify(pid: int, fd: int, target: str, st: os.stat_result | None) -> tupl
                           "are not supported yet", pid=pid)
     if st is None or not target.startswith("/"):
         raise CantMigrate(f"holds {target} on fd {fd}, which upmig cannot move", pid=pid)
+    if st.st_dev in _kernel_fs_devices():
+        raise CantMigrate(f"holds the kernel file {target} on fd {fd}; /proc and /sys "
+                          "files cannot be reopened elsewhere", pid=pid)
     if stat.S_ISREG(st.st_mode):
         return "file", ""
     if stat.S_ISDIR(st.st_mode):

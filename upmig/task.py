@@ -26,6 +26,10 @@ def capture(s: Session, pid: int) -> Task:
     root = _proc.readlink(pid, "root")
     if root != "/":
         raise CantMigrate(f"runs chrooted in {root}; chroot is not supported yet", pid=pid)
+    cwd = _proc.readlink(pid, "cwd")
+    if cwd.endswith(" (deleted)"):
+        raise CantMigrate(f"works in the deleted directory {cwd[:-10]}, which cannot be "
+                          "recreated", pid=pid)
     s.call(nr.prctl, PR_GET_TID_ADDRESS, s.scratch, what="prctl(PR_GET_TID_ADDRESS)")
     clear_child_tid, = struct.unpack("<Q", s.read(s.scratch, 8))
     dumpable = s.call(nr.prctl, PR_GET_DUMPABLE, what="prctl(PR_GET_DUMPABLE)")
@@ -35,7 +39,7 @@ def capture(s: Session, pid: int) -> Task:
         comm=_proc.read_text(pid, "comm").rstrip("\n"),
         cmdline=[a.decode("utf-8", "surrogateescape") for a in cmdline[:-1]],
         exe=_proc.readlink(pid, "exe"),
-        cwd=_proc.readlink(pid, "cwd"),
+        cwd=cwd,
         root=root,
         umask=int(status["Umask"], 8),
         personality=int(_proc.read_text(pid, "personality"), 16),
