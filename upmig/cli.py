@@ -27,7 +27,10 @@ class Interrupted(UpmigError):
 
 def _interrupted(signum, _frame):
     # An exception, not death: the cleanup on the way out (release the frozen
-    # process, remove the partial image, kill a half-built one) must run.
+    # process, remove the partial image, kill a half-built one) must run, and
+    # run once: more of these signals must not cut it short.
+    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
     raise Interrupted(f"interrupted by signal {signum}; nothing was left behind")
 
 
@@ -95,13 +98,18 @@ class _Progress:
             return
         self.total += nbytes
         mib = f" {self.total / 2**20:.0f} MiB" if self.total else ""
-        sys.stderr.write(f"\r\x1b[K{self.what}: {step}{mib}")
-        sys.stderr.flush()
+        self._write(f"\r\x1b[K{self.what}: {step}{mib}")
 
     def done(self) -> None:
         if self.on:
-            sys.stderr.write("\r\x1b[K")
+            self._write("\r\x1b[K")
+
+    def _write(self, text: str) -> None:
+        try:
+            sys.stderr.write(text)
             sys.stderr.flush()
+        except OSError:  # a hung-up terminal must not fail a dump that succeeded
+            self.on = False
 
 
 def _dump(a: argparse.Namespace) -> int:

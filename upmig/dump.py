@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 from upmig import (
     __version__,
     _proc,
+    critical,
     fileid,
     files,
     freeze,
@@ -33,7 +34,6 @@ from upmig.records import Header, MappedFile
 from upmig.syscalls import nr
 
 LEAVE = ("kill", "run", "stop")
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
 
 
 @dataclass
@@ -62,7 +62,7 @@ def dump(pid: int, image_path: str, *, leave: str = "kill",
     preflight(pid)
     known = _identify_mapped(pid)  # hashing data files is slow: do it before freezing
     tmp = _temp_path(image_path)
-    deferred = None
+    commit = ExitStack()
     try:
         # Read-write: the page copy maps the image to write into it directly.
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -74,16 +74,17 @@ def dump(pid: int, image_path: str, *, leave: str = "kill",
             try:
                 size, data, nvma, nfd = _capture_and_write(pid, fz, fd, note, known)
                 os.fsync(fd)
-                os.close(fd)
-                fd = -1
+                fd, closing = -1, fd
+                os.close(closing)
                 if leave == "kill":  # the image is all that will be left of it
                     note("verifying", 0)
                     _verify(tmp, pid)
             except OSError as e:
                 raise _explain(pid, e) from None
             # The commit: from the rename to the kill, a signal to upmig must not
-            # leave an image and a live process both, nor neither.
-            deferred = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            # leave an image and a live process both, nor neither; one that comes
+            # meanwhile is too late to stop it.
+            commit.enter_context(critical.deferred(drain=True))
             os.rename(tmp, image_path)
             fz.on_release = leave
             note("committed", 0)
@@ -94,10 +95,7 @@ def dump(pid: int, image_path: str, *, leave: str = "kill",
         _unlink(tmp)
         raise
     finally:
-        if deferred is not None:  # committed: what came meanwhile is too late to stop it
-            while signal.sigtimedwait(STOP_SIGNALS, 0) is not None:
-                pass
-            signal.pthread_sigmask(signal.SIG_SETMASK, deferred)
+        commit.close()
     return DumpResult(pid, image_path, size, data, nvma, nfd, frozen,
                       time.perf_counter() - began)
 
@@ -181,7 +179,7 @@ def _capture_and_write(pid: int, fz: freeze.Frozen, fd: int, note: Progress,
         vmas = memmap.list_vmas(pid)      # again: the scratch page is gone now
         fds = files.capture(pid)
         mapped = sorted({v.path for v in vmas if v.role == "file"} | {tsk.exe})
-        identities = [known.get(p) or fileid.identify(p) for p in mapped]
+        identities = [fileid.still(known.get(p)) or fileid.identify(p) for p in mapped]
         note("pages", 0)
         runs = memmap.page_runs(pid, vmas)
 

@@ -58,6 +58,17 @@ def identify(path: str) -> MappedFile:
                       content_hash=digest)
 
 
+def still(rec: MappedFile | None) -> MappedFile | None:
+    """rec if its file looks unchanged since it was identified (size, mtime), else None."""
+    if rec is None:
+        return None
+    try:
+        st = os.stat(rec.path)
+    except OSError:
+        return None
+    return rec if (st.st_size, st.st_mtime) == (rec.size, rec.mtime) else None
+
+
 def check(rec: MappedFile) -> None:
     """Raise Mismatch naming the file if the target's copy is not the one dumped."""
     try:

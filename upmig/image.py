@@ -213,10 +213,22 @@ def _records(path: str, data: mmap.mmap) -> Image:
                 return Image(path, len(data), records, pages, data)
             records.append(rec)
             if isinstance(rec, Pages):
-                runs = list(zip(rec.runs[0::2], rec.runs[1::2], strict=True))
+                runs = _runs(path, rec, off)
                 pages.append(PageData(runs, []))
                 want = rec.nbytes
         off = body + length + FRAME_TAIL.size
+
+
+def _runs(path: str, rec: Pages, off: int) -> list[tuple[int, int]]:
+    """The runs of a pages record, checked: page-aligned, ordered, summing to nbytes."""
+    flat = rec.runs
+    ok = isinstance(flat, list) and len(flat) % 2 == 0 and isinstance(rec.nbytes, int)
+    runs = list(zip(flat[0::2], flat[1::2], strict=True)) if ok else []
+    ok = ok and all(isinstance(a, int) and isinstance(b, int) and a < b
+                    and not (a | b) & 0xFFF for a, b in runs)
+    if not ok or sum(b - a for a, b in runs) != rec.nbytes:
+        raise Corrupt(f"malformed pages record at byte {off}", what=path)
+    return runs
 
 
 def _decode(path: str, payload: bytes, off: int) -> Any:

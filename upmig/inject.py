@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from upmig import _native as nat
-from upmig import _proc, freeze
+from upmig import _proc, critical, freeze
 from upmig.errors import UpmigError
 from upmig.syscalls import nr
 
@@ -70,19 +70,22 @@ def find_syscall_insn(mem_fd: int, start: int, end: int) -> int:
 
 @contextmanager
 def session(pid: int, regs: bytes, gadget: int, mem_fd: int) -> Iterator[Session]:
-    mask = nat.get_sigmask(pid)
-    nat.set_sigmask(pid, ALL_SIGNALS)
     inj = nat.Injector(pid, regs, gadget)
     scratch = 0
+    with critical.deferred():
+        mask = nat.get_sigmask(pid)
+        nat.set_sigmask(pid, ALL_SIGNALS)
     try:
-        scratch = inj.call(nr.mmap, 0, SCRATCH, PROT_RW, MAP_PRIVATE_ANON, -1, 0,
-                           what="mmap(scratch)")
+        with critical.deferred():
+            scratch = inj.call(nr.mmap, 0, SCRATCH, PROT_RW, MAP_PRIVATE_ANON, -1, 0,
+                               what="mmap(scratch)")
         yield Session(inj, scratch, mem_fd)
     finally:
-        try:
-            if scratch:
-                inj.raw(nr.munmap, scratch, SCRATCH)
-        finally:
-            nat.set_regs(pid, regs)
-            nat.set_sigmask(pid, mask)
-            freeze.restop(pid, pid)
+        with critical.deferred():  # never leave it half put back
+            try:
+                if scratch:
+                    inj.raw(nr.munmap, scratch, SCRATCH)
+            finally:
+                nat.set_regs(pid, regs)
+                nat.set_sigmask(pid, mask)
+                freeze.restop(pid, pid)

@@ -294,7 +294,7 @@ def finish_vmas(s, vmas: list[Vma]) -> None:
         for flag in v.vmflags:
             if flag in MADVISE:
                 s.call(nr.madvise, v.start, v.end - v.start, MADVISE[flag], what="madvise")
-        if "lo" in v.vmflags:
+        if "lo" in v.vmflags and prot_of(v.perms):  # (mlockall marks PROT_NONE areas too)
             s.call(nr.mlock, v.start, v.end - v.start, what="mlock")
 
 
