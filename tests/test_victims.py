@@ -158,8 +158,9 @@ def proc_view(pid: int) -> dict:
         "limits": open(f"/proc/{pid}/limits").read(),
         "personality": open(f"/proc/{pid}/personality").read(),
         "auxv": open(f"/proc/{pid}/auxv", "rb").read(),
-        "maps": [line.split()[0] + " " + line.split()[1] + " " + line.split(None, 5)[-1]
-                 for line in open(f"/proc/{pid}/maps").read().splitlines()],
+        "maps": merged([(*(int(x, 16) for x in line.split()[0].split("-")),
+                          line.split()[1] + " " + (line.split(None, 5)[5:] or [""])[0])
+                         for line in open(f"/proc/{pid}/maps").read().splitlines()]),
         "stat_mm": open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[23:26]
         + open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[42:49],
     }
@@ -309,16 +310,30 @@ print("PASS" if named[:5] == b"named" else "FAIL", flush=True)
 """
 
 
-def vmflags_of(pid: int) -> list[tuple[str, str]]:
-    """(range and name, VmFlags) of every mapping, from smaps."""
-    out, head = [], ""
+def merged(areas: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    """Adjacent areas that only differ in where the kernel split them, as one:
+    the kernel merges like anonymous mappings made side by side on resume."""
+    out: list[tuple[int, int, str]] = []
+    for start, end, what in areas:
+        if out and out[-1][1] == start and out[-1][2] == what:
+            out[-1] = (out[-1][0], end, what)
+        else:
+            out.append((start, end, what))
+    return out
+
+
+def vmflags_of(pid: int) -> list[tuple[int, int, str]]:
+    """(start, end, "perms name VmFlags") of every mapping, from smaps."""
+    out, head = [], None
     for line in open(f"/proc/{pid}/smaps").read().splitlines():
         if line.startswith("VmFlags:"):
-            out.append((head, " ".join(sorted(line.split()[1:]))))
+            start, end, what = head
+            out.append((start, end, f"{what} {' '.join(sorted(line.split()[1:]))}"))
         elif "-" in line.split(None, 1)[0] and not line.split(None, 1)[0].endswith(":"):
             parts = line.split(None, 5)
-            head = f"{parts[0]} {parts[1]} {parts[5] if len(parts) > 5 else ''}"
-    return out
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            head = (start, end, f"{parts[1]} {parts[5] if len(parts) > 5 else ''}")
+    return merged(out)
 
 
 def test_named_and_locked_memory(run_victim):
@@ -327,7 +342,7 @@ def test_named_and_locked_memory(run_victim):
     r = run_victim([sys.executable, "-c", NAMED_AND_LOCKED])
     r.wait_output("READY\n")
     before = vmflags_of(r.pid)
-    assert any(" lo" in f" {flags}" for _, flags in before)
+    assert any(" lo" in f" {flags}" for _, _, flags in before)
     r.hop()
     assert vmflags_of(r.pid) == before
     os.kill(r.pid, signal.SIGUSR1)
