@@ -84,3 +84,25 @@ def test_bc_reading_a_pipe_gets_the_resumers_stdin(run_victim, tmp_path):
         r.resume(img, stdin=rest)
     assert r.finish(sig=0, timeout=120) == 0
     assert r.out_path.read_bytes() == expected
+
+
+INTERPRETERS = {
+    "bash": ["bash", "-c", "s=0; for ((i=0;i<1500000;i++)); do s=$(( (s*31+i) % 1000003 )); "
+             "if ((i%20000==0)); then echo $i $s; fi; done; echo done $s"],
+    "perl": ["perl", "-e", "my $s=0; for my $i (0..15000000) { $s=($s*31+$i)%1000003; "
+             "print \"$i $s\\n\" if $i%200000==0 } print \"done $s\\n\""],
+    "awk": ["awk", "BEGIN{s=0; for(i=0;i<15000000;i++){s=(s*31+i)%1000003; "
+            "if(i%200000==0) print i, s}; print \"done\", s}"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(INTERPRETERS))
+def test_interpreter_output_equals_straight_run(run_victim, tmp_path, name):
+    argv = INTERPRETERS[name]
+    if not shutil.which(argv[0]):
+        pytest.skip(f"{argv[0]} is not installed")
+    expected = straight_run(argv, tmp_path)
+    r = run_victim(argv)
+    migrate_at_random(r, hops=3, seed=11, spread=0.25)
+    assert r.finish(sig=0, timeout=120) == 0
+    assert r.out_path.read_bytes() == expected
