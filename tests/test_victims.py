@@ -369,3 +369,13 @@ def test_blocked_in_read_on_a_terminal(run_victim):
     assert r.output() == "READY\nGOT hello upmig\nPASS\n"
     os.close(master)
     os.close(master2)
+
+
+def test_sigterm_to_upmig_resume_reaches_the_process(run_victim):
+    r = run_victim("counter")
+    r.wait_output("READY\n")
+    r.hop()
+    time.sleep(0.1)
+    r.resumer.send_signal(signal.SIGTERM)  # to upmig, which passes it on
+    assert r.resumer.wait(timeout=30) == 0, r.output()
+    assert r.output() == "READY\nPASS\n"

@@ -136,9 +136,11 @@ def _dump(a: argparse.Namespace) -> int:
 
 
 def _resume(a: argparse.Namespace) -> int:
-    from upmig.restore import resume, stderr_notice, wait
+    from upmig.restore import forward_signals, resume, stderr_notice, wait
 
-    res = resume(a.image, notice=stderr_notice)
+    # Once it is about to run, a signal to us is for it (not a reason to unwind).
+    res = resume(a.image, notice=stderr_notice,
+                 on_ready=None if a.detach else forward_signals)
     if a.detach:
         print(json.dumps(res.__dict__) if a.json else res.pid, flush=True)
         return 0

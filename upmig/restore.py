@@ -37,8 +37,10 @@ class ResumeResult:
 Notice = Callable[[str], None]
 
 
-def resume(image_path: str, *, notice: Notice | None = None) -> ResumeResult:
-    """Rebuild the process; it is left running detached from ptrace, a child of ours."""
+def resume(image_path: str, *, notice: Notice | None = None,
+           on_ready: Callable[[int], None] | None = None) -> ResumeResult:
+    """Rebuild the process; it is left running detached from ptrace, a child of ours.
+    on_ready(pid) is called just before it is let go (say, to forward signals)."""
     began = time.perf_counter()
     say = notice or (lambda msg: None)
     img = image.load(image_path)
@@ -48,7 +50,7 @@ def resume(image_path: str, *, notice: Notice | None = None) -> ResumeResult:
         want = img.one(Task).pid
         pid = _spawn_stub(want, say)
         try:
-            _rebuild(pid, img)
+            _rebuild(pid, img, on_ready)
         except BaseException as e:
             _kill(pid)
             if isinstance(e, UpmigError):
@@ -61,9 +63,9 @@ def resume(image_path: str, *, notice: Notice | None = None) -> ResumeResult:
     return ResumeResult(pid, pid == want, time.perf_counter() - began)
 
 
-def wait(pid: int) -> int:
-    """Wait for our resumed child; its exit status as a shell reports it. SIGTERM and
-    SIGHUP sent to us are passed on; terminal signals reach it directly."""
+def forward_signals(pid: int) -> None:
+    """From now on SIGTERM and SIGHUP sent to us go to pid; terminal signals
+    (SIGINT, SIGQUIT) reach it directly, so we ignore them."""
     def forward(signum, _frame):
         try:
             os.kill(pid, signum)
@@ -74,6 +76,11 @@ def wait(pid: int) -> int:
         signal.signal(s, forward)
     for s in (signal.SIGINT, signal.SIGQUIT):
         signal.signal(s, signal.SIG_IGN)
+
+
+def wait(pid: int) -> int:
+    """Wait for our resumed child; its exit status as a shell reports it."""
+    forward_signals(pid)
     while True:
         try:
             _, status = os.waitpid(pid, 0)
@@ -155,7 +162,7 @@ def _kill(pid: int) -> None:
 
 # ---- the stages
 
-def _rebuild(pid: int, img: image.Image) -> None:
+def _rebuild(pid: int, img: image.Image, on_ready: Callable[[int], None] | None) -> None:
     stub_regs = nat.get_regs(pid)
     nat.set_sigmask(pid, (1 << 64) - 1)  # nothing is delivered while we work
     inj = nat.Injector(pid, stub_regs, regs.decode(stub_regs).rip)
@@ -184,6 +191,8 @@ def _rebuild(pid: int, img: image.Image) -> None:
         task.restore_affinity(pid, img.one(Task))
     finally:
         os.close(mem_fd)
+    if on_ready:
+        on_ready(pid)
     nat.ptrace(nat.PTRACE_DETACH, pid, 0, 0)
 
 
