@@ -134,7 +134,8 @@ long up_setregset(int pid, int note, const void *buf, size_t len)
 enum { R_R10 = 7, R_R9 = 8, R_R8 = 9, R_RAX = 10, R_RDX = 12, R_RSI = 13, R_RDI = 14,
        R_ORIG_RAX = 15, R_RIP = 16 };
 
-int up_inject(int pid, void *regs, long nr, const uint64_t *args, int64_t *ret)
+int up_inject(int pid, void *regs, long nr, const uint64_t *args, int64_t *ret,
+              int *held_sig)
 {
     uint64_t *r = regs;
     uint64_t rip = r[R_RIP];
@@ -152,7 +153,7 @@ int up_inject(int pid, void *regs, long nr, const uint64_t *args, int64_t *ret)
         return -errno;
     /* Syscall-enter stop, then syscall-exit stop. Unlike a single step, these stops
      * send the tracee no SIGTRAP (a forced SIGTRAP would reset its disposition). */
-    for (int stop = 0; stop < 2; stop++) {
+    for (int stop = 0, events = 0; stop < 2;) {
         if (ptrace(PTRACE_SYSCALL, pid, 0, 0) < 0)
             return -errno;
         int w = up_waitpid(pid, &status, 0);
@@ -160,8 +161,17 @@ int up_inject(int pid, void *regs, long nr, const uint64_t *args, int64_t *ret)
             return w;
         if (!WIFSTOPPED(status))
             return -ESRCH;      /* the tracee died under us */
-        if (WSTOPSIG(status) != (SIGTRAP | 0x80))
-            return -ECANCELED;  /* some other stop: the caller must not go on */
+        if (WSTOPSIG(status) == (SIGTRAP | 0x80)) {
+            stop++;
+            continue;
+        }
+        if (status >> 16 == 128 && ++events <= 4)
+            continue;           /* a job-control (group) stop, or a late interrupt trap */
+        if (status >> 16 != 0)
+            return -ECANCELED;  /* another ptrace event: the caller must not go on */
+        /* A signal that cannot be blocked (SIGSTOP) arrived: hold it for the caller
+         * to send again once the process is back as it was. */
+        *held_sig = WSTOPSIG(status);
     }
     if (ptrace(PTRACE_GETREGS, pid, 0, r) < 0)
         return -errno;

@@ -14,7 +14,7 @@ import pytest
 
 import upmig
 import upmig.image
-from conftest import ROOT, UPMIG, run_upmig
+from conftest import ROOT, UPMIG, run_upmig, wait_for
 
 
 def stub_pids() -> set[int]:
@@ -176,3 +176,21 @@ def test_state_that_cannot_be_recreated_is_refused(run_victim, setup, words):
     assert res.returncode == 5, res.stderr
     assert words in res.stderr and res.stderr.count("\n") == 1
     assert is_running_untraced(r.pid)
+
+
+def test_sigstop_during_a_dump_is_not_lost(run_victim, tmp_path):
+    """A SIGSTOP (which cannot be blocked) sent at any moment of a dump still stops
+    the process: upmig holds it back while it works and sends it again after."""
+    r = run_victim("memory")
+    r.wait_output("READY\n")
+    for i, delay in enumerate([0.0, 0.09, 0.1, 0.11, 0.12, 0.14]):
+        p = subprocess.Popen([*UPMIG, "dump", str(r.pid), "-o", str(tmp_path / f"s{i}.upmig"),
+                              "--leave-running"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        os.kill(r.pid, signal.SIGSTOP)
+        _, err = p.communicate(timeout=30)
+        assert p.returncode == 0, err
+        wait_for(lambda: "\nState:\tT" in Path(f"/proc/{r.pid}/status").read_text(), 5,
+                 "the process to be stopped")
+        os.kill(r.pid, signal.SIGCONT)
+    assert r.finish() == 0 and r.output() == "READY\nPASS\n"

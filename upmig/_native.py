@@ -140,6 +140,8 @@ class Injector:
         ffi.memmove(self.regs, base_regs, len(base_regs))
         self.args = ffi.new("uint64_t[6]")
         self.ret = ffi.new("int64_t *")
+        self.held = ffi.new("int *")
+        self.held_signals: set[int] = set()  # to send again once the target is put back
 
     def move_to(self, gadget: int) -> None:
         self.gadget = gadget
@@ -154,8 +156,11 @@ class Injector:
         # Every call starts at the gadget: the registers the last one left behind
         # point past it, and an exception may have come between two calls.
         self.regs[16] = self.gadget
-        check(lib.up_inject(self.pid, self.regs, nr, self.args, self.ret),
-              f"injecting syscall {nr}", self.pid)
+        self.held[0] = 0
+        rc = lib.up_inject(self.pid, self.regs, nr, self.args, self.ret, self.held)
+        if self.held[0]:
+            self.held_signals.add(int(self.held[0]))
+        check(rc, f"injecting syscall {nr}", self.pid)
         return int(self.ret[0])
 
     def call(self, nr: int, *args: int, what: str = "") -> int:

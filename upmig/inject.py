@@ -89,3 +89,5 @@ def session(pid: int, regs: bytes, gadget: int, mem_fd: int) -> Iterator[Session
                 nat.set_regs(pid, regs)
                 nat.set_sigmask(pid, mask)
                 freeze.restop(pid, pid)
+                for sig in inj.held_signals:  # say, a SIGSTOP sent meanwhile
+                    os.kill(pid, sig)

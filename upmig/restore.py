@@ -194,6 +194,8 @@ def _rebuild(pid: int, img: image.Image, on_ready: Callable[[int], None] | None)
     if on_ready:
         on_ready(pid)
     nat.ptrace(nat.PTRACE_DETACH, pid, 0, 0)
+    for sig in inj.held_signals:  # a SIGSTOP sent while we worked
+        os.kill(pid, sig)
 
 
 def _stage_task(s: Session, pid: int, img: image.Image, mem_fd: int) -> None:
