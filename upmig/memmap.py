@@ -8,11 +8,12 @@ functions below `# ---- restore`."""
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 
 from upmig import _native as nat
 from upmig import _proc
-from upmig.errors import CantMigrate
+from upmig.errors import CantMigrate, Mismatch
 from upmig.records import MM, Vma
 from upmig.syscalls import nr
 
@@ -192,8 +193,6 @@ def move_vdso(s, here: VdsoBlock, there: VdsoBlock, taken: list) -> None:
     and at their relative offsets (the vdso finds its data pages by offset). taken:
     what a temporary spot must avoid (objects with start and end)."""
     if here.sizes() != there.sizes():
-        from upmig.errors import Mismatch
-
         raise Mismatch(f"the vdso here ({here.sizes()}) differs from the image's "
                        f"({there.sizes()}): the kernels are too different")
     lo_here = min(s0 for s0, _ in here.parts.values())
@@ -300,8 +299,6 @@ def finish_vmas(s, vmas: list[Vma]) -> None:
 
 def restore_mm(s, mm: MM, exe: str) -> None:
     """PR_SET_MM_MAP: code/data/brk/stack/arg/env boundaries, auxv, and /proc/PID/exe."""
-    import struct
-
     auxv_at, map_at = s.scratch + 8192, s.scratch + 4096  # the path takes up to 4 KiB
     s.write(auxv_at, mm.auxv)
     s.write(s.scratch, os.fsencode(exe) + b"\0")
