@@ -170,6 +170,12 @@ class VdsoBlock:
     def sizes(self) -> dict[str, int]:
         return {k: e - s for k, (s, e) in self.parts.items()}
 
+    def check_same_shape(self, image: VdsoBlock) -> None:
+        """Raise Mismatch unless the image's block has the same parts and sizes."""
+        if self.sizes() != image.sizes():
+            raise Mismatch(f"the vdso here ({self.sizes()}) differs from the image's "
+                           f"({image.sizes()}): the kernels are too different")
+
 
 # ---- restore
 
@@ -192,9 +198,7 @@ def move_vdso(s, here: VdsoBlock, there: VdsoBlock, taken: list) -> None:
     """Move this process's vdso block to where the image had it, all parts together
     and at their relative offsets (the vdso finds its data pages by offset). taken:
     what a temporary spot must avoid (objects with start and end)."""
-    if here.sizes() != there.sizes():
-        raise Mismatch(f"the vdso here ({here.sizes()}) differs from the image's "
-                       f"({there.sizes()}): the kernels are too different")
+    here.check_same_shape(there)
     lo_here = min(s0 for s0, _ in here.parts.values())
     lo_there = min(s0 for s0, _ in there.parts.values())
     span = max(e for _, e in here.parts.values()) - lo_here

@@ -104,9 +104,7 @@ def _check_machine(img: image.Image, head: Header) -> None:
         fileid.check(rec)
     mine = memmap.VdsoBlock.of_pid(os.getpid())
     theirs = memmap.VdsoBlock.of(img.of(Vma))
-    if mine.sizes() != theirs.sizes():
-        raise Mismatch(f"the vdso here ({mine.sizes()}) differs from the image's "
-                       f"({theirs.sizes()}): the kernels are too different")
+    mine.check_same_shape(theirs)
     if not STUB.exists():
         raise RestoreError(f"the stub loader {STUB} is missing (run make)")
 
