@@ -3,15 +3,16 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STUB   ?= upmig/upmig-stub
+INIT   ?= upmig/upmig-init
 # The stub is linked far from where programs and their libraries live, so that an
 # image's own mappings never need the stub's address (resume unmaps it early anyway).
 STUB_BASE   := 0x3ff000000000
 STUB_CFLAGS := -Os -Wall -Wextra -nostdlib -static -no-pie -fno-pie \
                -Wl,-Ttext-segment=$(STUB_BASE) -Wl,--build-id=none -Wl,-z,noexecstack
 
-.PHONY: all help stub demo test bench lint clean
+.PHONY: all help stub init demo test bench lint clean
 
-all: $(VENV)/.installed $(STUB) ## build everything into .venv (editable install, helper, stub)
+all: $(VENV)/.installed $(STUB) $(INIT) ## build everything into .venv (editable install, helper, stub, init)
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -20,6 +21,11 @@ stub: $(STUB) ## build the static stub loader
 
 $(STUB): csrc/stub.c Makefile
 	$(CC) $(STUB_CFLAGS) -o $@ $<
+
+init: $(INIT) ## build the PID 1 of `upmig resume --pidns`
+
+$(INIT): csrc/init.c Makefile
+	$(CC) -O2 -Wall -Wextra -o $@ $<
 
 $(VENV)/.installed: setup.py pyproject.toml csrc/helper.c csrc/helper.h csrc/build_helper.py
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +45,7 @@ bench: all ## run the benchmarks and print the table
 
 lint: all ## ruff and the C warnings
 	$(VENV)/bin/ruff check upmig tests bench csrc
-	$(CC) -fsyntax-only -Wall -Wextra -Werror csrc/helper.c
+	$(CC) -fsyntax-only -Wall -Wextra -Werror csrc/helper.c csrc/init.c
 
 clean: ## remove build output
-	rm -rf $(VENV) build *.egg-info upmig/_helper*.so upmig/_helper.c $(STUB) tests/.build
+	rm -rf $(VENV) build *.egg-info upmig/_helper*.so upmig/_helper.c $(STUB) $(INIT) tests/.build

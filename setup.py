@@ -10,13 +10,16 @@ ROOT = Path(__file__).resolve().parent
 
 
 class BuildWithStub(build_py):
-    """Build the static stub loader (its flags live in the Makefile) into the package."""
+    """Build the static stub loader and the PID-namespace init (their flags live in the
+    Makefile) into the package."""
 
     def run(self):
         super().run()
-        out = Path(self.build_lib) / "upmig" / "upmig-stub"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.check_call(["make", "-s", "-C", str(ROOT), "stub", f"STUB={out.resolve()}"])
+        pkg = Path(self.build_lib) / "upmig"
+        pkg.mkdir(parents=True, exist_ok=True)
+        subprocess.check_call(["make", "-s", "-C", str(ROOT), "stub", "init",
+                               f"STUB={(pkg / 'upmig-stub').resolve()}",
+                               f"INIT={(pkg / 'upmig-init').resolve()}"])
 
 
 setup(
@@ -29,7 +32,7 @@ setup(
     install_requires=["python-ptrace>=0.9.8", "cffi>=1.15", "msgpack>=1.0"],
     setup_requires=["cffi>=1.15"],
     cffi_modules=["csrc/build_helper.py:ffibuilder"],
-    package_data={"upmig": ["upmig-stub"]},
+    package_data={"upmig": ["upmig-stub", "upmig-init"]},
     entry_points={"console_scripts": ["upmig=upmig.cli:main"]},
     cmdclass={"build_py": BuildWithStub},
     zip_safe=False,

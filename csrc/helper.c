@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <stdint.h>
@@ -135,7 +136,7 @@ enum { R_R10 = 7, R_R9 = 8, R_R8 = 9, R_RAX = 10, R_RDX = 12, R_RSI = 13, R_RDI 
        R_ORIG_RAX = 15, R_RIP = 16 };
 
 int up_inject(int pid, void *regs, long nr, const uint64_t *args, int64_t *ret,
-              int *held_sig)
+              int *held_sig, uint64_t *clone_msg)
 {
     uint64_t *r = regs;
     uint64_t rip = r[R_RIP];
@@ -167,6 +168,14 @@ int up_inject(int pid, void *regs, long nr, const uint64_t *args, int64_t *ret,
         }
         if (status >> 16 == 128 && ++events <= 4)
             continue;           /* a job-control (group) stop, or a late interrupt trap */
+        if (status >> 16 == PTRACE_EVENT_CLONE) {
+            /* The clone we injected: the new thread's id as the tracer sees it. */
+            unsigned long msg = 0;
+            if (ptrace(PTRACE_GETEVENTMSG, pid, 0, &msg) < 0)
+                return -errno;
+            *clone_msg = msg;
+            continue;
+        }
         if (status >> 16 != 0)
             return -ECANCELED;  /* another ptrace event: the caller must not go on */
         /* A signal that cannot be blocked (SIGSTOP) arrived: hold it for the caller
@@ -621,10 +630,10 @@ struct up_clone_args {          /* linux/sched.h, clone3 */
     uint64_t set_tid, set_tid_size, cgroup;
 };
 
-int up_spawn(int set_tid, const char *path, int traceme)
+int up_spawn(int set_tid, const char *path, int traceme, uint64_t flags, int pass_fd)
 {
     pid_t tid = set_tid;
-    struct up_clone_args args = { .exit_signal = SIGCHLD };
+    struct up_clone_args args = { .flags = flags, .exit_signal = SIGCHLD };
     if (set_tid > 0) {
         args.set_tid = (uint64_t)(uintptr_t)&tid;
         args.set_tid_size = 1;
@@ -638,10 +647,31 @@ int up_spawn(int set_tid, const char *path, int traceme)
     char *argv[] = { (char *)path, NULL }, *envp[] = { NULL };
     if (traceme)
         syscall(SYS_ptrace, PTRACE_TRACEME, 0, 0, 0);
-    syscall(SYS_close_range, 3, ~0U, 0);
+    /* dup2 clears close-on-exec on its copy; an fd already at 3 is cleared by hand. */
+    if (pass_fd >= 0 && (pass_fd == 3 ? syscall(SYS_fcntl, 3, F_SETFD, 0) == 0
+                                      : syscall(SYS_dup2, pass_fd, 3) == 3))
+        syscall(SYS_close_range, 4, ~0U, 0);
+    else
+        syscall(SYS_close_range, 3, ~0U, 0);
     syscall(SYS_execve, path, argv, envp);
     syscall(SYS_exit_group, 127);
     return -1;                  /* not reached */
+}
+
+int up_get_robust_list(int tid, uint64_t *head, uint64_t *len)
+{
+    void *h = NULL;
+    size_t n = 0;
+    if (syscall(SYS_get_robust_list, tid, &h, &n) < 0)
+        return -errno;
+    *head = (uint64_t)(uintptr_t)h;
+    *len = n;
+    return 0;
+}
+
+int up_setns(int fd, int nstype)
+{
+    return setns(fd, nstype) < 0 ? -errno : 0;
 }
 
 int up_kcmp(int pid1, int pid2, int type, uint64_t idx1, uint64_t idx2)

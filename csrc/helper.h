@@ -47,7 +47,13 @@ long up_setregset(int pid, int note, const void *buf, size_t len);
  * syscall-enter and syscall-exit stops, fetch rax into *ret. regs is scratch. A
  * signal that stops it meanwhile is held back and named in *held_sig. */
 int up_inject(int pid, void *regs, long nr, const uint64_t *args, int64_t *ret,
-              int *held_sig);
+              int *held_sig, uint64_t *clone_msg);
+
+/* get_robust_list of another thread: its list head and the head's length. */
+int up_get_robust_list(int tid, uint64_t *head, uint64_t *len);
+
+/* setns(fd, nstype). */
+int up_setns(int fd, int nstype);
 
 /* PAGEMAP_SCAN over [start, end) of an opened /proc/PID/pagemap: fills out[] with
  * ranges whose categories match; *walk_end is where the kernel stopped. */
@@ -78,9 +84,10 @@ uint64_t up_chain_hash(uint64_t prev, uint64_t frame);
 long up_verify_frames(const void *base, size_t len, size_t start, uint64_t seed,
                       uint64_t max_payload, uint64_t *bad_off, uint64_t *end_hash);
 
-/* clone3 with set_tid (0: any pid); the child closes fds >= 3, optionally calls
+/* clone3 with extra flags (say CLONE_NEWPID) and set_tid (0: any pid); the child
+ * moves pass_fd (if >= 0) to fd 3, closes the fds above, optionally calls
  * PTRACE_TRACEME, and execs path. Returns the child's pid. */
-int up_spawn(int set_tid, const char *path, int traceme);
+int up_spawn(int set_tid, const char *path, int traceme, uint64_t flags, int pass_fd);
 
 /* kcmp(pid1, pid2, type, idx1, idx2). */
 int up_kcmp(int pid1, int pid2, int type, uint64_t idx1, uint64_t idx2);

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -31,7 +32,8 @@ def build_victim(name: str, *defines: str) -> Path:
     """Compile tests/victims/NAME.c (once per set of defines) and return the binary."""
     src = VICTIMS / f"{name}.c"
     out = BUILD / (name + "".join(f".{d}" for d in defines))
-    if out.exists() and out.stat().st_mtime >= src.stat().st_mtime:
+    newest = max(src.stat().st_mtime, (VICTIMS / "victim.h").stat().st_mtime)
+    if out.exists() and out.stat().st_mtime >= newest:
         return out
     BUILD.mkdir(exist_ok=True)
     extra = []
@@ -71,6 +73,21 @@ def reap(pid: int, timeout: float = 10) -> int | None:
             return status
         time.sleep(0.01)
     raise AssertionError(f"pid {pid} did not exit")
+
+
+def straight_run(argv: list[str], tmp_path: Path, stdin: bytes | None = None) -> bytes:
+    r = subprocess.run(argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       cwd=tmp_path, check=True, timeout=120)
+    return r.stdout
+
+
+def migrate_at_random(run, hops: int, seed: int, spread: float) -> None:
+    rnd = random.Random(seed)
+    for _ in range(hops):
+        time.sleep(rnd.uniform(0.05, spread))
+        if (run.resumer or run.proc).poll() is not None:
+            return  # it finished before we got to it: the comparison still holds
+        run.hop()
 
 
 class Run:

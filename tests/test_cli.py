@@ -188,9 +188,14 @@ for i in itertools.count():
 """
 
 THREADS = """
-import threading, time
-for _ in range(2):
-    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+import ctypes, threading, time
+libc = ctypes.CDLL(None, use_errno=True)
+def other_uid():  # a raw setresuid changes this thread's credentials only
+    assert libc.syscall(117, 65534, 65534, 65534) == 0
+    time.sleep(60)
+threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+threading.Thread(target=other_uid, daemon=True).start()
+time.sleep(0.2)
 print("READY", flush=True)
 time.sleep(60)
 """
@@ -213,15 +218,16 @@ def test_refuses_a_socket_and_the_process_runs_on(run_victim):
     assert r.proc.poll() is None
 
 
-def test_refuses_three_threads(run_victim):
+def test_refuses_a_thread_with_other_credentials(run_victim):
     r = run_victim([sys.executable, "-c", THREADS])
     r.wait_output("READY\n")
     assert _status(r.pid)["Threads"] == "3"
+    odd = max(int(t) for t in os.listdir(f"/proc/{r.pid}/task"))
     img = r.cwd / "threads.upmig"
     res = run_upmig("dump", str(r.pid), "-o", str(img), check=False)
     assert res.returncode == 5, res.stderr
-    assert res.stderr == (f"upmig: pid {r.pid} has 3 threads; multi-threaded processes are "
-                          "not supported yet\n")
+    assert res.stderr == (f"upmig: pid {r.pid} has a thread ({odd}) with other credentials than "
+                          "its main thread (Uid, CapPrm, CapEff); this is not supported yet\n")
     assert res.stdout == ""
     assert _leftovers(r.cwd) == []
     _runs_untraced(r)

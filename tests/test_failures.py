@@ -99,24 +99,6 @@ def test_missing_open_file_fails_resume_and_leaves_nothing(run_victim):
     assert not stub_pids()
 
 
-def test_taken_pid_gives_a_new_pid_and_a_notice(run_victim):
-    r = run_victim("counter")
-    r.wait_output("READY\n")
-    img = r.dump("--leave-running")   # the original keeps its PID
-    p = subprocess.Popen([*UPMIG, "resume", "--detach", str(img)], cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out, err = p.communicate(timeout=60)
-    assert p.returncode == 0, err
-    new = int(out)
-    try:
-        assert new != r.pid
-        assert f"pid {r.pid} is taken" in err and "new pid" in err
-        assert is_running_untraced(new)
-    finally:
-        os.kill(new, signal.SIGKILL)
-        os.waitpid(new, 0)
-
-
 def test_dump_of_zombie_or_self_is_refused():
     p = subprocess.Popen(["true"])
     time.sleep(0.3)  # exited, not reaped: a zombie

@@ -3,33 +3,16 @@ output must equal an uninterrupted run byte for byte."""
 
 from __future__ import annotations
 
-import random
 import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import VICTIMS
+from conftest import VICTIMS, migrate_at_random, straight_run
 
 BC_INPUT = b"scale=2600; 4*a(1)\nquit\n"
-
-
-def straight_run(argv: list[str], tmp_path: Path, stdin: bytes | None = None) -> bytes:
-    r = subprocess.run(argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       cwd=tmp_path, check=True, timeout=120)
-    return r.stdout
-
-
-def migrate_at_random(run, hops: int, seed: int, spread: float) -> None:
-    rnd = random.Random(seed)
-    for _ in range(hops):
-        time.sleep(rnd.uniform(0.05, spread))
-        if (run.resumer or run.proc).poll() is not None:
-            return  # it finished before we got to it: the comparison still holds
-        run.hop()
 
 
 def python_job() -> list[str]:

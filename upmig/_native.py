@@ -23,6 +23,7 @@ PTRACE_PEEKSIGINFO = 0x4209
 PTRACE_GETSIGMASK = 0x420A
 PTRACE_SETSIGMASK = 0x420B
 PTRACE_O_TRACESYSGOOD = 0x1
+PTRACE_O_TRACECLONE = 0x8
 PTRACE_O_EXITKILL = 0x100000
 PTRACE_EVENT_STOP = 128
 PTRACE_PEEKSIGINFO_SHARED = 1
@@ -137,6 +138,7 @@ class Injector:
         self.ret = ffi.new("int64_t *")
         self.held = ffi.new("int *")
         self.held_signals: set[int] = set()  # to send again once the target is put back
+        self.clone_msg = ffi.new("uint64_t *")
 
     def move_to(self, gadget: int) -> None:
         self.gadget = gadget
@@ -152,11 +154,16 @@ class Injector:
         # point past it, and an exception may have come between two calls.
         self.regs[16] = self.gadget
         self.held[0] = 0
-        rc = lib.up_inject(self.pid, self.regs, nr, self.args, self.ret, self.held)
+        rc = lib.up_inject(self.pid, self.regs, nr, self.args, self.ret, self.held,
+                           self.clone_msg)
         if self.held[0]:
             self.held_signals.add(int(self.held[0]))
         check(rc, f"injecting syscall {nr}", self.pid)
         return int(self.ret[0])
+
+    def cloned(self) -> int:
+        """The id, as upmig sees it, of the thread the last injected clone made."""
+        return int(self.clone_msg[0])
 
     def call(self, nr: int, *args: int, what: str = "") -> int:
         """Like raw() but a -errno result raises OSError naming the syscall."""
@@ -268,10 +275,22 @@ def verify_frames(buf, start: int, seed: int, max_payload: int) -> tuple[int, in
     return int(rc), int(bad[0]), int(end_hash[0])
 
 
-def spawn(path: str, set_tid: int, traceme: bool) -> int:
-    """Start `path` as a child (with PID set_tid if > 0), optionally traced from exec."""
+def spawn(path: str, set_tid: int, traceme: bool, flags: int = 0, pass_fd: int = -1) -> int:
+    """Start `path` as a child (with PID set_tid if > 0), optionally traced from exec;
+    pass_fd becomes its fd 3."""
     path_c = ffi.new("char[]", os.fsencode(path))
-    return check(lib.up_spawn(set_tid, path_c, 1 if traceme else 0), "clone3")
+    return check(lib.up_spawn(set_tid, path_c, 1 if traceme else 0, flags, pass_fd), "clone3")
+
+
+def get_robust_list(tid: int) -> list[int] | None:
+    """[head, len] of the thread's robust futex list, or None if it has none."""
+    head, size = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+    check(lib.up_get_robust_list(tid, head, size), "get_robust_list", tid)
+    return [int(head[0]), int(size[0])] if head[0] else None
+
+
+def setns(fd: int, nstype: int) -> None:
+    check(lib.up_setns(fd, nstype), "setns")
 
 
 def kcmp_file(pid: int, fd1: int, fd2: int) -> bool:

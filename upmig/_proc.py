@@ -124,6 +124,6 @@ def parse_auxv(data: bytes) -> list[tuple[int, int]]:
     return [(words[i], words[i + 1]) for i in range(0, len(words) - 1, 2)]
 
 
-def last_cpu(pid: int) -> int:
-    """The CPU the task last ran on (stat field 39)."""
-    return int(parse_stat(read_text(pid, "stat"))[39])
+def last_cpu(pid: int, tid: int = 0) -> int:
+    """The CPU the thread (default: the leader) last ran on (stat field 39)."""
+    return int(parse_stat(read_text(pid, f"task/{tid}/stat" if tid else "stat"))[39])

@@ -61,16 +61,26 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("resume", help="rebuild the process of an image and run it",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Rebuild IMAGE's process on this machine, with its "
-                                   "original PID when that is free. By default wait for it "
-                                   "and exit with its status; its fds 0-2 that were a "
-                                   "terminal, pipe or socket become upmig's own.",
-                       epilog="example:\n  upmig resume job.upmig\n  upmig resume -d job.upmig")
+                       description="Rebuild IMAGE's process on this machine, every thread "
+                                   "with its original id (refused if one is taken: programs "
+                                   "keep their ids in memory). By default wait for it and "
+                                   "exit with its status; its fds 0-2 that were a terminal, "
+                                   "pipe or socket become upmig's own.",
+                       epilog="example:\n  upmig resume job.upmig\n  upmig resume -d job.upmig\n"
+                              "  upmig resume --pidns job.upmig   # its PID is taken here")
     r.add_argument("image", metavar="IMAGE")
     r.add_argument("-d", "--detach", action="store_true",
                    help="print the PID and return at once, leaving the process running")
     r.add_argument("--json", action="store_true",
                    help="print one JSON object on stdout (after it exits, unless --detach)")
+    ids = r.add_mutually_exclusive_group()
+    ids.add_argument("--pidns", action="store_const", dest="pids", const="pidns",
+                     default="same",
+                     help="run it in a new PID namespace, where its original PID and thread "
+                          "ids are free; the namespace ends when the process does")
+    ids.add_argument("--new-pids", action="store_const", dest="pids", const="new",
+                     help="give it whatever ids are free (glibc's cached thread ids are "
+                          "rewritten; a program that kept its PID elsewhere may misbehave)")
 
     i = sub.add_parser("inspect", help="show what an image holds",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -139,12 +149,14 @@ def _resume(a: argparse.Namespace) -> int:
     from upmig.restore import forward_signals, resume, stderr_notice, wait
 
     # Once it is about to run, a signal to us is for it (not a reason to unwind).
-    res = resume(a.image, notice=stderr_notice,
+    res = resume(a.image, pids=a.pids, notice=stderr_notice,
                  on_ready=None if a.detach else forward_signals)
     if a.detach:
         print(json.dumps(res.__dict__) if a.json else res.pid, flush=True)
         return 0
     status = wait(res.pid)
+    if res.pidns_init:  # its namespace's PID 1 follows it
+        os.waitpid(res.pidns_init, 0)
     if a.json:
         print(json.dumps({**res.__dict__, "exit_status": status}), flush=True)
     return status

@@ -26,11 +26,12 @@ from upmig import (
     regs,
     signals,
     task,
+    threads,
 )
 from upmig import _native as nat
 from upmig.errors import CantMigrate, ImageError, NoSuchProcess, UpmigError, describe_oserror
 from upmig.image import ImageWriter
-from upmig.records import Header, MappedFile
+from upmig.records import Header, MappedFile, Thread
 from upmig.syscalls import nr
 
 LEAVE = ("kill", "run", "stop")
@@ -106,11 +107,10 @@ def preflight(pid: int) -> None:
         raise CantMigrate("is upmig itself", pid=pid)
     status = _proc.parse_status(_proc.read_text(pid, "status"))
     if status.get("State", "").startswith(("Z", "X")):
+        if int(status.get("Threads", "1")) > 1:
+            raise CantMigrate("its main thread has exited (pthread_exit) while other threads "
+                              "run on; this is not supported yet", pid=pid)
         raise NoSuchProcess("is a zombie (it has exited)", pid=pid)
-    threads = int(status.get("Threads", "1"))
-    if threads > 1:
-        raise CantMigrate(f"has {threads} threads; multi-threaded processes are not "
-                          "supported yet", pid=pid)
     if status.get("Seccomp", "0") != "0":
         raise CantMigrate("runs under a seccomp filter, which is not supported yet", pid=pid)
     children = _proc.read_text(pid, f"task/{pid}/children").split()
@@ -157,11 +157,10 @@ def _verify(path: str, pid: int) -> None:
 def _capture_and_write(pid: int, fz: freeze.Frozen, fd: int, note: Progress,
                        known: dict[str, MappedFile]) -> tuple[int, int, int, int]:
     preflight(pid)  # again, now that it is frozen: it may have forked meanwhile
-    if len(fz.tids) > 1:
-        raise CantMigrate(f"has {len(fz.tids)} threads; multi-threaded processes are not "
-                          "supported yet", pid=pid)
+    others = [t for t in fz.tids if t != pid]
+    threads.check_creds(pid, others)
     note("registers", 0)
-    thread = regs.capture(pid)
+    leader = regs.capture(pid)  # before injection moves the registers about
     mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
     try:
         note("state", 0)
@@ -169,12 +168,12 @@ def _capture_and_write(pid: int, fz: freeze.Frozen, fd: int, note: Progress,
         if not vdso:
             raise CantMigrate("has no [vdso] mapping; upmig needs one", pid=pid)
         gadget = inject.find_syscall_insn(mem_fd, vdso[0].start, vdso[0].end)
-        blocked = nat.get_sigmask(pid)
-        with inject.pinned_with(pid), inject.session(pid, thread.regs, gadget, mem_fd) as s:
-            sig = signals.capture(s, pid, blocked)
+        with inject.pinned_with(pid), inject.session(pid, leader.regs, gadget, mem_fd) as s:
+            sig = signals.capture(s, pid)
             tsk = task.capture(s, pid)
-            regs.capture_thread_links(s, thread)
+            threads.capture(s, pid, leader)
             brk = s.call(nr.brk, 0, what="brk(0)")
+            thread_recs = [leader, *_capture_threads(s, pid, others)]
         mm = memmap.capture_mm(pid, brk)
         vmas = memmap.list_vmas(pid)      # again: the scratch page is gone now
         fds = files.capture(pid)
@@ -188,7 +187,7 @@ def _capture_and_write(pid: int, fz: freeze.Frozen, fd: int, note: Progress,
         w.record(Header(arch=uts.machine, kernel=uts.release, upmig_version=__version__,
                         created=time.time(), hostname=uts.nodename,
                         page_size=os.sysconf("SC_PAGE_SIZE"), pid=pid))
-        for rec in (tsk, mm, sig, thread, *identities, *vmas):
+        for rec in (tsk, mm, sig, *thread_recs, *identities, *vmas):
             w.record(rec)
         readable = [r for v in vmas if memmap.is_readable(v) for r in runs.get(v.start, [])]
         hidden = [r for v in vmas if not memmap.is_readable(v) for r in runs.get(v.start, [])]
@@ -203,6 +202,19 @@ def _capture_and_write(pid: int, fz: freeze.Frozen, fd: int, note: Progress,
         return os.fstat(fd).st_size, w.data_bytes, len(vmas), len(fds)
     finally:
         os.close(mem_fd)
+
+
+def _capture_threads(s: inject.Session, pid: int, tids: list[int]) -> list[Thread]:
+    """Every thread but the leader, each from inside itself; the leader's scratch
+    area (the memory is shared) holds the syscalls' arguments."""
+    out = []
+    for tid in tids:
+        th = regs.capture(tid)
+        with inject.pinned_with(pid, tid=tid), \
+                inject.session(pid, th.regs, s.inj.gadget, s.mem_fd, tid, s.scratch) as ts:
+            threads.capture(ts, pid, th)
+        out.append(th)
+    return out
 
 
 def _explain(pid: int, e: OSError) -> UpmigError:

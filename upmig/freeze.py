@@ -37,6 +37,10 @@ def list_tids(pid: int) -> list[int]:
         raise NoSuchProcess("no such process", pid=pid) from None
 
 
+class _ThreadGone(Exception):
+    """A thread (not the leader) exited while we froze it: the set is rescanned."""
+
+
 def _seize(fz: Frozen, pid: int, tid: int) -> None:
     try:
         nat.ptrace(nat.PTRACE_SEIZE, tid, 0, nat.PTRACE_O_TRACESYSGOOD)
@@ -44,6 +48,8 @@ def _seize(fz: Frozen, pid: int, tid: int) -> None:
         nat.ptrace(nat.PTRACE_INTERRUPT, tid)
     except OSError as e:
         if e.errno == errno.ESRCH:
+            if tid != pid and _alive(pid):
+                raise _ThreadGone() from None
             raise NoSuchProcess("exited while being frozen", pid=pid) from None
         if e.errno == errno.EPERM:
             tracer = _proc.parse_status(_proc.read_text(pid, "status")).get("TracerPid", "0")
@@ -70,11 +76,21 @@ def _wait_stopped(pid: int, tid: int) -> None:
         except OSError as e:
             raise NoSuchProcess(f"exited while being frozen ({e.strerror})", pid=pid) from None
         if not os.WIFSTOPPED(status):
+            if tid != pid and _alive(pid):
+                raise _ThreadGone()
             raise NoSuchProcess("exited while being frozen", pid=pid)
         if status >> 16 == nat.PTRACE_EVENT_STOP:
             return
         # A signal-delivery stop: let the signal through, the interrupt trap follows.
         nat.ptrace(nat.PTRACE_CONT, tid, 0, os.WSTOPSIG(status))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = _proc.parse_status(_proc.read_text(pid, "status")).get("State", "")
+    except UpmigError:
+        return False
+    return not state.startswith(("Z", "X"))
 
 
 def _parent(pid: int) -> int:
@@ -93,7 +109,8 @@ def _release(fz: Frozen) -> None:
         # Wait until it is gone. If we are also its parent, leave the zombie for our
         # caller to reap (WNOWAIT); otherwise our wait hands it over to its parent.
         ours = _parent(fz.pid) == os.getpid()
-        for tid in fz.tids:
+        # The leader is reported only once its traced threads are reaped: them first.
+        for tid in sorted(fz.tids, key=lambda t: t == fz.pid):
             try:
                 if ours:
                     os.waitid(os.P_PID, tid, os.WEXITED | os.WNOWAIT | WALL)
@@ -123,8 +140,12 @@ def frozen(pid: int) -> Iterator[Frozen]:
             if not new:
                 break
             for tid in new:
-                _seize(fz, pid, tid)
-                _wait_stopped(pid, tid)
+                try:
+                    _seize(fz, pid, tid)
+                    _wait_stopped(pid, tid)
+                except _ThreadGone:
+                    if tid in fz.tids:
+                        fz.tids.remove(tid)
         else:
             raise UpmigError(f"threads kept appearing after {RESCANS} rescans", pid=pid)
         yield fz

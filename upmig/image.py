@@ -34,7 +34,7 @@ from upmig.errors import Corrupt, ImageError, Truncated, VersionTooNew
 from upmig.records import Pages, Trailer, from_wire, to_wire
 
 MAGIC = b"UPMIG\x00\x89\n"
-VERSION = 1
+VERSION = 2  # 2: per-thread state moved from Signals and Task into Thread
 HEADER = struct.Struct("<8sII")
 FRAME_HEAD = struct.Struct("<II")
 FRAME_TAIL = struct.Struct("<Q")
@@ -163,7 +163,8 @@ def _parse(path: str, data: mmap.mmap, checksums: bool) -> Image:
         raise VersionTooNew(f"image format {version} is newer than this upmig reads "
                             f"({VERSION}); upgrade upmig", what=path)
     if version != VERSION:
-        raise Corrupt(f"unknown image format version {version}", what=path)
+        raise Corrupt(f"image format version {version} is older than this upmig reads ({VERSION}); "
+                      "resume it with the upmig that made it", what=path)
     if checksums:
         seed = _native.xxh64(data[:HEADER.size])
         rc, off, _ = _native.verify_frames(data, HEADER.size, seed, MAX_PAYLOAD)

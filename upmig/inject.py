@@ -29,6 +29,7 @@ class Session:
     inj: nat.Injector
     scratch: int
     mem_fd: int
+    blocked: int = 0    # the thread's own signal mask, which injection replaced
 
     def call(self, nr: int, *args: int, what: str = "") -> int:
         return self.inj.call(nr, *args, what=what)
@@ -44,12 +45,12 @@ class Session:
 
 
 @contextmanager
-def pinned_with(pid: int, cpu: int | None = None) -> Iterator[None]:
-    """Run upmig on the target's CPU for a burst of injected syscalls: a ptrace
+def pinned_with(pid: int, cpu: int | None = None, tid: int = 0) -> Iterator[None]:
+    """Run upmig on the target thread's CPU for a burst of injected syscalls: a ptrace
     round trip costs ~14 us on one CPU against 70-220 us across two (VM wake-ups)."""
     mine = os.sched_getaffinity(0)
     try:
-        os.sched_setaffinity(0, {_proc.last_cpu(pid) if cpu is None else cpu})
+        os.sched_setaffinity(0, {_proc.last_cpu(pid, tid) if cpu is None else cpu})
     except (OSError, ValueError):
         yield  # not allowed there: slower, not wrong
         return
@@ -69,25 +70,30 @@ def find_syscall_insn(mem_fd: int, start: int, end: int) -> int:
 
 
 @contextmanager
-def session(pid: int, regs: bytes, gadget: int, mem_fd: int) -> Iterator[Session]:
-    inj = nat.Injector(pid, regs, gadget)
-    scratch = 0
+def session(pid: int, regs: bytes, gadget: int, mem_fd: int, tid: int = 0,
+            scratch: int = 0) -> Iterator[Session]:
+    """Inject into thread tid (default: the leader) of pid; regs are its registers.
+    Without a scratch area of the caller's (shared by all threads), one is mapped."""
+    tid = tid or pid
+    inj = nat.Injector(tid, regs, gadget)
+    owned = not scratch
     with critical.deferred():
-        mask = nat.get_sigmask(pid)
-        nat.set_sigmask(pid, ALL_SIGNALS)
+        mask = nat.get_sigmask(tid)
+        nat.set_sigmask(tid, ALL_SIGNALS)
     try:
-        with critical.deferred():
-            scratch = inj.call(nr.mmap, 0, SCRATCH, PROT_RW, MAP_PRIVATE_ANON, -1, 0,
-                               what="mmap(scratch)")
-        yield Session(inj, scratch, mem_fd)
+        if owned:
+            with critical.deferred():
+                scratch = inj.call(nr.mmap, 0, SCRATCH, PROT_RW, MAP_PRIVATE_ANON, -1, 0,
+                                   what="mmap(scratch)")
+        yield Session(inj, scratch, mem_fd, mask)
     finally:
         with critical.deferred():  # never leave it half put back
             try:
-                if scratch:
+                if owned and scratch:
                     inj.raw(nr.munmap, scratch, SCRATCH)
             finally:
-                nat.set_regs(pid, regs)
-                nat.set_sigmask(pid, mask)
-                freeze.restop(pid, pid)
+                nat.set_regs(tid, regs)
+                nat.set_sigmask(tid, mask)
+                freeze.restop(pid, tid)
                 for sig in inj.held_signals:  # say, a SIGSTOP sent meanwhile
                     os.kill(pid, sig)

@@ -5,7 +5,7 @@ kind of state is one new record here plus a dump and a restore function."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 
@@ -40,9 +40,7 @@ class Task:
     rlimits: dict[str, list[int]]   # name -> [soft, hard]; -1 is unlimited
     session_leader: bool
     group_leader: bool
-    clear_child_tid: int
     dumpable: int = 1
-    cpus: list[int] | None = None   # CPU affinity; None means every CPU
     caps: dict[str, int] | None = None  # CapInh/CapPrm/CapEff/CapBnd/CapAmb
     no_new_privs: int = 0
 
@@ -115,25 +113,32 @@ class Fd:
 
 @dataclass
 class Signals:
+    """Signal state shared by every thread; each thread's own is in its Thread."""
+
     kind: ClassVar[str] = "signals"
     actions: list[list[int]]     # [signo, handler, flags, restorer, mask]
-    blocked: int
-    pending_private: list[bytes]  # raw siginfo_t, 128 bytes each
-    pending_shared: list[bytes]
-    altstack: list[int]          # [ss_sp, ss_flags, ss_size]
+    pending_shared: list[bytes]  # raw siginfo_t, 128 bytes each
     itimers: list[list[int]]     # [which, interval_sec, interval_usec, value_sec, value_usec]
 
 
 @dataclass
 class Thread:
+    """One thread's own state. The image holds the leader's first, then the others by TID."""
+
     kind: ClassVar[str] = "thread"
     tid: int
     regs: bytes              # struct user_regs_struct as the kernel gave it
     xsave: bytes             # NT_X86_XSTATE
-    syscall: int = -1        # the syscall it was stopped in, or -1
+    syscall: int = -1        # the syscall it was stopped in or returning from, or -1
     syscall_result: int = 0  # rax at the stop (-ERESTART* while in a syscall)
     rseq: list[int] | None = None        # [area, size, signature] if registered
     robust_list: list[int] | None = None  # [head, len] if set
+    comm: str = ""
+    blocked: int = 0                     # its signal mask
+    pending: list[bytes] = field(default_factory=list)  # its private queue, raw siginfo_t
+    altstack: list[int] = field(default_factory=lambda: [0, 2, 0])  # [sp, flags, size]
+    clear_child_tid: int = 0
+    cpus: list[int] | None = None        # CPU affinity; None means every CPU
 
 
 @dataclass

@@ -4,7 +4,6 @@ a thread caught inside a syscall restart it correctly in its new life."""
 from __future__ import annotations
 
 import ctypes
-import struct
 
 from ptrace.binding.linux_struct import user_regs_struct
 
@@ -34,17 +33,9 @@ def capture(tid: int) -> Thread:
     raw = nat.get_regs(tid)
     r = decode(raw)
     orig, rax = signed(r.orig_rax), signed(r.rax)
-    in_syscall = orig >= 0 and rax in RESTART_CODES
     return Thread(tid=tid, regs=raw, xsave=nat.get_regset(tid, nat.NT_X86_XSTATE),
-                  syscall=orig if in_syscall else -1, syscall_result=rax,
+                  syscall=orig if orig >= 0 else -1, syscall_result=rax,
                   rseq=nat.get_rseq(tid))
-
-
-def capture_thread_links(s: Session, th: Thread) -> None:
-    """The robust futex list head, which only the thread itself can ask for."""
-    s.call(nr.get_robust_list, 0, s.scratch, s.scratch + 8, what="get_robust_list")
-    head, size = struct.unpack("<QQ", s.read(s.scratch, 16))
-    th.robust_list = [head, size] if head else None
 
 
 def restore_thread_links(s: Session, th: Thread) -> None:
@@ -54,6 +45,11 @@ def restore_thread_links(s: Session, th: Thread) -> None:
     if th.rseq:
         area, size, sig = th.rseq
         s.call(nr.rseq, area, size, 0, sig, what="rseq")
+
+
+def in_syscall(th: Thread) -> bool:
+    """Stopped inside th.syscall (to be restarted), not just returning from it."""
+    return th.syscall >= 0 and th.syscall_result in RESTART_CODES
 
 
 def for_restore(raw: bytes) -> bytes:

@@ -12,11 +12,12 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 from upmig import _native as nat
-from upmig import _proc, fileid, files, image, inject, memmap, regs, signals, task
+from upmig import _proc, fileid, files, image, inject, memmap, pidns, regs, signals, task, threads
 from upmig.errors import Mismatch, RestoreError, UpmigError, describe_oserror
 from upmig.inject import SCRATCH, Session
 from upmig.records import MM, Fd, Header, MappedFile, Signals, Task, Thread, Vma
@@ -29,28 +30,53 @@ MAP_FIXED_PRIVATE_ANON = 0x10 | 0x02 | 0x20
 
 @dataclass
 class ResumeResult:
-    pid: int
-    same_pid: bool
+    pid: int                # as seen here: for kill, wait, /proc
+    pid_inside: int         # as the process sees itself
+    same_pid: bool          # pid_inside is the original PID (and so are the TIDs)
+    threads: int
+    pidns_init: int         # PID 1 of its new PID namespace (--pidns), or 0
     seconds: float
 
 
+@dataclass
+class Member:
+    """A rebuilt thread: its record, its TID inside the process and here, and the
+    session that drives it."""
+
+    th: Thread
+    inner: int
+    outer: int
+    s: Session
+
+
 Notice = Callable[[str], None]
+PIDS = ("same", "new", "pidns")
 
 
-def resume(image_path: str, *, notice: Notice | None = None,
+def resume(image_path: str, *, pids: str = "same", notice: Notice | None = None,
            on_ready: Callable[[int], None] | None = None) -> ResumeResult:
     """Rebuild the process; it is left running detached from ptrace, a child of ours.
+
+    pids: "same" gives every thread its original id and refuses if one is taken;
+    "pidns" does so inside a new PID namespace; "new" takes whatever ids are free.
     on_ready(pid) is called just before it is let go (say, to forward signals)."""
+    if pids not in PIDS:
+        raise ValueError(f"pids must be one of {PIDS}")
     began = time.perf_counter()
     say = notice or (lambda msg: None)
     img = image.load(image_path)
+    ns: pidns.Namespace | None = None
     try:
         head: Header = img.one(Header)
         _check_machine(img, head)
         want = img.one(Task).pid
-        pid = _spawn_stub(want, say)
+        if pids == "same":
+            _wait_ids_free(want, [t.tid for t in img.of(Thread)], say)
+        if pids == "pidns":
+            ns = pidns.Namespace()
+        pid = _spawn_stub(0 if pids == "new" else want, ns)
         try:
-            _rebuild(pid, img, on_ready)
+            team = _rebuild(pid, img, pids != "new", on_ready)
         except BaseException as e:
             _kill(pid)
             if isinstance(e, UpmigError):
@@ -58,9 +84,21 @@ def resume(image_path: str, *, notice: Notice | None = None,
             if isinstance(e, OSError):
                 raise RestoreError(describe_oserror(e), what="resume failed") from None
             raise
+        if ns:
+            ns.watch(team[0].inner)
+            ns, init = None, ns.init
+        else:
+            init = 0
     finally:
+        if ns:
+            ns.abandon()
         img.close()
-    return ResumeResult(pid, pid == want, time.perf_counter() - began)
+    if pids == "new" and team[0].inner != want:
+        say(f"pid {want} is now pid {team[0].inner}")
+    elif init:
+        say(f"pid {want} runs in a new PID namespace; from here it is pid {pid}")
+    return ResumeResult(pid, team[0].inner, team[0].inner == want, len(team), init,
+                        time.perf_counter() - began)
 
 
 def forward_signals(pid: int) -> None:
@@ -109,34 +147,65 @@ def _check_machine(img: image.Image, head: Header) -> None:
         raise RestoreError(f"the stub loader {STUB} is missing (run make)")
 
 
-def _spawn_stub(want: int, say: Notice) -> int:
-    """The stub as our child, stopped at exec; with PID `want` if it can be had."""
+def _wait_ids_free(pid: int, tids: list[int], say: Notice) -> None:
+    """Every TID of the image must be free here. One held by a process that has
+    exited (say, the dumped process itself, not yet reaped) is waited for."""
     deadline = time.monotonic() + PID_WAIT_SECONDS
     waited = False
-    set_tid = want
     while True:
-        try:
-            pid = nat.spawn(str(STUB), set_tid, traceme=True)
-            break
-        except OSError as e:
-            if e.errno == errno.EEXIST and time.monotonic() < deadline and _dying(want):
-                if not waited:
-                    say(f"pid {want} is still taken; waiting up to {PID_WAIT_SECONDS:.0f}s "
-                        "for it to be released")
-                    waited = True
-                time.sleep(0.05)
-                continue
-            if set_tid and e.errno in (errno.EEXIST, errno.EPERM, errno.EINVAL):
-                why = "is taken" if e.errno == errno.EEXIST else "cannot be chosen here"
-                say(f"pid {want} {why}; the process gets a new pid")
-                set_tid = 0
-                continue
-            raise RestoreError(f"cannot start the stub: {describe_oserror(e)}") from None
+        taken = [t for t in tids if os.path.exists(f"/proc/{t}")]
+        if not taken:
+            return
+        if time.monotonic() < deadline and all(_dying(t) for t in taken):
+            if not waited:
+                say(f"pid {pid} is still taken; waiting up to {PID_WAIT_SECONDS:.0f}s for it "
+                    "to be released")
+                waited = True
+            time.sleep(0.05)
+            continue
+        raise Mismatch(_taken(pid, taken))
+
+
+def _taken(pid: int, taken: list[int]) -> str:
+    holder = _holder(taken[0])
+    if pid in taken:
+        what = f"pid {pid} is taken here{holder}"
+    else:
+        ids = ", ".join(map(str, taken[:5])) + (", ..." if len(taken) > 5 else "")
+        what = f"thread id{'s' if len(taken) > 1 else ''} {ids} of pid {pid} taken here{holder}"
+    return (f"{what}; programs keep their ids in memory (glibc caches every thread's), so "
+            "resume it in a new PID namespace with --pidns (or with new ids, at its own "
+            "risk, with --new-pids)")
+
+
+def _holder(tid: int) -> str:
+    try:
+        st = _proc.parse_status(_proc.read_text(tid, "status"))
+        name = repr(st["Name"])
+        return f" by {name}" if st["Tgid"] == str(tid) else f" by pid {st['Tgid']} ({name})"
+    except (UpmigError, KeyError):
+        return ""
+
+
+def _spawn_stub(want: int, ns: pidns.Namespace | None) -> int:
+    """The stub as our child, stopped at exec; with PID `want` if > 0, inside ns if
+    given."""
+    try:
+        with ns.entered() if ns else nullcontext():
+            pid = nat.spawn(str(STUB), want, traceme=True)
+    except OSError as e:
+        if e.errno == errno.EEXIST:
+            raise Mismatch(_taken(want, [want])) from None
+        if want and e.errno in (errno.EPERM, errno.EINVAL):
+            raise Mismatch(f"pid {want} cannot be chosen here ({e.strerror}); resume with "
+                           "--new-pids to take new ids") from None
+        raise RestoreError(f"cannot start the stub: {describe_oserror(e)}") from None
     _, status = nat.waitpid(pid)
     if not (os.WIFSTOPPED(status) and os.WSTOPSIG(status) == signal.SIGTRAP):
         _kill(pid)
         raise RestoreError(f"the stub {STUB} did not start (status {status:#x})")
-    nat.ptrace(nat.PTRACE_SETOPTIONS, pid, 0, nat.PTRACE_O_EXITKILL | nat.PTRACE_O_TRACESYSGOOD)
+    nat.ptrace(nat.PTRACE_SETOPTIONS, pid, 0, nat.PTRACE_O_EXITKILL | nat.PTRACE_O_TRACESYSGOOD
+               | nat.PTRACE_O_TRACECLONE)
     return pid
 
 
@@ -151,24 +220,39 @@ def _dying(pid: int) -> bool:
 
 
 def _kill(pid: int) -> None:
+    """Kill a half-built process and reap it, its threads (traced by us) first."""
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
+    except OSError:
+        tids = []
     try:
         os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    for tid in tids:
+        try:
+            nat.waitpid(tid)
+        except OSError:
+            pass
+    try:
         os.waitpid(pid, 0)
-    except (ProcessLookupError, ChildProcessError):
+    except ChildProcessError:
         pass
 
 
 # ---- the stages
 
-def _rebuild(pid: int, img: image.Image, on_ready: Callable[[int], None] | None) -> None:
+def _rebuild(pid: int, img: image.Image, set_tid: bool,
+             on_ready: Callable[[int], None] | None) -> list[Member]:
     stub_regs = nat.get_regs(pid)
     nat.set_sigmask(pid, (1 << 64) - 1)  # nothing is delivered while we work
     inj = nat.Injector(pid, stub_regs, regs.decode(stub_regs).rip)
     mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
-    # The stub and upmig share a CPU during the bursts of injected syscalls; the bulk
-    # page copy in between runs unpinned, on every CPU.
+    # The stub and upmig share a CPU during the bursts of injected syscalls (threads
+    # cloned from it inherit that); the bulk page copy in between runs unpinned.
     cpu = _proc.last_cpu(os.getpid())
     os.sched_setaffinity(pid, {cpu})
+    tsk: Task = img.one(Task)
     try:
         vmas = img.of(Vma)
         with inject.pinned_with(pid, cpu):
@@ -182,32 +266,53 @@ def _rebuild(pid: int, img: image.Image, on_ready: Callable[[int], None] | None)
         _fill_memory(pid, img)
         with inject.pinned_with(pid, cpu):
             memmap.finish_vmas(s, vmas)
-            memmap.restore_mm(s, img.one(MM), img.one(Task).exe)
-            _stage_task(s, pid, img, mem_fd)
+            memmap.restore_mm(s, img.one(MM), tsk.exe)
+            tgid = pidns.inner_pid(pid)
+            _stage_process(s, pid, tgid, img)
+            team = _stage_threads(s, pid, tgid, img.of(Thread), set_tid)
+            for m in team:  # credentials last: they may drop our rights over it
+                task.restore_creds(m.s, pid, m.outer, tsk)
             inj.call(nr.munmap, scratch, SCRATCH, what="munmap(scratch)")
-            _stage_registers(pid, img.one(Thread), img.one(Signals).blocked)
-        task.restore_affinity(pid, img.one(Task))
+            for m in team:
+                _stage_registers(m.outer, m.th)
+        for m in team:
+            threads.restore_affinity(m.outer, m.th)
     finally:
         os.close(mem_fd)
     if on_ready:
         on_ready(pid)
-    nat.ptrace(nat.PTRACE_DETACH, pid, 0, 0)
-    for sig in inj.held_signals:  # a SIGSTOP sent while we worked
+    for m in team:  # all set: let them all go
+        nat.ptrace(nat.PTRACE_DETACH, m.outer, 0, 0)
+    for sig in {sig for m in team for sig in m.s.inj.held_signals}:  # a SIGSTOP meanwhile
         os.kill(pid, sig)
+    return team
 
 
-def _stage_task(s: Session, pid: int, img: image.Image, mem_fd: int) -> None:
-    """Files, task state and signals; credentials last, as they drop our rights."""
+def _stage_process(s: Session, pid: int, tgid: int, img: image.Image) -> None:
+    """What the threads share: limits, cwd and ids, files, signal dispositions."""
     tsk: Task = img.one(Task)
     task.restore_limits(s, pid, tsk)  # before the fds: RLIMIT_NOFILE bounds their numbers
     task.restore_early(s, tsk)
     files.restore(s, pid, img.of(Fd))
-    regs.restore_thread_links(s, img.one(Thread))
-    signals.restore(s, pid, img.one(Signals))
-    if pid != tsk.pid and tsk.clear_child_tid:
-        # glibc caches the thread's TID where clear_child_tid points.
-        os.pwrite(mem_fd, pid.to_bytes(4, "little"), tsk.clear_child_tid)
-    task.restore_creds(s, pid, tsk)
+    signals.restore(s, tgid, img.one(Signals))
+
+
+def _stage_threads(s: Session, pid: int, tgid: int, recs: list[Thread],
+                   set_tid: bool) -> list[Member]:
+    """Clone every thread from the leader, then give each its own state."""
+    leader, *others = recs
+    team = [Member(leader, tgid, pid, s)]
+    for th in others:
+        inner, outer = threads.clone(s, th, set_tid)
+        ts = Session(nat.Injector(outer, nat.get_regs(outer), s.inj.gadget), s.scratch,
+                     s.mem_fd)
+        team.append(Member(th, inner, outer, ts))
+    for m in team:
+        threads.restore(m.s, m.th, tgid, m.inner)
+        if m.inner != m.th.tid and m.th.clear_child_tid:
+            # glibc caches each thread's TID where its clear_child_tid points.
+            os.pwrite(s.mem_fd, m.inner.to_bytes(4, "little"), m.th.clear_child_tid)
+    return team
 
 
 def _clear_stub(pid: int, inj: nat.Injector, mem_fd: int, vmas: list[Vma]) -> None:
@@ -241,14 +346,14 @@ def _fill_memory(pid: int, img: image.Image) -> None:
         nat.fill_pages(pid, -1, src, pd.runs)
 
 
-def _stage_registers(pid: int, th: Thread, blocked: int) -> None:
-    here = nat.get_regset(pid, nat.NT_X86_XSTATE)
+def _stage_registers(tid: int, th: Thread) -> None:
+    here = nat.get_regset(tid, nat.NT_X86_XSTATE)
     _check_xsave(th.xsave, here)
     # The kernel takes only an area of its own size; the header's xstate_bv says
     # which parts of a shorter saved area are valid, the rest is zero.
-    nat.set_regset(pid, nat.NT_X86_XSTATE, th.xsave.ljust(len(here), b"\0"))
-    nat.set_regs(pid, regs.for_restore(th.regs))
-    nat.set_sigmask(pid, blocked)
+    nat.set_regset(tid, nat.NT_X86_XSTATE, th.xsave.ljust(len(here), b"\0"))
+    nat.set_regs(tid, regs.for_restore(th.regs))
+    nat.set_sigmask(tid, th.blocked)
 
 
 def _check_xsave(saved: bytes, here: bytes) -> None:

@@ -1,7 +1,8 @@
-"""Signal state: dispositions, blocked mask, pending queues, alternate stack, itimers.
+"""Signal state the threads share: dispositions, the shared pending queue, itimers.
+(Each thread's mask, private queue and altstack are in upmig.threads.)
 
-Dispositions, the altstack and itimers are only visible from inside, so dump reads
-them by injected syscalls; restore sets them the same way."""
+Dispositions and itimers are only visible from inside, so dump reads them by
+injected syscalls; restore sets them the same way."""
 
 from __future__ import annotations
 
@@ -20,8 +21,7 @@ ITIMERS = (0, 1, 2)                   # ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF
 SS_DISABLE, SS_ONSTACK = 2, 1
 
 
-def capture(s: Session, tid: int, blocked: int) -> Signals:
-    """blocked: the thread's mask as it was before injection blocked everything."""
+def capture(s: Session, pid: int) -> Signals:
     buf = s.scratch
     for sig in range(1, NSIG + 1):
         s.call(nr.rt_sigaction, sig, 0, buf + (sig - 1) * KSIGACTION.size, 8,
@@ -29,57 +29,48 @@ def capture(s: Session, tid: int, blocked: int) -> Signals:
     raw = s.read(buf, NSIG * KSIGACTION.size)
     actions = [[sig, *KSIGACTION.unpack_from(raw, (sig - 1) * KSIGACTION.size)]
                for sig in range(1, NSIG + 1)]
-    s.call(nr.sigaltstack, 0, buf, what="sigaltstack")
-    sp, flags, _, size = STACK_T.unpack(s.read(buf, STACK_T.size))
     itimers = []
     for which in ITIMERS:
         s.call(nr.getitimer, which, buf, what="getitimer")
         itimers.append([which, *ITIMERVAL.unpack(s.read(buf, ITIMERVAL.size))])
     # Pending signals last: an itimer that fires meanwhile is then seen as pending.
-    return Signals(actions=actions, blocked=blocked,
-                   pending_private=nat.peek_siginfo(tid, shared=False),
-                   pending_shared=nat.peek_siginfo(tid, shared=True),
-                   altstack=[sp, flags & ~SS_ONSTACK, size], itimers=itimers)
+    return Signals(actions=actions, pending_shared=nat.peek_siginfo(pid, shared=True),
+                   itimers=itimers)
 
 
-def restore(s: Session, pid: int, rec: Signals) -> None:
-    """Everything but the blocked mask, which the caller sets last (via ptrace)."""
+def restore(s: Session, tgid: int, rec: Signals) -> None:
+    """From inside the leader; tgid is the process's id as it sees itself."""
     buf = s.scratch
     for sig, handler, flags, restorer, mask in rec.actions:
         if sig in (SIGKILL, SIGSTOP):
             continue
         s.write(buf, KSIGACTION.pack(handler, flags, restorer, mask))
         s.call(nr.rt_sigaction, sig, buf, 0, 8, what=f"rt_sigaction({sig})")
-    sp, flags, size = rec.altstack
-    if not flags & SS_DISABLE:
-        s.write(buf, STACK_T.pack(sp, flags, 0, size))
-        s.call(nr.sigaltstack, buf, 0, what="sigaltstack")
     for which, *val in rec.itimers:
         if any(val):
             s.write(buf, ITIMERVAL.pack(*val))
             s.call(nr.setitimer, which, buf, 0, what="setitimer")
-    # Re-queue pending signals as the process sending to itself, which may use any
-    # si_code; all signals are blocked during injection, so none is delivered yet.
+    # Re-queued by the leader, as the process sending to itself: only so may a siginfo
+    # claim any sender (si_code). Every signal is blocked while we work.
     for info in rec.pending_shared:
         s.write(buf, info)
-        s.call(nr.rt_sigqueueinfo, pid, _signo(info), buf, what="rt_sigqueueinfo")
-    for info in rec.pending_private:
-        s.write(buf, info)
-        s.call(nr.rt_tgsigqueueinfo, pid, pid, _signo(info), buf, what="rt_tgsigqueueinfo")
+        s.call(nr.rt_sigqueueinfo, tgid, signo(info), buf, what="rt_sigqueueinfo")
 
 
-def _signo(info: bytes) -> int:
+def signo(info: bytes) -> int:
     return struct.unpack_from("<i", info, 0)[0]
 
 
 def describe(rec: Signals) -> dict:
-    """For inspect: the non-default dispositions, masks and pending signals by number."""
+    """For inspect: the non-default dispositions, shared pending signals and itimers."""
     handled = {sig: ("ignore" if h == 1 else f"handler {h:#x}")
                for sig, h, *_ in rec.actions if h != 0}
     return {
         "handled": handled,
-        "blocked": [s for s in range(1, NSIG + 1) if rec.blocked >> (s - 1) & 1],
-        "pending": sorted(_signo(i) for i in rec.pending_private + rec.pending_shared),
-        "altstack": None if rec.altstack[1] & SS_DISABLE else rec.altstack,
+        "pending": sorted(signo(i) for i in rec.pending_shared),
         "itimers": [t for t in rec.itimers if any(t[1:])],
     }
+
+
+def mask_list(mask: int) -> list[int]:
+    return [s for s in range(1, NSIG + 1) if mask >> (s - 1) & 1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import time
 
 from upmig import image, regs, signals
@@ -28,8 +29,6 @@ def _summary(img: image.Image) -> dict:
     head: Header = img.one(Header)
     tsk: Task = img.one(Task)
     mm: MM = img.one(MM)
-    th: Thread = img.one(Thread)
-    r = regs.decode(th.regs)
     vmas: list[Vma] = img.of(Vma)
     return {
         "image": img.path,
@@ -41,11 +40,7 @@ def _summary(img: image.Image) -> dict:
                     "cwd": tsk.cwd, "uid": tsk.uids[0], "gid": tsk.gids[0],
                     "umask": f"{tsk.umask:04o}", "session_leader": tsk.session_leader,
                     "brk": mm.brk},
-        "threads": [{"tid": th.tid,
-                     "state": (f"in {SYSCALL_NAMES.get(th.syscall, th.syscall)}()"
-                               if th.syscall >= 0 else "running"),
-                     "registers": {n: getattr(r, n) for n in SHOWN_REGS},
-                     "xsave_bytes": len(th.xsave)}],
+        "threads": [_thread(th) for th in img.of(Thread)],
         "vmas": [{"start": v.start, "end": v.end, "perms": v.perms, "size": v.end - v.start,
                   "stored": v.data_bytes, "what": v.path or f"[{v.role}]"} for v in vmas],
         "mapped_files": [{"path": f.path, "size": f.size,
@@ -59,6 +54,31 @@ def _summary(img: image.Image) -> dict:
                    "stored_bytes": sum(v.data_bytes for v in vmas),
                    "records": len(img.records)},
     }
+
+
+def _thread(th: Thread) -> dict:
+    r = regs.decode(th.regs)
+    sp, flags, size = th.altstack
+    return {"tid": th.tid, "comm": th.comm,
+            "state": _state(th),
+            "blocked": signals.mask_list(th.blocked),
+            "pending": sorted(signals.signo(i) for i in th.pending),
+            "altstack": None if flags & signals.SS_DISABLE else [sp, size],
+            "rseq": th.rseq is not None, "robust_list": th.robust_list is not None,
+            "cpus": th.cpus,
+            "registers": {n: getattr(r, n) for n in SHOWN_REGS},
+            "xsave_bytes": len(th.xsave)}
+
+
+def _state(th: Thread) -> str:
+    if th.syscall < 0:
+        return "running"
+    name = f"{SYSCALL_NAMES.get(th.syscall, th.syscall)}()"
+    if regs.in_syscall(th):
+        return f"in {name}"
+    res = th.syscall_result
+    shown = f"-{errno.errorcode.get(-res, -res)}" if -4096 < res < 0 else str(res)
+    return f"returning {shown} from {name}"
 
 
 def _size(n: int) -> str:
@@ -77,13 +97,17 @@ def render(s: dict) -> str:
            f"process   pid {p['pid']} {p['comm']!r}: {' '.join(p['cmdline'])}",
            f"          exe {p['exe']}  cwd {p['cwd']}  uid {p['uid']} gid {p['gid']}  "
            f"umask {p['umask']}"]
-    for t in s["threads"]:
+    out.append(f"threads   {len(s['threads'])}")
+    for i, t in enumerate(s["threads"]):
         r = t["registers"]
-        out.append(f"thread    tid {t['tid']} {t['state']}  rip {r['rip']:#x} rsp {r['rsp']:#x}  "
-                   f"xsave {t['xsave_bytes']} bytes")
-        names = [n for n in SHOWN_REGS if n not in ("rip", "rsp")]
-        for i in range(0, len(names), 5):
-            out.append("          " + "  ".join(f"{n} {r[n]:#x}" for n in names[i:i + 5]))
+        extra = "".join(f"  {k} {t[k]}" for k in ("blocked", "pending") if t[k])
+        out.append(f"thread    tid {t['tid']} {t['comm']!r} {t['state']}  rip {r['rip']:#x} "
+                   f"rsp {r['rsp']:#x}{extra}")
+        if i == 0:  # the leader's registers in full; --json has every thread's
+            names = [n for n in SHOWN_REGS if n not in ("rip", "rsp")]
+            for j in range(0, len(names), 5):
+                out.append("          " + "  ".join(f"{n} {r[n]:#x}" for n in names[j:j + 5]))
+            out.append(f"          xsave {t['xsave_bytes']} bytes")
     out.append(f"memory    {s['totals']['vmas']} vmas, {_size(s['totals']['mapped_bytes'])} "
                f"mapped, {_size(s['totals']['stored_bytes'])} stored")
     for v in s["vmas"]:
@@ -96,8 +120,7 @@ def render(s: dict) -> str:
         out.append(f"          {f['fd']:>4} {f['type']:<8} {f['path']}  flags {f['flags']} "
                    f"pos {f['pos']}{' cloexec' if f['cloexec'] else ''}{extra}")
     sig = s["signals"]
-    out.append(f"signals   handled {sorted(sig['handled'])}  blocked {sig['blocked']}  "
-               f"pending {sig['pending']}")
+    out.append(f"signals   handled {sorted(sig['handled'])}  pending (shared) {sig['pending']}")
     if sig["itimers"]:
         out.append(f"          itimers {sig['itimers']}")
     return "\n".join(out)

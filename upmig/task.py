@@ -1,5 +1,5 @@
 """Per-process kernel state: identity, cwd, umask, rlimits, credentials and
-capabilities, personality, comm, session and group leadership, clear_child_tid."""
+capabilities, personality, session and group leadership."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from upmig.inject import Session
 from upmig.records import Task
 from upmig.syscalls import nr
 
-PR_GET_DUMPABLE, PR_SET_DUMPABLE, PR_SET_KEEPCAPS, PR_SET_NAME = 3, 4, 8, 15
-PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_GET_TID_ADDRESS, PR_CAP_AMBIENT = 24, 38, 40, 47
+PR_GET_DUMPABLE, PR_SET_DUMPABLE, PR_SET_KEEPCAPS = 3, 4, 8
+PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 24, 38, 47
 PR_CAP_AMBIENT_RAISE = 2
 CAP_VERSION_3 = 0x20080522
 CAP_SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
@@ -30,8 +30,6 @@ def capture(s: Session, pid: int) -> Task:
     if cwd.endswith(" (deleted)"):
         raise CantMigrate(f"works in the deleted directory {cwd[:-10]}, which cannot be "
                           "recreated", pid=pid)
-    s.call(nr.prctl, PR_GET_TID_ADDRESS, s.scratch, what="prctl(PR_GET_TID_ADDRESS)")
-    clear_child_tid, = struct.unpack("<Q", s.read(s.scratch, 8))
     dumpable = s.call(nr.prctl, PR_GET_DUMPABLE, what="prctl(PR_GET_DUMPABLE)")
     cmdline = _proc.read_bytes(pid, "cmdline").split(b"\0")
     return Task(
@@ -49,9 +47,7 @@ def capture(s: Session, pid: int) -> Task:
         rlimits=_proc.parse_limits(_proc.read_text(pid, "limits")),
         session_leader=int(stat[6]) == pid,
         group_leader=int(stat[5]) == pid,
-        clear_child_tid=clear_child_tid,
         dumpable=dumpable,
-        cpus=_affinity(pid),
         caps=capabilities(status),
         no_new_privs=int(status.get("NoNewPrivs", "0")),
     )
@@ -59,18 +55,6 @@ def capture(s: Session, pid: int) -> Task:
 
 def capabilities(status: dict[str, str]) -> dict[str, int]:
     return {name: int(status[name], 16) for name in CAP_SETS}
-
-
-def _affinity(pid: int) -> list[int] | None:
-    cpus = os.sched_getaffinity(pid)
-    return None if len(cpus) == os.cpu_count() else sorted(cpus)
-
-
-def restore_affinity(pid: int, rec: Task) -> None:
-    """The CPUs it may run on: as before where they exist here, else all of them."""
-    here = set(range(os.cpu_count() or 1))
-    wanted = set(rec.cpus or here) & here
-    os.sched_setaffinity(pid, wanted or here)
 
 
 def _str(s: Session, text: str, at: int = 0) -> int:
@@ -89,9 +73,6 @@ def restore_early(s: Session, rec: Task) -> None:
     elif rec.group_leader:
         s.call(nr.setpgid, 0, 0, what="setpgid")
     s.call(nr.personality, rec.personality, what="personality")
-    s.call(nr.prctl, PR_SET_NAME, _str(s, rec.comm), what="prctl(PR_SET_NAME)")
-    if rec.clear_child_tid:
-        s.call(nr.set_tid_address, rec.clear_child_tid, what="set_tid_address")
 
 
 def restore_limits(s: Session, pid: int, rec: Task) -> None:
@@ -106,11 +87,12 @@ def restore_limits(s: Session, pid: int, rec: Task) -> None:
                            f"here ({os.strerror(-r)})")
 
 
-def restore_creds(s: Session, pid: int, rec: Task) -> None:
-    """Last of the task state: ids, then capabilities (dropping root ends our right
-    to change the rest)."""
+def restore_creds(s: Session, pid: int, tid: int, rec: Task) -> None:
+    """Last of the task state, in the thread tid that s drives (credentials belong to
+    each thread): ids, then capabilities (dropping root ends our right to change the
+    rest)."""
     caps = rec.caps or {}
-    have = capabilities(_proc.parse_status(_proc.read_text(pid, "status")))
+    have = capabilities(_proc.parse_status(_proc.read_text(pid, f"task/{tid}/status")))
     for cap in range(64):  # the bounding set can only shrink: drop what it lacked
         if caps and have["CapBnd"] >> cap & 1 and not caps["CapBnd"] >> cap & 1:
             s.call(nr.prctl, PR_CAPBSET_DROP, cap, what=f"prctl(PR_CAPBSET_DROP, {cap})")

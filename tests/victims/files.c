@@ -21,6 +21,8 @@
 #include <sys/sysmacros.h>
 #include <unistd.h>
 
+#include "victim.h"
+
 enum { LOG, DATA, DUP, DIR_, NUL, ZERO, URND, NFD };
 static const char *name[NFD] = {"app.log", "data.rw", "dup", ".", "null", "zero", "urandom"};
 static int fd[NFD], fl0[NFD];
@@ -28,16 +30,6 @@ static volatile sig_atomic_t stop;
 static char err[256]; /* first error seen in the loop, reported at SIGTERM */
 static void on_term(int sig) { (void)sig; stop = 1; }
 
-static void fail(const char *fmt, ...)
-{
-    char msg[256];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    printf("FAIL: %s\n", msg);
-    exit(1);
-}
 #define NOTE(...) (err[0] ? 0 : snprintf(err, sizeof err, __VA_ARGS__))
 
 static void block(long k, unsigned char *b) /* the 16 bytes written at step k */

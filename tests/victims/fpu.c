@@ -17,6 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "victim.h"
+
 #define MXCSR_VAL 0xFF80u  /* all exceptions masked, RC=toward zero, FTZ */
 #define FPUCW_VAL 0x067Fu  /* all exceptions masked, PC=53 bit, RC=down */
 
@@ -28,17 +30,6 @@ static const double dinc[4] __attribute__((aligned(32))) = {0.5, 1.0, 2.0, 0.25}
 static const double one = 1.0;
 static uint64_t out[15][4] __attribute__((aligned(32)));
 static double dout[4] __attribute__((aligned(32)));
-
-static void fail(const char *fmt, ...)
-{
-    char msg[256];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    printf("FAIL: %s\n", msg);
-    exit(1);
-}
 
 #define ZERO(i) "vpxor %%xmm" #i ", %%xmm" #i ", %%xmm" #i "\n\t" /* clears all 256 bits */
 #define ADD(i) "vpaddq " #i "*32(%[inc]), %%ymm" #i ", %%ymm" #i "\n\t"

@@ -18,6 +18,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "victim.h"
+
 #define PG 4096UL
 #define WPP (PG / 8) /* 64-bit words per page */
 #define MIB (1UL << 20)
@@ -42,17 +44,6 @@ static uint64_t xorshift(void)
 {
     rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
     return rng;
-}
-
-static void fail(const char *fmt, ...)
-{
-    char msg[256];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    printf("FAIL: %s\n", msg);
-    exit(1);
 }
 
 /* Fill (fill=1) or checksum (fill=0) the data pages of a region. */

@@ -18,6 +18,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "victim.h"
+
 #define PG 4096
 #define NPG 64
 #define SIZE (NPG * PG)
@@ -25,17 +27,6 @@
 
 static volatile sig_atomic_t stop;
 static void on_term(int sig) { (void)sig; stop = 1; }
-
-static void fail(const char *fmt, ...)
-{
-    char msg[256];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    printf("FAIL: %s\n", msg);
-    exit(1);
-}
 
 static unsigned char file_byte(size_t i) { return (unsigned char)((i * 2654435761u) >> 13); }
 /* Differs from file_byte everywhere: the xor value is 0xA5 ^ page, never 0. */

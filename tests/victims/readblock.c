@@ -14,19 +14,10 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "victim.h"
+
 static volatile sig_atomic_t stop;
 static void on_term(int sig) { (void)sig; stop = 1; }
-
-static void fail(const char *fmt, ...)
-{
-    char msg[256];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    printf("FAIL: %s\n", msg);
-    exit(1);
-}
 
 int main(void)
 {

@@ -14,6 +14,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "victim.h"
+
 #ifndef SA_RESTORER
 #define SA_RESTORER 0x04000000 /* added by libc; not part of what we installed */
 #endif
@@ -38,17 +40,6 @@ static void on_usr1(int sig, siginfo_t *si, void *uc)
                    sigismember(&cur, SIGUSR1) == 1 && sigismember(&cur, SIGHUP) == 1 &&
                    sigismember(&cur, SIGALRM) == 0;
     usr1_info_ok = sig == SIGUSR1 && si->si_signo == SIGUSR1 && si->si_code == SI_USER;
-}
-
-static void fail(const char *fmt, ...)
-{
-    char msg[256];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    printf("FAIL: %s\n", msg);
-    exit(1);
 }
 
 /* Set of the classic signals 1..31 as a bit mask (comparable with ==). */

@@ -1,0 +1,224 @@
+"""Multi-threaded processes: self-checking thread victims, real threaded programs, and
+what happens to thread ids (kept, refused when taken, --pidns, --new-pids)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import (
+    ROOT,
+    UPMIG,
+    VICTIMS,
+    migrate_at_random,
+    reap,
+    run_upmig,
+    straight_run,
+    wait_for,
+)
+
+MODES = [("mutex", "4"), ("condvar",), ("futex",), ("sigmask",), ("many", "64")]
+
+
+def _tids(pid: int) -> list[int]:
+    return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+
+
+@pytest.mark.parametrize("args", MODES, ids=[m[0] for m in MODES])
+def test_threaded_victim_survives_migration(run_victim, args):
+    r = run_victim("threads", *args)
+    r.wait_output("READY\n")
+    tids = _tids(r.pid)
+    time.sleep(0.2)
+    r.hop()
+    assert _tids(r.pid) == tids, "every thread has its own TID again"
+    time.sleep(0.2)
+    assert r.finish() == 0, r.output()
+    assert r.output() == "READY\nPASS\n"
+
+
+def test_join_on_a_sleeping_thread_completes_after_resume(run_victim):
+    r = run_victim("threads", "join")
+    r.wait_output("READY\n")
+    r.hop()            # main is in pthread_join, the other thread in nanosleep (3 s)
+    assert "JOINED" not in r.output()
+    r.wait_output("JOINED\n", timeout=10)
+    assert r.finish() == 0, r.output()
+    assert r.output() == "READY\nJOINED\nPASS\n"
+
+
+def test_threaded_chain_dump_resume_dump_resume(run_victim):
+    r = run_victim("threads", "mutex", "8")
+    r.wait_output("READY\n")
+    for _ in range(3):
+        time.sleep(0.15)
+        r.hop()
+    assert r.finish() == 0, r.output()
+    assert r.output() == "READY\nPASS\n"
+
+
+def test_threaded_victim_checks_can_fail(run_victim):
+    r = run_victim("threads", "mutex", "2", defines=("BREAK",))
+    r.wait_output("READY\n")
+    r.hop()
+    assert r.finish() == 1
+    assert "FAIL: thread 0: TLS index is 99" in r.output()
+
+
+def test_inspect_lists_every_thread_with_its_syscall(run_victim):
+    r = run_victim("threads", "futex")
+    r.wait_output("READY\n")
+    time.sleep(0.1)
+    img = r.dump("--leave-running")
+    s = json.loads(run_upmig("inspect", "--json", str(img)).stdout)
+    threads = s["threads"]
+    assert [t["tid"] for t in threads] == _tids(r.pid), "leader first, then by TID"
+    # main in sigwait: the kernel ends rt_sigtimedwait with EINTR on any stop, and
+    # glibc calls it again
+    assert threads[0]["state"] == "returning -EINTR from rt_sigtimedwait()"
+    assert [t["state"] for t in threads[1:]] == ["in futex()"] * 4
+    assert all(t["comm"] == "threads" for t in threads)
+    assert all(15 in t["blocked"] for t in threads), "SIGTERM is blocked in every thread"
+    text = run_upmig("inspect", str(img)).stdout
+    assert "threads   5\n" in text
+    for t in threads[1:]:
+        assert f"thread    tid {t['tid']} 'threads' in futex()" in text
+
+
+def _stopped_original(run_victim, *args):
+    """A threaded victim dumped with --leave-stopped: it keeps every TID taken."""
+    r = run_victim("threads", *args)
+    r.wait_output("READY\n")
+    img = r.dump("--leave-stopped")
+    wait_for(lambda: "T (stopped)" in Path(f"/proc/{r.pid}/status").read_text(), 10,
+             "the original to stop")
+    return r, img
+
+
+def _stubs() -> list[int]:
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                if Path(f"/proc/{p}/comm").read_text().strip() == "upmig-stub":
+                    out.append(int(p))
+            except OSError:
+                pass
+    return out
+
+
+def test_taken_tids_are_refused_naming_pidns(run_victim):
+    r, img = _stopped_original(run_victim, "mutex", "3")
+    res = run_upmig("resume", str(img), check=False)
+    assert res.returncode == 8, res.stderr
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert f"pid {r.pid} is taken here by 'threads'" in res.stderr
+    assert "--pidns" in res.stderr
+    assert not _stubs(), "nothing was started"
+
+
+def test_pidns_gives_the_original_ids_when_they_are_taken(run_victim):
+    r, img = _stopped_original(run_victim, "mutex", "3")
+    tids = _tids(r.pid)
+    res = run_upmig("resume", "--pidns", "--detach", "--json", str(img))
+    info = json.loads(res.stdout)
+    pid, init = info["pid"], info["pidns_init"]
+    try:
+        assert info["pid_inside"] == r.pid and info["same_pid"] and pid != r.pid
+        assert info["threads"] == len(tids)
+        status = Path(f"/proc/{pid}/status").read_text()
+        assert f"NSpid:\t{pid}\t{r.pid}\n" in status
+        inside = [int(Path(f"/proc/{pid}/task/{t}/status").read_text()
+                      .split("NSpid:")[1].split("\n")[0].split()[-1]) for t in _tids(pid)]
+        assert sorted(inside) == tids, "every thread has its original TID in the namespace"
+        assert Path(f"/proc/{init}/comm").read_text().strip() == "upmig-init"
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGTERM)   # the victim checks its TIDs against gettid()
+        assert reap(pid, timeout=20) == 0, r.output()
+        assert r.output() == "READY\nPASS\n"
+        assert reap(init, timeout=10) == 0, "PID 1 leaves with the process"
+    finally:
+        for p in (pid, init):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_pidns_in_wait_mode_exits_with_the_process_status(run_victim):
+    r, img = _stopped_original(run_victim, "futex")
+    err = r.cwd / "resume.err"
+    with open(err, "w") as errf:
+        p = subprocess.Popen([*UPMIG, "resume", "--pidns", str(img)], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=errf)
+    try:
+        wait_for(lambda: "from here it is pid" in err.read_text(), 20, "the resume notice")
+        time.sleep(0.3)
+        p.send_signal(signal.SIGTERM)  # passed on to the process, which checks and exits
+        assert p.wait(timeout=30) == 0, err.read_text()
+        assert r.output() == "READY\nPASS\n"
+    finally:
+        if p.poll() is None:
+            p.kill()
+
+
+def test_new_pids_runs_under_new_ids_and_says_so(run_victim):
+    r = run_victim("counter")
+    r.wait_output("READY\n")
+    img = r.dump("--leave-stopped")
+    res = run_upmig("resume", "--new-pids", "--detach", str(img))
+    new = int(res.stdout)
+    try:
+        assert new != r.pid
+        assert f"pid {r.pid} is now pid {new}" in res.stderr
+        time.sleep(0.2)
+        os.kill(new, signal.SIGTERM)
+        assert reap(new) == 0
+    finally:
+        try:
+            os.kill(new, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# ---- real threaded programs, as they are
+
+def python_threads_job() -> list[str]:
+    return [sys.executable, "-S", str(VICTIMS / "pythreads.py")]
+
+
+@pytest.mark.parametrize("seed", [21, 22])
+def test_python_threads_output_equals_straight_run(run_victim, tmp_path, seed):
+    expected = straight_run(python_threads_job(), tmp_path)
+    r = run_victim(python_threads_job())
+    migrate_at_random(r, hops=3, seed=seed, spread=0.6)
+    assert r.hops >= 2, "the job finished too soon; make it longer"
+    assert r.finish(sig=0, timeout=120) == 0
+    assert r.out_path.read_bytes() == expected
+
+
+NODE_JOB = ("let s = 0; for (let i = 0; i < 4e8; i++) { s = (s * 31 + i) % 1000003;"
+            " if (i % 2e7 == 0) console.log(i, s) } console.log('done', s)")
+
+
+@pytest.mark.skipif(not shutil.which("node"), reason="node is not installed")
+def test_node_is_refused_for_its_event_loop_and_runs_on(run_victim, tmp_path):
+    """node's V8 and libuv threads are frozen and released cleanly; its epoll event loop
+    is refused (descriptors are a later issue) and its output stays exactly right."""
+    expected = straight_run(["node", "-e", NODE_JOB], tmp_path)
+    r = run_victim(["node", "-e", NODE_JOB])
+    wait_for(lambda: r.output().count("\n") >= 2, 20, "node to get going")
+    assert len(_tids(r.pid)) > 4
+    res = run_upmig("dump", str(r.pid), "-o", str(r.cwd / "node.upmig"), check=False)
+    assert res.returncode == 5, res.stderr
+    assert "epoll" in res.stderr and res.stderr.count("\n") == 1
+    assert r.finish(sig=0, timeout=120) == 0
+    assert r.out_path.read_bytes() == expected

@@ -1,0 +1,20 @@
+/* victim.h - shared by the test victims: how a victim reports a failed check. */
+#ifndef VICTIM_H
+#define VICTIM_H
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+/* Print "FAIL: why" on stdout (what the tests read) and exit 1. */
+static void fail(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn, unused));
+static void fail(const char *fmt, ...)
+{
+    char msg[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    printf("FAIL: %s\n", msg);
+    exit(1);
+}
+#endif
