@@ -1,6 +1,7 @@
 """upmig benchmark: dump and resume processes with 64 MiB, 512 MiB and 2 GiB of
 touched random memory, prove every resumed copy intact, and set the figures
-against what this machine itself can move (bench/limits.c).
+against what this machine itself can move (bench/limits.c); then the cost of
+threads: a 64 MiB process with 1, 16 and 256 threads.
 
     .venv/bin/python bench/bench.py [--sizes 64,512,2048] [--quick]
 
@@ -33,6 +34,9 @@ IMAGE_DIR = "/dev/shm"  # tmpfs: the disk must not be what is measured
 MIB = 1 << 20
 LIMIT_MIB = 1024
 FIXED_TARGET = 0.150  # seconds, CLI wall time of dump and of resume -d of a tiny process
+THREAD_COUNTS = (1, 16, 256)
+THREAD_MIB = 64
+PER_THREAD_TARGET = 0.001  # seconds per extra thread, on each side
 DUMP_RATIO_TARGET = 0.6  # of process_vm_readv, for 2 GiB
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -54,7 +58,8 @@ def build(name: str) -> Path:
     src, out = BENCH / f"{name}.c", BUILD / name
     if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
         BUILD.mkdir(exist_ok=True)
-        subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-o", str(out), str(src)], check=True)
+        subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-pthread", "-o", str(out), str(src)],
+                       check=True)
     return out
 
 
@@ -110,14 +115,14 @@ def kill_and_reap(pid: int) -> None:
         pass
 
 
-def migrate(hog_bin: Path, mib: int, work: Path) -> Trip:
+def migrate(hog_bin: Path, mib: int, work: Path, threads: int = 1) -> Trip:
     """Start a hog of `mib` MiB, dump it (killing it), resume it, check its memory.
     Whatever happens, no process and no image is left behind."""
     out, img = work / f"hog{mib}.out", work / f"hog{mib}.upmig"
     resumed = None
     with open(out, "wb") as f:
-        hog = subprocess.Popen([str(hog_bin), str(mib)], stdin=subprocess.DEVNULL, stdout=f,
-                               stderr=subprocess.STDOUT, cwd=work)
+        hog = subprocess.Popen([str(hog_bin), str(mib), str(threads)], stdin=subprocess.DEVNULL,
+                               stdout=f, stderr=subprocess.STDOUT, cwd=work)
     try:
         ready = wait_line(out, ("READY",), 0, lambda: hog.poll() is None)
         dumped, dump_wall = upmig("dump", str(hog.pid), "-o", str(img), "--json")
@@ -132,6 +137,9 @@ def migrate(hog_bin: Path, mib: int, work: Path) -> Trip:
         said = wait_line(out, ("OK", "BAD"), 1, lambda: is_running(resumed))
         if said != "OK" + ready[len("READY"):]:
             raise Broken(f"{mib} MiB hog after resume: {said!r}, before dump: {ready!r}")
+        if back["threads"] != threads or dumped["threads"] != threads:
+            raise Broken(f"{threads}-thread hog: dumped {dumped['threads']} threads, "
+                         f"resumed {back['threads']}")
         return Trip(dumped, back, dump_wall, resume_wall)
     finally:
         hog.kill()
@@ -170,6 +178,39 @@ def size_row(mib: int, trips: list[Trip], limits: dict) -> tuple[str, dict]:
     return row, fig
 
 
+def thread_rows(hog: Path, work: Path, reps: int) -> list[str]:
+    """Dump and resume of a 64 MiB hog with 1, 16 and 256 threads; the cost of each
+    thread beyond the first is the difference from the 1-thread hog, per thread."""
+    med: dict[int, dict[str, float]] = {}
+    for n in THREAD_COUNTS:
+        note(f"{THREAD_MIB} MiB, {n} thread(s): {reps} trip(s)...")
+        trips = [migrate(hog, THREAD_MIB, work, n) for _ in range(reps)]
+        med[n] = {k: statistics.median(f(t) for t in trips) for k, f in (
+            ("dump", lambda t: t.dump["seconds"]), ("freeze", lambda t: t.dump["freeze_seconds"]),
+            ("frozen", lambda t: t.dump["frozen_seconds"]),
+            ("resume", lambda t: t.resume["seconds"]))}
+    rows = ["| threads | freeze | frozen | dump | per thread | resume | per thread |",
+            "|---:|---:|---:|---:|---:|---:|---:|"]
+    one = med[1]
+    for n in THREAD_COUNTS:
+        m = med[n]
+        cells = [f"{m['freeze'] * 1000:.1f} ms", f"{m['frozen'] * 1000:.0f} ms",
+                 f"{m['dump'] * 1000:.0f} ms"]
+        for side in ("dump", "resume"):
+            if side == "resume":
+                cells.append(f"{m['resume'] * 1000:.0f} ms")
+            if n == 1:
+                cells.append("")
+                continue
+            per = (m[side] - one[side]) / (n - 1)
+            cells.append(f"{per * 1000:.2f} ms {mark(per < PER_THREAD_TARGET)}")
+        rows.append(f"| {n} | " + " | ".join(cells) + " |")
+    return rows + ["", f"{THREAD_MIB} MiB touched in all; extra threads wait in pause(). "
+                   "freeze: seizing and stopping every thread; frozen: until released; "
+                   "per thread: (time - time with 1 thread) / (threads - 1), target "
+                   f"< {PER_THREAD_TARGET * 1000:.0f} ms on each side; median of {reps}."]
+
+
 def run(args: argparse.Namespace, work: Path) -> tuple[list[str], list[str]]:
     """Every measurement; (report lines, failures)."""
     hog = build("hog")
@@ -192,6 +233,12 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[str], list[str]]:
             failures.append(f"{mib} MiB: {e}")
             row = f"| {mib} MiB | FAILED |" + " |" * 8
         rows.append(row)
+
+    try:
+        threads = thread_rows(hog, work, args.reps)
+    except (Broken, subprocess.TimeoutExpired) as e:
+        failures.append(f"threads: {e}")
+        threads = [f"threads: FAILED ({e})"]
 
     reps = f"median of {args.reps}" if args.reps > 1 else "one run"
     out = [
@@ -220,6 +267,8 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[str], list[str]]:
         "| GB/s |",
         "|:---|---:|",
         *(f"| {what} | {v:.2f} |" for v, what in limits.values()),
+        "",
+        *threads,
     ]
     if 2048 in figs:
         x = figs[2048]["dump_x"]

@@ -1,13 +1,16 @@
 // hog.c - upmig benchmark victim: N MiB of touched anonymous memory, random content.
 //
-// usage: hog MIB
+// usage: hog MIB [THREADS]
 // Maps MIB MiB, fills it with xorshift64 output (one value per 8 bytes, fast and
 // incompressible), prints "READY <checksum>" and sleeps in pause(). On SIGUSR1 it
 // checks every word against the regenerated sequence and prints "OK <checksum>"
 // (or "BAD <count> words differ, first at byte <offset>"), where the checksum is
 // recomputed from memory: so the bench can tell that a resumed copy is intact.
 // The check runs inside the handler so that no signal can slip in before pause().
+// With THREADS > 1, THREADS-1 more threads wait in pause() with SIGUSR1 blocked, so
+// the main thread takes it.
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -93,12 +96,44 @@ static void on_usr1(int sig)
     errno = saved;
 }
 
+static void *idle(void *arg)
+{
+    (void)arg;
+    for (;;)
+        pause();
+    return NULL;
+}
+
+static int start_threads(unsigned long n)
+{
+    pthread_attr_t a;
+    pthread_attr_init(&a);
+    pthread_attr_setstacksize(&a, 64 << 10);   /* 256 threads: keep the maps small */
+    sigset_t usr1;                              /* inherited: blocked in every new thread */
+    sigemptyset(&usr1);
+    sigaddset(&usr1, SIGUSR1);
+    pthread_sigmask(SIG_BLOCK, &usr1, NULL);
+    for (unsigned long i = 1; i < n; i++) {
+        pthread_t t;
+        int e = pthread_create(&t, &a, idle, NULL);
+        if (e) {
+            errno = e;
+            perror("hog: pthread_create");
+            return -1;
+        }
+    }
+    pthread_sigmask(SIG_UNBLOCK, &usr1, NULL);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
-    char *end;
-    unsigned long mib = argc == 2 ? strtoul(argv[1], &end, 10) : 0;
-    if (argc != 2 || *end != '\0' || mib > (1UL << 20)) {
-        fprintf(stderr, "usage: hog MIB\n");
+    char *end = "", *tend = "";
+    unsigned long mib = argc >= 2 ? strtoul(argv[1], &end, 10) : 0;
+    unsigned long threads = argc == 3 ? strtoul(argv[2], &tend, 10) : 1;
+    if (argc < 2 || argc > 3 || *end != '\0' || *tend != '\0' || mib > (1UL << 20)
+        || threads < 1 || threads > 4096) {
+        fprintf(stderr, "usage: hog MIB [THREADS]\n");
         return 2;
     }
     nwords = (mib << 20) / 8;
@@ -118,6 +153,8 @@ int main(int argc, char **argv)
         perror("hog: sigaction");
         return 1;
     }
+    if (start_threads(threads) != 0)
+        return 1;
     char line[64], *p = line;
     put(&p, "READY ");
     put_num(&p, checksum());

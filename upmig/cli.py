@@ -140,7 +140,8 @@ def _dump(a: argparse.Namespace) -> int:
         print(json.dumps({**res.__dict__, "process": after}))
     else:
         print(f"dumped pid {res.pid} to {res.image}: {res.image_bytes / 2**20:.1f} MiB "
-              f"({res.data_bytes / 2**20:.1f} MiB of pages, {res.vmas} vmas, {res.fds} fds), "
+              f"({res.data_bytes / 2**20:.1f} MiB of pages, {res.threads} thread"
+              f"{'s' if res.threads > 1 else ''}, {res.vmas} vmas, {res.fds} fds), "
               f"frozen {res.frozen_seconds * 1000:.0f} ms; process {after}")
     return 0
 

@@ -45,7 +45,9 @@ class DumpResult:
     data_bytes: int
     vmas: int
     fds: int
-    frozen_seconds: float
+    threads: int
+    freeze_seconds: float   # seizing and stopping every thread
+    frozen_seconds: float   # from stopped to released
     seconds: float
 
 
@@ -70,6 +72,7 @@ def dump(pid: int, image_path: str, *, leave: str = "kill",
     except OSError as e:
         raise UpmigError(f"cannot write the image: {e.strerror}", what=image_path) from None
     try:
+        seizing = time.perf_counter()
         with freeze.frozen(pid) as fz:
             frozen_at = time.perf_counter()
             try:
@@ -97,8 +100,8 @@ def dump(pid: int, image_path: str, *, leave: str = "kill",
         raise
     finally:
         commit.close()
-    return DumpResult(pid, image_path, size, data, nvma, nfd, frozen,
-                      time.perf_counter() - began)
+    return DumpResult(pid, image_path, size, data, nvma, nfd, len(fz.tids),
+                      frozen_at - seizing, frozen, time.perf_counter() - began)
 
 
 def preflight(pid: int) -> None:
