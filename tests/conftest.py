@@ -90,6 +90,21 @@ def migrate_at_random(run, hops: int, seed: int, spread: float) -> None:
         run.hop()
 
 
+def feed_after_resume(r, data: bytes) -> None:
+    """Dump r while it is blocked reading stdin, resume it with a new pipe as the
+    resumer's stdin (fd 0 is re-attached to it), write data, and see it arrive."""
+    r.wait_output("READY\n")
+    time.sleep(0.2)             # now blocked
+    img = r.dump()
+    rd, wr = os.pipe()
+    r.resume(img, stdin=rd)
+    os.close(rd)
+    time.sleep(0.2)
+    os.write(wr, data)
+    r.wait_output(f"GOT {data.decode()}")
+    os.close(wr)
+
+
 class Run:
     """One victim's life: started here, then any number of dump/resume hops.
 

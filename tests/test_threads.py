@@ -18,6 +18,7 @@ from conftest import (
     ROOT,
     UPMIG,
     VICTIMS,
+    feed_after_resume,
     migrate_at_random,
     reap,
     run_upmig,
@@ -43,6 +44,63 @@ def test_threaded_victim_survives_migration(run_victim, args):
     time.sleep(0.2)
     assert r.finish() == 0, r.output()
     assert r.output() == "READY\nPASS\n"
+
+
+def test_thread_names_are_kept(run_victim):
+    r = run_victim("threads", "many", "8")
+    r.wait_output("READY\n")
+
+    def names() -> list[str]:
+        return [Path(f"/proc/{r.pid}/task/{t}/comm").read_text() for t in _tids(r.pid)]
+
+    before = names()
+    assert before[1:] == [f"park-{i}\n" for i in range(8)]
+    r.hop()
+    assert names() == before
+    assert r.finish() == 0, r.output()
+    assert r.output() == "READY\nPASS\n"
+
+
+def test_thread_blocked_in_poll_then_read_gets_the_resumers_stdin(run_victim):
+    r = run_victim("threads", "io", stdin=subprocess.PIPE)
+    feed_after_resume(r, b"hello threads\n")
+    assert r.finish() == 0, r.output()
+    assert r.output() == "READY\nGOT hello threads\nPASS\n"
+
+
+CHURN = """
+import threading, time
+n = 0
+def tick():
+    global n
+    n += 1
+print("READY", flush=True)
+end = time.monotonic() + 60
+while time.monotonic() < end:
+    ts = [threading.Thread(target=tick) for _ in range(4)]
+    for t in ts: t.start()
+    for t in ts: t.join()
+    if n % 4000 == 0:
+        print(n, flush=True)
+"""
+
+
+def test_threads_created_and_ending_during_the_freeze(run_victim):
+    """Threads come and go all the time: every dump must catch a settled set, and the
+    process must run on after each --leave-running dump and after a migration."""
+    r = run_victim([sys.executable, "-c", CHURN])
+    r.wait_output("READY\n")
+    for _ in range(4):
+        time.sleep(0.1)
+        r.dump("--leave-running")
+    seen = r.output().count("\n")
+    wait_for(lambda: r.output().count("\n") > seen + 2, 20, "it to go on creating threads")
+    r.hop()
+    seen = r.output().count("\n")
+    wait_for(lambda: r.output().count("\n") > seen + 2, 20, "the resumed one to go on")
+    lines = r.output().split()[1:]
+    assert lines == [str(4000 * (i + 1)) for i in range(len(lines))]
+    r.kill()
 
 
 def test_join_on_a_sleeping_thread_completes_after_resume(run_victim):

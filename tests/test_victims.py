@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from conftest import feed_after_resume
+
 SIMPLE = ["counter", "memory", "brk", "fpu", "privmap", "files"]
 
 
@@ -62,21 +64,6 @@ def test_blocked_in_read_on_stdin(run_victim):
     feed_after_resume(r, b"hello upmig\n")
     assert r.finish() == 0, r.output()
     assert r.output() == "READY\nGOT hello upmig\nPASS\n"
-
-
-def feed_after_resume(r, data: bytes) -> None:
-    """Dump r while it is blocked reading stdin, resume it with a new pipe as the
-    resumer's stdin (fd 0 is re-attached to it), write data, and see it arrive."""
-    r.wait_output("READY\n")
-    time.sleep(0.2)             # now blocked
-    img = r.dump()
-    rd, wr = os.pipe()
-    r.resume(img, stdin=rd)
-    os.close(rd)
-    time.sleep(0.2)
-    os.write(wr, data)
-    r.wait_output(f"GOT {data.decode()}")
-    os.close(wr)
 
 
 def test_blocked_in_nanosleep(run_victim):

@@ -12,8 +12,11 @@
 //   futex     4 threads blocked in a raw FUTEX_WAIT; woken only after SIGTERM.
 //   sigmask   per-thread signal masks, a signal pending on one thread only (blocked
 //             there), and that thread's own sigaltstack; after SIGTERM the thread
-//             unblocks it and must take it itself, on its altstack.
-//   many N    N threads park on a condition variable with per-thread TLS values.
+//             unblocks it and must take it itself, on its altstack. Also SIGHUP,
+//             blocked everywhere, pending for the whole process.
+//   many N    N threads named park-I park on a condition variable with per-thread
+//             TLS values.
+//   io        one thread blocked in poll on stdin, then read; prints GOT <line>.
 // Every mode checks that each thread's TID (gettid) is what it was at start.
 // Protocol: READY once set up; on SIGTERM (taken by sigwait in main) it stops,
 // verifies and prints PASS (or FAIL: why) and exits 0 (1).
@@ -21,6 +24,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <linux/futex.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -268,30 +272,38 @@ static void park_until_go(void)
     pthread_mutex_unlock(&lock);
 }
 
-static void block_only(int a, int b)
+/* SIGTERM (main's sigwait) and SIGHUP (pending for the process) are blocked in
+ * every thread; each thread blocks one more of its own. */
+static void block_only(int own)
 {
     sigset_t m;
     sigemptyset(&m);
-    sigaddset(&m, a);
-    sigaddset(&m, b);
+    sigaddset(&m, SIGTERM);
+    sigaddset(&m, SIGHUP);
+    if (own)
+        sigaddset(&m, own);
     pthread_sigmask(SIG_SETMASK, &m, NULL);
 }
 
-static void check_mask(const char *who, int a, int b)
+static void check_mask(const char *who, int own)
 {
     sigset_t m;
     pthread_sigmask(SIG_SETMASK, NULL, &m);
     for (int s = 1; s < 32; s++)
-        if (sigismember(&m, s) != (s == a || s == b))
+        if (sigismember(&m, s) != (s == SIGTERM || s == SIGHUP || s == own))
             fail("%s: signal %d is %sblocked", who, s, sigismember(&m, s) ? "" : "not ");
+    sigset_t p;
+    sigpending(&p);
+    if (!sigismember(&p, SIGHUP))
+        fail("%s: SIGHUP, pending for the process, is not", who);
 }
 
 static void *holds_usr1(void *arg)   /* blocks SIGUSR1: nothing is pending for it */
 {
     tls_start((long)arg);
-    block_only(SIGTERM, SIGUSR1);
+    block_only(SIGUSR1);
     park_until_go();
-    check_mask("thread A", SIGTERM, SIGUSR1);
+    check_mask("thread A", SIGUSR1);
     sigset_t p;
     sigpending(&p);   /* its own queue and the shared one: B's signal is in neither */
     if (sigismember(&p, SIGUSR2))
@@ -303,12 +315,12 @@ static void *holds_usr1(void *arg)   /* blocks SIGUSR1: nothing is pending for i
 static void *holds_usr2(void *arg)   /* SIGUSR2 pending on this thread alone */
 {
     tls_start((long)arg);
-    block_only(SIGTERM, SIGUSR2);
+    block_only(SIGUSR2);
     stack_t ss = {.ss_sp = altstack, .ss_size = sizeof altstack};
     if (sigaltstack(&ss, NULL) != 0)
         fail("sigaltstack");
     park_until_go();
-    check_mask("thread B", SIGTERM, SIGUSR2);
+    check_mask("thread B", SIGUSR2);
     sigset_t p;
     sigpending(&p);
     if (!sigismember(&p, SIGUSR2))
@@ -332,16 +344,18 @@ static void mode_sigmask(void)
     sa.sa_handler = on_usr2;
     sa.sa_flags = SA_ONSTACK;
     sigaction(SIGUSR2, &sa, NULL);
+    block_only(0);
     nthreads = 2;
     pthread_create(&th[0], NULL, holds_usr1, (void *)0);
     pthread_create(&th[1], NULL, holds_usr2, (void *)1);
     usleep(100000);                 /* both have set their masks */
     pthread_kill(th[1], SIGUSR2);   /* pending, on thread B only */
+    kill(getpid(), SIGHUP);         /* pending, for the whole process */
     printf("READY\n");
     wait_term();
     if (usr2_tid)
         fail("SIGUSR2 was delivered early, to %d", usr2_tid);
-    check_mask("main", SIGTERM, 0);
+    check_mask("main", 0);
     pthread_mutex_lock(&lock);
     atomic_store(&go, 1);
     pthread_cond_broadcast(&not_empty);
@@ -358,10 +372,17 @@ static void *parker(void *arg)
     long i = (long)arg;
     tls_start(i);
     tls_adds = i * 7 + 1;
+    char name[16];
+    snprintf(name, sizeof name, "park-%ld", i);
+    pthread_setname_np(pthread_self(), name);
     atomic_fetch_add(&parked, 1);
     park_until_go();
     if (tls_adds != i * 7 + 1)
         fail("thread %ld: TLS value %ld", i, tls_adds);
+    char now[16];
+    pthread_getname_np(pthread_self(), now, sizeof now);
+    if (strcmp(now, name))
+        fail("thread %ld is named %s, not %s", i, now, name);
     tls_check(i);
     atomic_fetch_add(&checked, 1);
     return NULL;
@@ -381,6 +402,37 @@ static void mode_many(int n)
     join_all();
     if (atomic_load(&checked) != n)
         fail("%d of %d threads checked out", atomic_load(&checked), n);
+}
+
+/* ---- io */
+
+static void *reader(void *arg)
+{
+    tls_start((long)arg);
+    struct pollfd p = {.fd = 0, .events = POLLIN};
+    int r;
+    while ((r = poll(&p, 1, -1)) < 0 && errno == EINTR)
+        ;
+    if (r != 1)
+        fail("poll returned %d: %s", r, strerror(errno));
+    char line[64];
+    ssize_t n;
+    while ((n = read(0, line, sizeof line - 1)) < 0 && errno == EINTR)
+        ;
+    if (n <= 0)
+        fail("read returned %zd", n);
+    line[n] = '\0';
+    printf("GOT %s", line);
+    tls_check((long)arg);
+    return NULL;
+}
+
+static void mode_io(void)
+{
+    start(reader, 1);
+    printf("READY\n");
+    join_all();
+    wait_term();
 }
 
 int main(int argc, char **argv)
@@ -408,6 +460,8 @@ int main(int argc, char **argv)
         mode_sigmask();
     else if (!strcmp(mode, "many"))
         mode_many(n);
+    else if (!strcmp(mode, "io"))
+        mode_io();
     else
         fail("unknown mode %s", mode);
     if (tid() != main_tid || getpid() != main_tid)
