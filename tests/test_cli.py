@@ -267,3 +267,17 @@ def test_dump_of_a_process_mapping_an_oddly_named_file(run_victim):
     assert res.returncode == 0, res.stderr
     s = json.loads(run_upmig("inspect", "--json", str(img)).stdout)
     assert any(v["what"].endswith("/we\rird.bin") for v in s["vmas"])
+
+
+def test_library_functions_survive_their_own_imports(tmp_path):
+    """upmig.dump/resume/inspect stay functions after use (a submodule of the same
+    name would replace them on first import)."""
+    import upmig
+
+    with pytest.raises(upmig.ImageError):
+        upmig.inspect(str(tmp_path / "none.upmig"))
+    with pytest.raises(upmig.NoSuchProcess):
+        upmig.dump(2**22 + 1, str(tmp_path / "x.upmig"))
+    with pytest.raises(upmig.ImageError):
+        upmig.resume(str(tmp_path / "none.upmig"))
+    assert all(callable(f) for f in (upmig.dump, upmig.resume, upmig.inspect))

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
+import upmig
 from conftest import (
     ROOT,
     UPMIG,
     VICTIMS,
+    build_victim,
     feed_after_resume,
     migrate_at_random,
     reap,
@@ -280,3 +282,74 @@ def test_node_is_refused_for_its_event_loop_and_runs_on(run_victim, tmp_path):
     assert "epoll" in res.stderr and res.stderr.count("\n") == 1
     assert r.finish(sig=0, timeout=120) == 0
     assert r.out_path.read_bytes() == expected
+
+
+FORKER = """
+import subprocess, threading, time
+threading.Thread(target=lambda: subprocess.Popen(["sleep", "60"]), daemon=True).start()
+time.sleep(0.3)
+print("READY", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_child_forked_by_another_thread_is_refused(run_victim):
+    r = run_victim([sys.executable, "-c", FORKER])
+    r.wait_output("READY\n")
+    res = run_upmig("dump", str(r.pid), "-o", str(r.cwd / "x.upmig"), check=False)
+    assert res.returncode == 5, res.stderr
+    assert "child process" in res.stderr
+    child = res.stderr.split("(")[2].split(")")[0]
+    os.kill(int(child), signal.SIGKILL)
+
+
+QUITTER = """
+import os, threading, time
+deadline = time.monotonic() + 1.0
+for _ in range(32):
+    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+print("READY", flush=True)
+while time.monotonic() < deadline:
+    time.sleep(0.001)
+os._exit(7)
+"""
+
+
+def test_a_process_that_exits_as_soon_as_it_runs_is_a_good_resume(run_victim):
+    """Its threads are let go one by one; once one has run, the process may be gone
+    before the last is let go. That is its own exit, not a failed resume."""
+    r = run_victim([sys.executable, "-c", QUITTER])
+    r.wait_output("READY\n")
+    img = r.dump()
+    time.sleep(1.0)   # past its deadline (CLOCK_MONOTONIC goes on while it is an image)
+    res = subprocess.run([*UPMIG, "resume", str(img)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 7, res.stderr
+    assert res.stderr == ""
+
+
+def test_library_dump_by_the_parent_of_a_threaded_process(tmp_path):
+    """upmig.dump() called by the process's own parent leaves it a zombie for the
+    caller to reap, threads and all."""
+    with open(tmp_path / "out", "wb") as out:
+        p = subprocess.Popen([str(build_victim("threads")), "futex"], stdin=subprocess.DEVNULL,
+                             stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+    wait_for(lambda: "READY" in (tmp_path / "out").read_text(), 10, "READY")
+    res = upmig.dump(p.pid, str(tmp_path / "t.upmig"))
+    assert res.threads == 5
+    assert p.wait(timeout=10) == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("how", ["migrated", "left-running"])
+def test_thread_caught_in_an_rseq_critical_section_goes_to_its_abort_handler(run_victim,
+                                                                            how):
+    r = run_victim("rseqcs")
+    r.wait_output("READY\n")
+    time.sleep(0.2)
+    if how == "migrated":
+        r.hop()
+    else:
+        r.dump("--leave-running")
+    time.sleep(0.2)
+    assert r.finish(timeout=10) == 0, r.output()
+    assert r.output() == "READY\nPASS\n"

@@ -17,8 +17,9 @@ __version__ = "0.1.0"
 
 
 def dump(pid, image_path, **kwargs):
-    """Freeze pid, write its image to image_path; see upmig.dump.dump."""
-    from upmig.dump import dump as _dump
+    """Freeze pid, write its image to image_path; see upmig.dumper.dump. (No module may
+    be named like these functions: importing it would replace the function.)"""
+    from upmig.dumper import dump as _dump
 
     return _dump(pid, image_path, **kwargs)
 

@@ -154,6 +154,7 @@ class Injector:
         # point past it, and an exception may have come between two calls.
         self.regs[16] = self.gadget
         self.held[0] = 0
+        self.clone_msg[0] = 0
         rc = lib.up_inject(self.pid, self.regs, nr, self.args, self.ret, self.held,
                            self.clone_msg)
         if self.held[0]:

@@ -123,7 +123,7 @@ class _Progress:
 
 
 def _dump(a: argparse.Namespace) -> int:
-    from upmig.dump import dump
+    from upmig.dumper import dump
 
     leave = "run" if a.leave_running else "stop" if a.leave_stopped else "kill"
     progress = _Progress(f"dumping pid {a.pid}")

@@ -51,6 +51,8 @@ def _seize(fz: Frozen, pid: int, tid: int) -> None:
             if tid != pid and _alive(pid):
                 raise _ThreadGone() from None
             raise NoSuchProcess("exited while being frozen", pid=pid) from None
+        if e.errno == errno.EPERM and tid != pid and _exiting(pid, tid):
+            raise _ThreadGone() from None  # the kernel will not seize a dying thread
         if e.errno == errno.EPERM:
             tracer = _proc.parse_status(_proc.read_text(pid, "status")).get("TracerPid", "0")
             why = (f"is already traced by pid {tracer}" if tracer != "0"
@@ -85,6 +87,14 @@ def _wait_stopped(pid: int, tid: int) -> None:
         nat.ptrace(nat.PTRACE_CONT, tid, 0, os.WSTOPSIG(status))
 
 
+def _exiting(pid: int, tid: int) -> bool:
+    try:
+        state = _proc.parse_status(_proc.read_text(pid, f"task/{tid}/status")).get("State", "")
+    except UpmigError:
+        return True
+    return state.startswith(("Z", "X"))
+
+
 def _alive(pid: int) -> bool:
     try:
         state = _proc.parse_status(_proc.read_text(pid, "status")).get("State", "")
@@ -112,7 +122,7 @@ def _release(fz: Frozen) -> None:
         # The leader is reported only once its traced threads are reaped: them first.
         for tid in sorted(fz.tids, key=lambda t: t == fz.pid):
             try:
-                if ours:
+                if ours and tid == fz.pid:
                     os.waitid(os.P_PID, tid, os.WEXITED | os.WNOWAIT | WALL)
                 else:
                     nat.waitpid(tid)

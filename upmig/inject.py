@@ -92,8 +92,10 @@ def session(pid: int, regs: bytes, gadget: int, mem_fd: int, tid: int = 0,
                 if owned and scratch:
                     inj.raw(nr.munmap, scratch, SCRATCH)
             finally:
+                # Back into an interrupt stop with every signal still blocked, so that
+                # none is delivered behind the dump's back; then its own mask.
                 nat.set_regs(tid, regs)
-                nat.set_sigmask(tid, mask)
                 freeze.restop(pid, tid)
+                nat.set_sigmask(tid, mask)
                 for sig in inj.held_signals:  # say, a SIGSTOP sent meanwhile
                     os.kill(pid, sig)

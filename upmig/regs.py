@@ -4,6 +4,8 @@ a thread caught inside a syscall restart it correctly in its new life."""
 from __future__ import annotations
 
 import ctypes
+import os
+import struct
 
 from ptrace.binding.linux_struct import user_regs_struct
 
@@ -29,13 +31,39 @@ def signed(v: int) -> int:
     return ctypes.c_long(v).value
 
 
-def capture(tid: int) -> Thread:
+def capture(tid: int, mem_fd: int) -> Thread:
+    """A stopped thread's registers; mem_fd (its process's /proc/PID/mem) is for
+    reading its rseq critical-section descriptor."""
     raw = nat.get_regs(tid)
     r = decode(raw)
     orig, rax = signed(r.orig_rax), signed(r.rax)
+    rseq = nat.get_rseq(tid)
+    if rseq and orig < 0:
+        raw = _abort_rseq_cs(raw, rseq[0], mem_fd)
     return Thread(tid=tid, regs=raw, xsave=nat.get_regset(tid, nat.NT_X86_XSTATE),
-                  syscall=orig if orig >= 0 else -1, syscall_result=rax,
-                  rseq=nat.get_rseq(tid))
+                  syscall=orig if orig >= 0 else -1, syscall_result=rax, rseq=rseq)
+
+
+RSEQ_CS_PTR = 8                        # offset of rseq_cs in struct rseq
+RSEQ_CS = struct.Struct("<IIQQQ")      # version, flags, start_ip, post_commit_offset, abort_ip
+
+
+def _abort_rseq_cs(raw: bytes, area: int, mem_fd: int) -> bytes:
+    """A thread stopped inside an rseq critical section goes on at its abort handler,
+    as the kernel would send it there on its way back to user space. (Injected
+    syscalls return to user space elsewhere, where the kernel only clears rseq_cs.)"""
+    try:
+        cs, = struct.unpack("<Q", os.pread(mem_fd, 8, area + RSEQ_CS_PTR))
+        if not cs:
+            return raw
+        _, _, start, length, abort = RSEQ_CS.unpack(os.pread(mem_fd, RSEQ_CS.size, cs))
+    except (OSError, struct.error):
+        return raw  # an unreadable descriptor: the kernel would kill it; leave it be
+    r = decode(raw)
+    if (r.rip - start) & 0xFFFFFFFFFFFFFFFF < length:
+        r.rip = abort
+        return encode(r)
+    return raw
 
 
 def restore_thread_links(s: Session, th: Thread) -> None:

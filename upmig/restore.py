@@ -74,21 +74,27 @@ def resume(image_path: str, *, pids: str = "same", notice: Notice | None = None,
             _wait_ids_free(want, [t.tid for t in img.of(Thread)], say)
         if pids == "pidns":
             ns = pidns.Namespace()
-        pid = _spawn_stub(0 if pids == "new" else want, ns)
+
+        def ready(pid: int) -> None:
+            if ns:  # before it runs: from now on its namespace lives as long as it does
+                ns.watch(pidns.inner_pid(pid))
+            if on_ready:
+                on_ready(pid)
+
+        pid = 0
         try:
-            team = _rebuild(pid, img, pids != "new", on_ready)
+            pid = _spawn_stub(0 if pids == "new" else want, ns)
+            team = _rebuild(pid, img, pids != "new", ready)
         except BaseException as e:
-            _kill(pid)
+            if pid:
+                _kill(pid)
             if isinstance(e, UpmigError):
                 raise
             if isinstance(e, OSError):
                 raise RestoreError(describe_oserror(e), what="resume failed") from None
             raise
-        if ns:
-            ns.watch(team[0].inner)
-            ns, init = None, ns.init
-        else:
-            init = 0
+        init = ns.init if ns else 0
+        ns = None  # it is the process's now
     finally:
         if ns:
             ns.abandon()
@@ -200,12 +206,15 @@ def _spawn_stub(want: int, ns: pidns.Namespace | None) -> int:
             raise Mismatch(f"pid {want} cannot be chosen here ({e.strerror}); resume with "
                            "--new-pids to take new ids") from None
         raise RestoreError(f"cannot start the stub: {describe_oserror(e)}") from None
-    _, status = nat.waitpid(pid)
-    if not (os.WIFSTOPPED(status) and os.WSTOPSIG(status) == signal.SIGTRAP):
+    try:
+        _, status = nat.waitpid(pid)
+        if not (os.WIFSTOPPED(status) and os.WSTOPSIG(status) == signal.SIGTRAP):
+            raise RestoreError(f"the stub {STUB} did not start (status {status:#x})")
+        nat.ptrace(nat.PTRACE_SETOPTIONS, pid, 0, nat.PTRACE_O_EXITKILL
+                   | nat.PTRACE_O_TRACESYSGOOD | nat.PTRACE_O_TRACECLONE)
+    except BaseException:
         _kill(pid)
-        raise RestoreError(f"the stub {STUB} did not start (status {status:#x})")
-    nat.ptrace(nat.PTRACE_SETOPTIONS, pid, 0, nat.PTRACE_O_EXITKILL | nat.PTRACE_O_TRACESYSGOOD
-               | nat.PTRACE_O_TRACECLONE)
+        raise
     return pid
 
 
@@ -282,9 +291,18 @@ def _rebuild(pid: int, img: image.Image, set_tid: bool,
     if on_ready:
         on_ready(pid)
     for m in team:  # all set: let them all go
-        nat.ptrace(nat.PTRACE_DETACH, m.outer, 0, 0)
+        try:
+            nat.ptrace(nat.PTRACE_DETACH, m.outer, 0, 0)
+        except OSError as e:
+            if e.errno != errno.ESRCH:
+                raise
+            # A thread let go before has ended the process (or exec'd): it ran, and
+            # what it did is its own business, not a failed resume.
     for sig in {sig for m in team for sig in m.s.inj.held_signals}:  # a SIGSTOP meanwhile
-        os.kill(pid, sig)
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
     return team
 
 

@@ -17,7 +17,7 @@ import struct
 
 from upmig import _native as nat
 from upmig import _proc, regs
-from upmig.errors import CantMigrate, RestoreError
+from upmig.errors import CantMigrate, Mismatch, RestoreError
 from upmig.inject import Session
 from upmig.records import Thread
 from upmig.signals import SS_DISABLE, SS_ONSTACK, STACK_T, signo
@@ -59,7 +59,6 @@ def capture(s: Session, pid: int, th: Thread) -> None:
     thread that s drives."""
     tid = th.tid
     th.blocked = s.blocked
-    th.pending = nat.peek_siginfo(tid, shared=False)
     th.comm = _proc.read_text(pid, f"task/{tid}/comm").rstrip("\n")
     th.cpus = affinity(tid)
     th.robust_list = nat.get_robust_list(tid)
@@ -68,6 +67,12 @@ def capture(s: Session, pid: int, th: Thread) -> None:
     s.call(nr.sigaltstack, 0, s.scratch, what="sigaltstack")
     sp, flags, _, size = STACK_T.unpack(s.read(s.scratch, STACK_T.size))
     th.altstack = [sp, flags & ~SS_ONSTACK, size]
+
+
+def capture_pending(recs: list[Thread]) -> None:
+    """Each thread's private queue, read once all are stopped for good."""
+    for th in recs:
+        th.pending = nat.peek_siginfo(th.tid, shared=False)
 
 
 def affinity(tid: int) -> list[int] | None:
@@ -87,11 +92,16 @@ def clone(s: Session, th: Thread, set_tid: bool) -> tuple[int, int]:
                                   tid_at if set_tid else 0, 1 if set_tid else 0, 0))
     inner = s.inj.raw(nr.clone3, args, CLONE_ARGS.size)
     if inner == -errno.EEXIST:
-        raise RestoreError(f"thread id {th.tid} was taken meanwhile; try again, or use "
-                           "--pidns")
+        raise Mismatch(f"thread id {th.tid} was taken meanwhile; try again, or resume with "
+                       "--pidns")
+    if inner in (-errno.EPERM, -errno.EINVAL) and set_tid:
+        raise Mismatch(f"thread id {th.tid} cannot be chosen here ({os.strerror(-inner)}); "
+                       "resume with --new-pids to take new ids")
     if inner < 0:
         raise OSError(-inner, f"clone3(thread {th.tid}): {os.strerror(-inner)}")
     outer = s.inj.cloned()
+    if not outer:
+        raise RestoreError(f"clone3(thread {th.tid}) made no ptrace clone event")
     _wait_first_stop(outer)
     return inner, outer
 

@@ -116,7 +116,7 @@ def preflight(pid: int) -> None:
         raise NoSuchProcess("is a zombie (it has exited)", pid=pid)
     if status.get("Seccomp", "0") != "0":
         raise CantMigrate("runs under a seccomp filter, which is not supported yet", pid=pid)
-    children = _proc.read_text(pid, f"task/{pid}/children").split()
+    children = _children(pid)
     if children:
         raise CantMigrate(f"has {len(children)} child process(es) ({', '.join(children[:5])}); "
                           "process trees are not supported yet", pid=pid)
@@ -133,6 +133,22 @@ def preflight(pid: int) -> None:
             if nat.lib.up_kcmp(pid, ppid, kind, 0, 0) == 0:
                 raise CantMigrate(f"shares {what} with its parent pid {ppid} (vfork or "
                                   "clone); this is not supported yet", pid=pid)
+
+
+def _children(pid: int) -> list[str]:
+    """Children forked by any of its threads (each thread lists its own)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        raise NoSuchProcess("no such process", pid=pid) from None
+    out = []
+    for tid in tids:
+        try:
+            out += _proc.read_text(pid, f"task/{tid}/children").split()
+        except NoSuchProcess:
+            if tid == str(pid):
+                raise  # a thread may end meanwhile; the process may not
+    return out
 
 
 def _identify_mapped(pid: int) -> dict[str, MappedFile]:
@@ -163,9 +179,9 @@ def _capture_and_write(pid: int, fz: freeze.Frozen, fd: int, note: Progress,
     others = [t for t in fz.tids if t != pid]
     threads.check_creds(pid, others)
     note("registers", 0)
-    leader = regs.capture(pid)  # before injection moves the registers about
     mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
     try:
+        leader = regs.capture(pid, mem_fd)  # before injection moves the registers about
         note("state", 0)
         vdso = [m for m in _proc.parse_maps(_proc.read_text(pid, "maps")) if m.path == "[vdso]"]
         if not vdso:
@@ -177,6 +193,9 @@ def _capture_and_write(pid: int, fz: freeze.Frozen, fd: int, note: Progress,
             threads.capture(s, pid, leader)
             brk = s.call(nr.brk, 0, what="brk(0)")
             thread_recs = [leader, *_capture_threads(s, pid, others)]
+        # Pending signals last, every thread stopped: one sent meanwhile is in the image.
+        threads.capture_pending(thread_recs)
+        sig.pending_shared = nat.peek_siginfo(pid, shared=True)
         mm = memmap.capture_mm(pid, brk)
         vmas = memmap.list_vmas(pid)      # again: the scratch page is gone now
         fds = files.capture(pid)
@@ -212,7 +231,7 @@ def _capture_threads(s: inject.Session, pid: int, tids: list[int]) -> list[Threa
     area (the memory is shared) holds the syscalls' arguments."""
     out = []
     for tid in tids:
-        th = regs.capture(tid)
+        th = regs.capture(tid, s.mem_fd)
         with inject.pinned_with(pid, tid=tid), \
                 inject.session(pid, th.regs, s.inj.gadget, s.mem_fd, tid, s.scratch) as ts:
             threads.capture(ts, pid, th)
