@@ -353,3 +353,35 @@ def test_thread_caught_in_an_rseq_critical_section_goes_to_its_abort_handler(run
     time.sleep(0.2)
     assert r.finish(timeout=10) == 0, r.output()
     assert r.output() == "READY\nPASS\n"
+
+
+SOCKET_AND_THREADS = """
+import socket, threading, time
+s = socket.socket()      # refused, but only found once every thread has been captured
+counts = [0] * 4
+def work(i):
+    while True:
+        counts[i] += 1
+        time.sleep(0.001)
+for i in range(4):
+    threading.Thread(target=work, args=(i,), daemon=True).start()
+print("READY", flush=True)
+while True:
+    time.sleep(0.05)
+    print(sum(counts), flush=True)
+"""
+
+
+def test_a_refused_threaded_process_has_every_thread_released(run_victim):
+    r = run_victim([sys.executable, "-c", SOCKET_AND_THREADS])
+    wait_for(lambda: r.output().count("\n") >= 3, 10, "it to count")
+    tids = _tids(r.pid)
+    assert len(tids) == 5
+    res = run_upmig("dump", str(r.pid), "-o", str(r.cwd / "x.upmig"), check=False)
+    assert res.returncode == 5 and "socket" in res.stderr, res.stderr
+    assert not list(r.cwd.glob("*.upmig*")), "no image and no partial file"
+    for t in tids:
+        st = Path(f"/proc/{r.pid}/task/{t}/status").read_text()
+        assert "TracerPid:\t0\n" in st and "State:\tt" not in st, f"thread {t}: {st[:200]}"
+    last = int(r.output().split()[-1])
+    wait_for(lambda: int(r.output().split()[-1]) > last + 100, 10, "the threads to go on")
