@@ -669,6 +669,56 @@ int up_get_robust_list(int tid, uint64_t *head, uint64_t *len)
     return 0;
 }
 
+int up_pidfd_getfd(int pidfd, int fd)
+{
+    long r = syscall(SYS_pidfd_getfd, pidfd, fd, 0);
+    return r < 0 ? -errno : (int)r;
+}
+
+long up_pipe_peek(int fd, void *buf, size_t cap)
+{
+    int queued = 0;
+    if (ioctl(fd, FIONREAD, &queued) < 0)
+        return -errno;
+    if (queued == 0)
+        return 0;
+    if ((size_t)queued > cap)
+        return -EOVERFLOW;
+    int p[2];
+    if (pipe2(p, O_CLOEXEC | O_NONBLOCK) < 0)
+        return -errno;
+    long ret;
+    if (fcntl(p[1], F_SETPIPE_SZ, (int)cap) < 0) {
+        ret = -errno;
+        goto out;
+    }
+    ssize_t n = tee(fd, p[1], cap, SPLICE_F_NONBLOCK);
+    if (n < 0) {
+        ret = -errno;
+        goto out;
+    }
+    if (n != queued) {          /* tee stops at the first buffer that will not fit */
+        ret = -EOVERFLOW;
+        goto out;
+    }
+    size_t got = 0;
+    while (got < (size_t)n) {
+        ssize_t r = read(p[0], (char *)buf + got, (size_t)n - got);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0) {
+            ret = r < 0 ? -errno : -EIO;
+            goto out;
+        }
+        got += (size_t)r;
+    }
+    ret = (long)got;
+out:
+    close(p[0]);
+    close(p[1]);
+    return ret;
+}
+
 int up_setns(int fd, int nstype)
 {
     return setns(fd, nstype) < 0 ? -errno : 0;

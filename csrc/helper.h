@@ -52,6 +52,14 @@ int up_inject(int pid, void *regs, long nr, const uint64_t *args, int64_t *ret,
 /* get_robust_list of another thread: its list head and the head's length. */
 int up_get_robust_list(int tid, uint64_t *head, uint64_t *len);
 
+/* pidfd_getfd(pidfd, fd, 0): a copy, in this process, of another process's fd. */
+int up_pidfd_getfd(int pidfd, int fd);
+
+/* The bytes buffered in the pipe whose read end is fd, without consuming them
+ * (tee into a pipe of our own): up to cap bytes into buf; returns the count, or
+ * -EOVERFLOW if fewer than FIONREAD says are buffered could be had. */
+long up_pipe_peek(int fd, void *buf, size_t cap);
+
 /* setns(fd, nstype). */
 int up_setns(int fd, int nstype);
 

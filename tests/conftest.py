@@ -111,13 +111,14 @@ class Run:
     Its stdout is the regular file `stdout.txt` in its own directory, so it keeps
     writing to the same file after every resume."""
 
-    def __init__(self, argv: list[str], cwd: Path, stdin=subprocess.DEVNULL, preexec_fn=None):
+    def __init__(self, argv: list[str], cwd: Path, stdin=subprocess.DEVNULL, preexec_fn=None,
+                 pass_fds=()):
         self.cwd = cwd
         self.out_path = cwd / "stdout.txt"
         self.proc = subprocess.Popen(argv, cwd=cwd, stdin=stdin,
                                      stdout=open(self.out_path, "wb"),
                                      stderr=subprocess.STDOUT, close_fds=True,
-                                     preexec_fn=preexec_fn)
+                                     preexec_fn=preexec_fn, pass_fds=pass_fds)
         self.pid = self.proc.pid
         self.cmdline = b""  # read once it has exec'd: how we recognise it when rebuilt
         self.resumer: subprocess.Popen | None = None  # `upmig resume` in wait mode
@@ -196,14 +197,14 @@ def run_victim(tmp_path):
     runs: list[Run] = []
 
     def start(name_or_argv, *args: str, stdin=subprocess.DEVNULL, defines=(),
-              preexec_fn=None) -> Run:
+              preexec_fn=None, pass_fds=()) -> Run:
         if isinstance(name_or_argv, str):
             argv = [str(build_victim(name_or_argv, *defines)), *args]
         else:
             argv = list(name_or_argv)
         d = tmp_path / f"run{len(runs)}"
         d.mkdir(exist_ok=True)
-        r = Run(argv, d, stdin=stdin, preexec_fn=preexec_fn)
+        r = Run(argv, d, stdin=stdin, preexec_fn=preexec_fn, pass_fds=pass_fds)
         runs.append(r)
         return r
 

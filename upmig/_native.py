@@ -290,6 +290,18 @@ def get_robust_list(tid: int) -> list[int] | None:
     return [int(head[0]), int(size[0])] if head[0] else None
 
 
+def pidfd_getfd(pidfd: int, fd: int, pid: int) -> int:
+    """A copy in upmig of fd of the process behind pidfd (close-on-exec)."""
+    return check(lib.up_pidfd_getfd(pidfd, fd), f"pidfd_getfd(fd {fd})", pid)
+
+
+def pipe_peek(fd: int, cap: int) -> bytes:
+    """What is buffered in the pipe whose read end is fd (ours), left in place."""
+    buf = ffi.new("char[]", max(cap, 1))
+    n = check(lib.up_pipe_peek(fd, buf, cap), "reading a pipe's buffer (tee)")
+    return bytes(ffi.buffer(buf, n))
+
+
 def setns(fd: int, nstype: int) -> None:
     check(lib.up_setns(fd, nstype), "setns")
 

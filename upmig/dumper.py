@@ -198,7 +198,7 @@ def _capture_and_write(pid: int, fz: freeze.Frozen, fd: int, note: Progress,
         sig.pending_shared = nat.peek_siginfo(pid, shared=True)
         mm = memmap.capture_mm(pid, brk)
         vmas = memmap.list_vmas(pid)      # again: the scratch page is gone now
-        fds = files.capture(pid)
+        fds, pipe_recs = files.capture(pid)
         mapped = sorted({v.path for v in vmas if v.role == "file"} | {tsk.exe})
         identities = [fileid.still(known.get(p)) or fileid.identify(p) for p in mapped]
         note("pages", 0)
@@ -217,7 +217,7 @@ def _capture_and_write(pid: int, fz: freeze.Frozen, fd: int, note: Progress,
             w.pages(pid, -1, readable)
         if hidden:
             w.pages(pid, mem_fd, hidden)  # /proc/PID/mem reads what mprotect hides
-        for rec in fds:
+        for rec in (*fds, *pipe_recs):
             w.record(rec)
         w.finish()
         note("done", 0)

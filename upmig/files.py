@@ -1,24 +1,31 @@
 """The fd table: one record per fd, by kind (regular file, directory, character
-device, or an fd inherited from whoever runs `upmig resume`)."""
+device, a pipe inside the process, eventfd, epoll, or an fd inherited from
+whoever runs `upmig resume`). Pipes and event descriptors have modules of their
+own (upmig.pipes, upmig.evfds); this one decides what each fd is and puts every
+one back at its number."""
 
 from __future__ import annotations
 
 import os
 import stat
+from dataclasses import dataclass
 
 from upmig import _native as nat
-from upmig import _proc
+from upmig import _proc, evfds, pipes
 from upmig.errors import CantMigrate, RestoreError
 from upmig.inject import Session
-from upmig.records import Fd
+from upmig.records import Fd, Pipe
 from upmig.syscalls import nr
 
 O_CLOEXEC = 0o2000000
 O_CREAT, O_EXCL, O_NOCTTY, O_TRUNC, O_PATH = 0o100, 0o200, 0o400, 0o1000, 0o10000000
 AT_FDCWD = -100
-F_SETFL = 4
+F_DUPFD, F_SETFD, F_SETFL = 0, 2, 4
 # Devices with no state of their own: reopened by path on the target.
 PLAIN_DEVICES = {"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"}
+MOVABLE_ANON = {"[eventfd]": "eventfd", "[eventpoll]": "epoll"}
+PATH_TYPES = {"file", "dir", "chardev"}
+CREATED_TYPES = {"pipe", "eventfd", "epoll"}  # made anew: their status flags set by hand
 ANON_KINDS = {  # what anon_inode fds are, for the refusal
     "[eventfd]": "an eventfd", "[eventpoll]": "an epoll instance", "[timerfd]": "a timerfd",
     "[signalfd]": "a signalfd", "inotify": "an inotify instance", "[io_uring]": "io_uring",
@@ -42,19 +49,37 @@ def _is_tty(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and (major in (4, 5) or 136 <= major <= 143)
 
 
-def _classify(pid: int, fd: int, target: str, st: os.stat_result | None) -> tuple[str, str]:
+@dataclass
+class _Seen:
+    """One fd as /proc shows it, before it is classified."""
+
+    fd: int
+    target: str
+    st: os.stat_result | None
+    info_text: str
+    info: dict[str, str]
+
+
+def _classify(pid: int, e: _Seen, pipe_ends: dict[int, set[str]]) -> tuple[str, str]:
     """(type, note) of an fd, or raise CantMigrate saying why it cannot move."""
+    fd, target, st = e.fd, e.target, e.st
     stdio = fd <= 2
+    if target.startswith("pipe:") and st is not None and pipe_ends[st.st_ino] == {"r", "w"}:
+        return "pipe", ""
     if target.startswith(("pipe:", "socket:")) or (st is not None and _is_tty(st)):
         what = ("a pipe" if target.startswith("pipe:") else
                 "a socket" if target.startswith("socket:") else f"the terminal {target}")
         if stdio:
             return "inherit", f"{what}, re-attached to upmig resume's own fd {fd}"
         hint = ("sockets are not supported yet" if target.startswith("socket:")
+                else "its other end is outside the process, and only fds 0-2 can be "
+                     "re-attached to the resuming side" if target.startswith("pipe:")
                 else "only fds 0-2 can be re-attached to the resuming side")
         raise CantMigrate(f"holds {what} on fd {fd}; {hint}", pid=pid)
     if target.startswith("anon_inode:"):
         kind = target[len("anon_inode:"):]
+        if kind in MOVABLE_ANON:
+            return MOVABLE_ANON[kind], ""
         what = ANON_KINDS.get(kind, f"the kernel object {kind}")
         raise CantMigrate(f"holds {what} on fd {fd}, which is not supported yet", pid=pid)
     if target.endswith(" (deleted)"):
@@ -75,32 +100,66 @@ def _classify(pid: int, fd: int, target: str, st: os.stat_result | None) -> tupl
                       "supported yet", pid=pid)
 
 
-def capture(pid: int) -> list[Fd]:
+def _look(pid: int) -> list[_Seen]:
     try:
         fds = sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd"))
     except FileNotFoundError:
         raise CantMigrate("vanished while its fds were read", pid=pid) from None
     out = []
-    by_inode: dict[tuple[int, int], list[Fd]] = {}
     for fd in fds:
         target = _proc.readlink(pid, f"fd/{fd}")
         try:
             st = os.stat(f"/proc/{pid}/fd/{fd}")
         except OSError:
             st = None
-        ftype, note = _classify(pid, fd, target, st)
-        info = _proc.parse_fdinfo(_proc.read_text(pid, f"fdinfo/{fd}"))
-        if "lock" in info:
-            raise CantMigrate(f"holds a file lock (flock or POSIX) through fd {fd} on "
-                              f"{target}; file locks are not supported yet", pid=pid)
-        flags = int(info["flags"], 8)
-        rec = Fd(fd=fd, type=ftype, path=target if ftype != "inherit" else "",
-                 flags=flags & ~O_CLOEXEC, cloexec=bool(flags & O_CLOEXEC),
-                 pos=int(info["pos"]), note=note)
-        if ftype != "inherit" and st is not None:
-            _link_shared(pid, rec, by_inode.setdefault((st.st_dev, st.st_ino), []))
-        out.append(rec)
+        text = _proc.read_text(pid, f"fdinfo/{fd}")
+        out.append(_Seen(fd, target, st, text, _proc.parse_fdinfo(text)))
     return out
+
+
+def capture(pid: int) -> tuple[list[Fd], list[Pipe]]:
+    seen = _look(pid)
+    pipe_ends: dict[int, set[str]] = {}
+    for e in seen:
+        if e.target.startswith("pipe:") and e.st is not None:
+            pipe_ends.setdefault(e.st.st_ino, set()).add(pipes.end(int(e.info["flags"], 8)))
+    inodes = {e.fd: e.st.st_ino for e in seen if e.st is not None}
+    out = []
+    by_inode: dict[tuple[int, int], list[Fd]] = {}
+    for e in seen:
+        ftype, note = _classify(pid, e, pipe_ends)
+        if "lock" in e.info:
+            raise CantMigrate(f"holds a file lock (flock or POSIX) through fd {e.fd} on "
+                              f"{e.target}; file locks are not supported yet", pid=pid)
+        flags = int(e.info["flags"], 8)
+        rec = Fd(fd=e.fd, type=ftype, path=e.target if ftype in PATH_TYPES else "",
+                 flags=flags & ~O_CLOEXEC, cloexec=bool(flags & O_CLOEXEC),
+                 pos=int(e.info["pos"]), note=note or (e.target if ftype not in PATH_TYPES
+                                                       and ftype != "inherit" else ""))
+        if ftype == "pipe":
+            rec.obj, rec.extra = e.st.st_ino, {"end": pipes.end(flags)}
+        elif ftype == "eventfd":
+            rec.extra = evfds.eventfd_extra(e.info)
+        elif ftype == "epoll":
+            rec.extra = evfds.epoll_extra(pid, e.fd, e.info_text, inodes)
+        if ftype != "inherit" and e.st is not None:
+            _link_shared(pid, rec, by_inode.setdefault((e.st.st_dev, e.st.st_ino), []))
+        out.append(rec)
+    _one_description_per_end(pid, out)
+    return out, pipes.capture(pid, out)
+
+
+def _one_description_per_end(pid: int, recs: list[Fd]) -> None:
+    """A pipe end opened twice (through /proc/PID/fd) would be two descriptions."""
+    firsts: set[tuple[int, str]] = set()
+    for r in recs:
+        if r.type == "pipe" and r.shared_with < 0:
+            key = (r.obj, r.extra["end"])
+            if key in firsts:
+                raise CantMigrate(f"holds one end of a pipe through two open file "
+                                  f"descriptions (fd {r.fd}); this is not supported yet",
+                                  pid=pid)
+            firsts.add(key)
 
 
 def _link_shared(pid: int, rec: Fd, same_inode: list[Fd]) -> None:
@@ -116,30 +175,63 @@ def _open_flags(rec: Fd) -> int:
     return rec.flags & ~(O_CREAT | O_EXCL | O_TRUNC) | O_NOCTTY
 
 
-def restore(s: Session, pid: int, recs: list[Fd]) -> None:
-    """Open every fd at its number. Inherited fds are the stub's own 0-2 already."""
+def restore(s: Session, pid: int, recs: list[Fd], pipe_recs: list[Pipe]) -> None:
+    """Put every fd at its number. Inherited fds are the stub's own 0-2 already."""
     wanted = {r.fd for r in recs}
+    spare = max(wanted, default=2) + 1  # where a new fd can wait without being in the way
+    pipes_by_id = {p.id: p for p in pipe_recs}
+    primary = {(r.obj, r.extra["end"]): r for r in recs
+               if r.type == "pipe" and r.shared_with < 0}
+    made: set[int] = set()  # pipes made so far
     for r in recs:
         if r.type == "inherit":
             continue
+        if r.type == "pipe" and r.shared_with < 0:
+            if r.obj not in made:  # both ends at once, at their first fd
+                made.add(r.obj)
+                _make_pipe(s, pid, pipes_by_id[r.obj], primary[(r.obj, "r")],
+                           primary[(r.obj, "w")], spare)
+            continue
         if r.shared_with >= 0:
-            src = r.shared_with
-        else:
-            path = os.fsencode(r.path) + b"\0"
-            s.write(s.scratch, path)
-            src = s.raw(nr.openat, AT_FDCWD, s.scratch, _open_flags(r), 0)
-            if src < 0:
-                raise RestoreError(f"cannot reopen {r.path} for fd {r.fd}: "
-                                   f"{os.strerror(-src)}")
-        cloexec = O_CLOEXEC if r.cloexec else 0
-        if src != r.fd:
-            s.call(nr.dup3, src, r.fd, cloexec, what=f"dup3({src}, {r.fd})")
-            if r.shared_with < 0:
-                s.call(nr.close, src, what="close")
-        elif cloexec:
-            s.call(nr.fcntl, r.fd, 2, 1, what="fcntl(F_SETFD)")
-        if r.shared_with < 0 and r.type != "chardev" and not r.flags & O_PATH:
+            s.call(nr.dup3, r.shared_with, r.fd, O_CLOEXEC if r.cloexec else 0,
+                   what=f"dup3({r.shared_with}, {r.fd})")
+            continue
+        if r.type in ("eventfd", "epoll"):
+            _place(s, evfds.create(s, r), r)
+            continue
+        path = os.fsencode(r.path) + b"\0"
+        s.write(s.scratch, path)
+        src = s.raw(nr.openat, AT_FDCWD, s.scratch, _open_flags(r), 0)
+        if src < 0:
+            raise RestoreError(f"cannot reopen {r.path} for fd {r.fd}: {os.strerror(-src)}")
+        _place(s, src, r)
+        if r.type != "chardev" and not r.flags & O_PATH:
             s.call(nr.lseek, r.fd, r.pos, 0, what=f"lseek(fd {r.fd})")
+    for r in recs:  # every fd an epoll instance watched is in place now
+        if r.type == "epoll" and r.shared_with < 0:
+            evfds.add_watches(s, r)
     for fd in range(3):  # stdio the process had closed
         if fd not in wanted:
             s.raw(nr.close, fd)
+
+
+def _make_pipe(s: Session, pid: int, pipe: Pipe, rd_rec: Fd, wr_rec: Fd, spare: int) -> None:
+    rd, wr = pipes.create(s, pid, pipe)
+    if wr == rd_rec.fd:  # the write end sits where the read end goes: move it aside
+        moved = s.call(nr.fcntl, wr, F_DUPFD, spare, what="fcntl(F_DUPFD)")
+        s.call(nr.close, wr, what="close")
+        wr = moved
+    _place(s, rd, rd_rec)
+    _place(s, wr, wr_rec)
+
+
+def _place(s: Session, src: int, r: Fd) -> None:
+    """Move a new fd to its number, with its close-on-exec and status flags."""
+    cloexec = O_CLOEXEC if r.cloexec else 0
+    if src != r.fd:
+        s.call(nr.dup3, src, r.fd, cloexec, what=f"dup3({src}, {r.fd})")
+        s.call(nr.close, src, what="close")
+    elif cloexec:
+        s.call(nr.fcntl, r.fd, F_SETFD, 1, what="fcntl(F_SETFD)")
+    if r.type in CREATED_TYPES:
+        s.call(nr.fcntl, r.fd, F_SETFL, r.flags, what=f"fcntl(fd {r.fd}, F_SETFL)")

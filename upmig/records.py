@@ -102,13 +102,25 @@ class Pages:
 class Fd:
     kind: ClassVar[str] = "fd"
     fd: int
-    type: str                # file | dir | chardev | inherit
+    type: str                # file | dir | chardev | inherit | pipe | eventfd | epoll
     path: str
     flags: int               # open(2) status flags from fdinfo, without O_CLOEXEC
     cloexec: bool
     pos: int
     shared_with: int = -1    # lowest fd sharing this open file description, or -1
     note: str = ""           # for inspect: what an inherited fd was
+    obj: int = 0             # pipe: the Pipe's id
+    extra: dict = field(default_factory=dict)  # per type: see upmig.pipes, upmig.evfds
+
+
+@dataclass
+class Pipe:
+    """A pipe with both ends inside the process, and the bytes buffered in it."""
+
+    kind: ClassVar[str] = "pipe"
+    id: int                  # its inode number on the source
+    size: int                # capacity (F_GETPIPE_SZ)
+    data: bytes
 
 
 @dataclass
@@ -149,8 +161,8 @@ class Trailer:
 
 
 RECORD_TYPES: dict[str, type] = {
-    cls.kind: cls for cls in (Header, Task, MM, Vma, MappedFile, Pages, Fd, Signals, Thread,
-                              Trailer)
+    cls.kind: cls for cls in (Header, Task, MM, Vma, MappedFile, Pages, Fd, Pipe, Signals,
+                              Thread, Trailer)
 }
 
 
@@ -166,5 +178,5 @@ def from_wire(kind: str, body: dict) -> Any:
     return cls(**{f.name: body[f.name] for f in fields(cls) if f.name in body})
 
 
-__all__ = ["Header", "Task", "MM", "Vma", "MappedFile", "Pages", "Fd", "Signals", "Thread",
-           "Trailer", "RECORD_TYPES", "to_wire", "from_wire"]
+__all__ = ["Header", "Task", "MM", "Vma", "MappedFile", "Pages", "Fd", "Pipe", "Signals",
+           "Thread", "Trailer", "RECORD_TYPES", "to_wire", "from_wire"]

@@ -6,7 +6,7 @@ import errno
 import time
 
 from upmig import image, regs, signals
-from upmig.records import MM, Fd, Header, MappedFile, Signals, Task, Thread, Vma
+from upmig.records import MM, Fd, Header, MappedFile, Pipe, Signals, Task, Thread, Vma
 
 try:
     from ptrace.syscall.linux.x86_64 import SYSCALL_NAMES
@@ -30,6 +30,7 @@ def _summary(img: image.Image) -> dict:
     tsk: Task = img.one(Task)
     mm: MM = img.one(MM)
     vmas: list[Vma] = img.of(Vma)
+    pipes = {p.id: p for p in img.of(Pipe)}
     return {
         "image": img.path,
         "image_bytes": img.size,
@@ -47,7 +48,8 @@ def _summary(img: image.Image) -> dict:
                           "build_id": f.build_id or None} for f in img.of(MappedFile)],
         "fds": [{"fd": f.fd, "type": f.type, "path": f.path or f.note, "flags": f"{f.flags:o}",
                  "pos": f.pos, "cloexec": f.cloexec,
-                 **({"shares": f.shared_with} if f.shared_with >= 0 else {})}
+                 **({"shares": f.shared_with} if f.shared_with >= 0 else {}),
+                 **_fd_extra(f, pipes)}
                 for f in img.of(Fd)],
         "signals": signals.describe(img.one(Signals)),
         "totals": {"vmas": len(vmas), "mapped_bytes": sum(v.end - v.start for v in vmas),
@@ -68,6 +70,18 @@ def _thread(th: Thread) -> dict:
             "cpus": th.cpus,
             "registers": {n: getattr(r, n) for n in SHOWN_REGS},
             "xsave_bytes": len(th.xsave)}
+
+
+def _fd_extra(f: Fd, pipes: dict[int, Pipe]) -> dict:
+    """What a pipe or event descriptor holds, for the listing."""
+    if f.type == "pipe":
+        p = pipes.get(f.obj)
+        return {"end": f.extra["end"], "buffered": len(p.data) if p else 0}
+    if f.type == "eventfd":
+        return {"count": f.extra["count"]}
+    if f.type == "epoll":
+        return {"watches": [w[0] for w in f.extra["watches"]]}
+    return {}
 
 
 def _state(th: Thread) -> str:
@@ -117,6 +131,9 @@ def render(s: dict) -> str:
     out.append(f"fds       {len(s['fds'])}")
     for f in s["fds"]:
         extra = f" (shares fd {f['shares']})" if "shares" in f else ""
+        for key in ("end", "buffered", "count", "watches"):
+            if key in f:
+                extra += f"  {key} {f[key]}"
         out.append(f"          {f['fd']:>4} {f['type']:<8} {f['path']}  flags {f['flags']} "
                    f"pos {f['pos']}{' cloexec' if f['cloexec'] else ''}{extra}")
     sig = s["signals"]

@@ -1,0 +1,70 @@
+"""Descriptors beyond plain files: pipes, eventfd and epoll inside the process, with
+what the kernel holds for them (buffered bytes, counters, watches)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from conftest import VICTIMS, run_upmig
+
+
+def fds_job() -> list[str]:
+    return [sys.executable, "-S", str(VICTIMS / "fds.py")]
+
+
+def test_pipes_eventfd_epoll_survive_migration(run_victim):
+    r = run_victim(fds_job())
+    r.wait_output("READY\n")
+    time.sleep(0.1)
+    r.hop()
+    time.sleep(0.1)
+    assert r.finish() == 0, r.output()
+    assert r.output() == "READY\nPASS\n"
+
+
+def test_dump_leaves_the_pipe_bytes_where_they_were(run_victim):
+    """Reading a pipe's buffer must not consume it: a checkpoint leaves it intact."""
+    r = run_victim(fds_job())
+    r.wait_output("READY\n")
+    img = r.dump("--leave-running")
+    r.dump("--leave-running")
+    assert r.finish() == 0, r.output()
+    assert r.output() == "READY\nPASS\n"
+    s = json.loads(run_upmig("inspect", "--json", str(img)).stdout)
+    by_fd = {f["fd"]: f for f in s["fds"]}
+    assert by_fd[3]["type"] == "pipe" and by_fd[3]["end"] == "r"
+    assert by_fd[3]["buffered"] == 65536
+    assert by_fd[20].get("shares") == 4
+    ev = next(f for f in s["fds"] if f["type"] == "eventfd")
+    assert ev["count"] == 5
+    ep = next(f for f in s["fds"] if f["type"] == "epoll")
+    assert sorted(ep["watches"]) == sorted([3, ev["fd"]])
+
+
+def test_chain_of_three(run_victim):
+    r = run_victim(fds_job())
+    r.wait_output("READY\n")
+    for _ in range(3):
+        r.hop()
+    assert r.finish() == 0, r.output()
+    assert r.output() == "READY\nPASS\n"
+
+
+def test_a_pipe_to_another_process_is_refused(run_victim):
+    rd, wr = os.pipe()
+    try:
+        r = run_victim([sys.executable, "-c", "import time; print('READY', flush=True); "
+                        "time.sleep(60)"], pass_fds=(wr,))
+        r.wait_output("READY\n")
+        res = run_upmig("dump", str(r.pid), "-o", str(r.cwd / "x.upmig"), check=False)
+        assert res.returncode == 5, res.stderr
+        assert res.stderr == (f"upmig: pid {r.pid} holds a pipe on fd {wr}; its other end is "
+                              "outside the process, and only fds 0-2 can be re-attached to "
+                              "the resuming side\n")
+        assert r.proc.poll() is None
+    finally:
+        os.close(rd)
+        os.close(wr)

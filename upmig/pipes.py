@@ -1,0 +1,77 @@
+"""Pipes with both ends inside the process, and the bytes buffered in them.
+
+Dump copies the read end into upmig (pidfd_getfd) and tee()s the buffer into a
+pipe of its own: the process's bytes stay where they are, so a dump that fails or
+leaves the process running takes nothing from it. Resume makes a new pipe inside
+the process, gives it the old capacity and writes the bytes back in."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from upmig import _native as nat
+from upmig.errors import CantMigrate
+from upmig.inject import Session
+from upmig.records import Fd, Pipe
+from upmig.syscalls import nr
+
+O_ACCMODE, O_WRONLY = 0o3, 0o1
+F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
+
+
+def end(flags: int) -> str:
+    return "w" if flags & O_ACCMODE == O_WRONLY else "r"
+
+
+@contextmanager
+def pidfd(pid: int) -> Iterator[int]:
+    fd = os.pidfd_open(pid)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def capture(pid: int, recs: list[Fd]) -> list[Pipe]:
+    """A Pipe for every pipe in recs (type "pipe", obj = inode), with its buffer."""
+    read_ends = {}
+    for r in recs:
+        if r.type == "pipe" and r.extra["end"] == "r":
+            read_ends.setdefault(r.obj, r.fd)
+    out = []
+    with pidfd(pid) as pfd:
+        for ino, fd in read_ends.items():
+            mine = nat.pidfd_getfd(pfd, fd, pid)
+            try:
+                size = fcntl.fcntl(mine, F_GETPIPE_SZ)
+                try:
+                    data = nat.pipe_peek(mine, size)
+                except OSError as e:
+                    raise CantMigrate(f"the pipe on fd {fd} cannot be read without "
+                                      f"emptying it ({e.strerror})", pid=pid) from None
+            finally:
+                os.close(mine)
+            out.append(Pipe(id=ino, size=size, data=data))
+    return out
+
+
+def create(s: Session, pid: int, pipe: Pipe) -> tuple[int, int]:
+    """A new pipe inside the process with pipe's capacity and bytes: (read, write) fds,
+    at whatever numbers the kernel gave."""
+    s.call(nr.pipe2, s.scratch, 0, what="pipe2")
+    rd, wr = struct.unpack("<ii", s.read(s.scratch, 8))
+    s.call(nr.fcntl, wr, F_SETPIPE_SZ, pipe.size, what="fcntl(F_SETPIPE_SZ)")
+    if pipe.data:
+        with pidfd(pid) as pfd:
+            mine = nat.pidfd_getfd(pfd, wr, pid)
+            try:
+                view = memoryview(pipe.data)
+                while view:  # fits: the pipe is as big as it was
+                    view = view[os.write(mine, view):]
+            finally:
+                os.close(mine)
+    return rd, wr
