@@ -68,3 +68,17 @@ def test_a_pipe_to_another_process_is_refused(run_victim):
     finally:
         os.close(rd)
         os.close(wr)
+
+
+def test_timerfd_and_signalfd_survive_migration(run_victim):
+    r = run_victim("timers")
+    r.wait_output("READY\n")
+    img = r.dump()   # before the periodic timer's first expiry: it is armed in the image
+    s = json.loads(run_upmig("inspect", "--json", str(img)).stdout)
+    tfds = [f for f in s["fds"] if f["type"] == "timerfd"]
+    assert sorted(t["ticks"] for t in tfds) == [0, 1]
+    assert [f["signals"] for f in s["fds"] if f["type"] == "signalfd"] == [[10, 34]]
+    r.resume(img)
+    time.sleep(1.8)  # the periodic timer fires after resume
+    assert r.finish() == 0, r.output()
+    assert r.output() == "READY\nPASS\n"

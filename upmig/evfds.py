@@ -1,6 +1,7 @@
-"""Event descriptors: eventfd (its counter and mode) and epoll (every registered fd
-with its events and data), read from /proc/PID/fdinfo and made again by syscalls
-injected into the rebuilt process."""
+"""Event descriptors: eventfd (its counter and mode), epoll (every registered fd
+with its events and data), timerfd (clock, remaining time, interval, unread
+expirations) and signalfd (its mask), read from /proc/PID/fdinfo and made again by
+syscalls injected into the rebuilt process."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ from upmig.inject import Session
 from upmig.records import Fd
 from upmig.syscalls import nr
 
+TYPES = ("eventfd", "epoll", "timerfd", "signalfd")
 EFD_SEMAPHORE = 1
 O_NONBLOCK = 0o4000
+TFD_IOC_SET_TICKS = 0x40085400     # _IOW('T', 0, u64), with CONFIG_CHECKPOINT_RESTORE
+ITIMERSPEC = struct.Struct("<qqqq")  # interval {sec, nsec}, value {sec, nsec}
+TIMESPEC = re.compile(r"\(\s*(-?\d+),\s*(-?\d+)\)")
 EPOLL_CTL_ADD = 1
 EPOLL_EVENT = struct.Struct("<IQ")   # struct epoll_event is packed on x86-64
 WATCH = re.compile(r"^tfd:\s*(\d+)\s+events:\s*([0-9a-f]+)\s+data:\s*([0-9a-f]+)"
@@ -23,6 +28,18 @@ WATCH = re.compile(r"^tfd:\s*(\d+)\s+events:\s*([0-9a-f]+)\s+data:\s*([0-9a-f]+)
 def eventfd_extra(info: dict[str, str]) -> dict:
     return {"count": int(info["eventfd-count"], 16),
             "semaphore": int(info.get("eventfd-semaphore", "0"))}
+
+
+def timerfd_extra(info: dict[str, str]) -> dict:
+    """Remaining time (relative: it starts again from the resume) and interval."""
+    value = [int(x) for x in TIMESPEC.match(info["it_value"]).groups()]
+    interval = [int(x) for x in TIMESPEC.match(info["it_interval"]).groups()]
+    return {"clock": int(info["clockid"]), "ticks": int(info["ticks"]),
+            "value": value, "interval": interval}
+
+
+def signalfd_extra(info: dict[str, str]) -> dict:
+    return {"mask": int(info["sigmask"], 16)}
 
 
 def epoll_extra(pid: int, fd: int, fdinfo: str, inodes: dict[int, int]) -> dict:
@@ -49,7 +66,25 @@ def create(s: Session, rec: Fd) -> int:
             s.write(s.scratch, struct.pack("<Q", count))
             s.call(nr.write, fd, s.scratch, 8, what="write(eventfd)")
         return fd
+    if rec.type == "timerfd":
+        return _timerfd(s, rec)
+    if rec.type == "signalfd":
+        s.write(s.scratch, struct.pack("<Q", rec.extra["mask"]))
+        return s.call(nr.signalfd4, -1, s.scratch, 8, rec.flags & O_NONBLOCK,
+                      what="signalfd4")
     return s.call(nr.epoll_create1, 0, what="epoll_create1")
+
+
+def _timerfd(s: Session, rec: Fd) -> int:
+    x = rec.extra
+    fd = s.call(nr.timerfd_create, x["clock"], rec.flags & O_NONBLOCK, what="timerfd_create")
+    if any(x["value"]):
+        s.write(s.scratch, ITIMERSPEC.pack(*x["interval"], *x["value"]))
+        s.call(nr.timerfd_settime, fd, 0, s.scratch, 0, what="timerfd_settime")
+    if x["ticks"]:
+        s.write(s.scratch, struct.pack("<Q", x["ticks"]))
+        s.call(nr.ioctl, fd, TFD_IOC_SET_TICKS, s.scratch, what="ioctl(TFD_IOC_SET_TICKS)")
+    return fd
 
 
 def add_watches(s: Session, rec: Fd) -> None:

@@ -23,9 +23,11 @@ AT_FDCWD = -100
 F_DUPFD, F_SETFD, F_SETFL = 0, 2, 4
 # Devices with no state of their own: reopened by path on the target.
 PLAIN_DEVICES = {"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"}
-MOVABLE_ANON = {"[eventfd]": "eventfd", "[eventpoll]": "epoll"}
+MOVABLE_ANON = {"[eventfd]": "eventfd", "[eventpoll]": "epoll", "[timerfd]": "timerfd",
+                "[signalfd]": "signalfd"}
 PATH_TYPES = {"file", "dir", "chardev"}
-CREATED_TYPES = {"pipe", "eventfd", "epoll"}  # made anew: their status flags set by hand
+# Made anew rather than opened: their status flags are set by hand.
+CREATED_TYPES = {"pipe", "eventfd", "epoll", "timerfd", "signalfd"}
 ANON_KINDS = {  # what anon_inode fds are, for the refusal
     "[eventfd]": "an eventfd", "[eventpoll]": "an epoll instance", "[timerfd]": "a timerfd",
     "[signalfd]": "a signalfd", "inotify": "an inotify instance", "[io_uring]": "io_uring",
@@ -142,6 +144,10 @@ def capture(pid: int) -> tuple[list[Fd], list[Pipe]]:
             rec.extra = evfds.eventfd_extra(e.info)
         elif ftype == "epoll":
             rec.extra = evfds.epoll_extra(pid, e.fd, e.info_text, inodes)
+        elif ftype == "timerfd":
+            rec.extra = evfds.timerfd_extra(e.info)
+        elif ftype == "signalfd":
+            rec.extra = evfds.signalfd_extra(e.info)
         if ftype != "inherit" and e.st is not None:
             _link_shared(pid, rec, by_inode.setdefault((e.st.st_dev, e.st.st_ino), []))
         out.append(rec)
@@ -196,7 +202,7 @@ def restore(s: Session, pid: int, recs: list[Fd], pipe_recs: list[Pipe]) -> None
             s.call(nr.dup3, r.shared_with, r.fd, O_CLOEXEC if r.cloexec else 0,
                    what=f"dup3({r.shared_with}, {r.fd})")
             continue
-        if r.type in ("eventfd", "epoll"):
+        if r.type in evfds.TYPES:
             _place(s, evfds.create(s, r), r)
             continue
         path = os.fsencode(r.path) + b"\0"

@@ -81,6 +81,11 @@ def _fd_extra(f: Fd, pipes: dict[int, Pipe]) -> dict:
         return {"count": f.extra["count"]}
     if f.type == "epoll":
         return {"watches": [w[0] for w in f.extra["watches"]]}
+    if f.type == "timerfd":
+        return {"clock": f.extra["clock"], "remaining": f.extra["value"],
+                "interval": f.extra["interval"], "ticks": f.extra["ticks"]}
+    if f.type == "signalfd":
+        return {"signals": signals.mask_list(f.extra["mask"])}
     return {}
 
 
@@ -131,7 +136,8 @@ def render(s: dict) -> str:
     out.append(f"fds       {len(s['fds'])}")
     for f in s["fds"]:
         extra = f" (shares fd {f['shares']})" if "shares" in f else ""
-        for key in ("end", "buffered", "count", "watches"):
+        for key in ("end", "buffered", "count", "watches", "remaining", "interval", "ticks",
+                    "signals"):
             if key in f:
                 extra += f"  {key} {f[key]}"
         out.append(f"          {f['fd']:>4} {f['type']:<8} {f['path']}  flags {f['flags']} "

@@ -4,6 +4,7 @@ from ptrace.syscall.linux.x86_64 import SYSCALL_NAMES
 
 # The table also lists the x32 ABI's entries (512 and up) under the same names.
 _BY_NAME = {name: num for num, name in sorted(SYSCALL_NAMES.items()) if num < 512}
+_BY_NAME["timerfd_create"] = 283  # python-ptrace lists it under its old name, "timerfd"
 
 
 class _Numbers:
