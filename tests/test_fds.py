@@ -82,3 +82,50 @@ def test_timerfd_and_signalfd_survive_migration(run_victim):
     time.sleep(1.8)  # the periodic timer fires after resume
     assert r.finish() == 0, r.output()
     assert r.output() == "READY\nPASS\n"
+
+
+def unix_job() -> list[str]:
+    return [sys.executable, "-S", str(VICTIMS / "unixsocks.py")]
+
+
+def test_unix_sockets_survive_migration(run_victim):
+    r = run_victim(unix_job())
+    r.wait_output("READY\n")
+    img = r.dump()
+    s = json.loads(run_upmig("inspect", "--json", str(img)).stdout)
+    kinds = sorted((f["type"], f.get("socket"), f.get("queued", 0)) for f in s["fds"]
+                   if f["type"].startswith("unix"))
+    assert kinds == sorted([("unix_pair", "stream", 6000), ("unix_pair", "stream", 4),
+                            ("unix_pair", "dgram", 0), ("unix_pair", "dgram", 8),
+                            ("unix_pair", "seqpacket", 11), ("unix_pair", "seqpacket", 0),
+                            ("unix_listen", "stream", 0), ("unix_listen", "stream", 0)])
+    r.resume(img)
+    assert r.finish() == 0, r.output()
+    assert r.output() == "READY\nPASS\n"
+
+
+def test_unix_socket_queues_are_not_consumed_by_a_checkpoint(run_victim):
+    r = run_victim(unix_job())
+    r.wait_output("READY\n")
+    r.dump("--leave-running")
+    r.hop()
+    assert r.finish() == 0, r.output()
+    assert r.output() == "READY\nPASS\n"
+
+
+def test_a_unix_socket_to_another_process_is_refused(run_victim):
+    import socket
+
+    mine, theirs = socket.socketpair()
+    try:
+        r = run_victim([sys.executable, "-c", "import time; print('READY', flush=True); "
+                        "time.sleep(60)"], pass_fds=(theirs.fileno(),))
+        r.wait_output("READY\n")
+        res = run_upmig("dump", str(r.pid), "-o", str(r.cwd / "x.upmig"), check=False)
+        assert res.returncode == 5, res.stderr
+        assert (f"upmig: pid {r.pid} holds a unix socket on fd {theirs.fileno()} connected "
+                "to a process outside") in res.stderr
+        assert r.proc.poll() is None
+    finally:
+        mine.close()
+        theirs.close()

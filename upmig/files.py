@@ -11,7 +11,7 @@ import stat
 from dataclasses import dataclass
 
 from upmig import _native as nat
-from upmig import _proc, evfds, pipes
+from upmig import _proc, evfds, pipes, unix
 from upmig.errors import CantMigrate, RestoreError
 from upmig.inject import Session
 from upmig.records import Fd, Pipe
@@ -27,7 +27,8 @@ MOVABLE_ANON = {"[eventfd]": "eventfd", "[eventpoll]": "epoll", "[timerfd]": "ti
                 "[signalfd]": "signalfd"}
 PATH_TYPES = {"file", "dir", "chardev"}
 # Made anew rather than opened: their status flags are set by hand.
-CREATED_TYPES = {"pipe", "eventfd", "epoll", "timerfd", "signalfd"}
+CREATED_TYPES = {"pipe", "eventfd", "epoll", "timerfd", "signalfd", "unix", "unix_pair",
+                 "unix_listen"}
 ANON_KINDS = {  # what anon_inode fds are, for the refusal
     "[eventfd]": "an eventfd", "[eventpoll]": "an epoll instance", "[timerfd]": "a timerfd",
     "[signalfd]": "a signalfd", "inotify": "an inotify instance", "[io_uring]": "io_uring",
@@ -121,6 +122,11 @@ def _look(pid: int) -> list[_Seen]:
 
 def capture(pid: int) -> tuple[list[Fd], list[Pipe]]:
     seen = _look(pid)
+    sockets = {e.st.st_ino for e in seen if e.target.startswith("socket:") and e.st}
+    if sockets and _proc.readlink(pid, "ns/net") != os.readlink("/proc/self/ns/net"):
+        raise CantMigrate("holds sockets in another network namespace, which is not "
+                          "supported yet", pid=pid)
+    diags = unix.diag() if sockets else {}
     pipe_ends: dict[int, set[str]] = {}
     for e in seen:
         if e.target.startswith("pipe:") and e.st is not None:
@@ -129,7 +135,13 @@ def capture(pid: int) -> tuple[list[Fd], list[Pipe]]:
     out = []
     by_inode: dict[tuple[int, int], list[Fd]] = {}
     for e in seen:
-        ftype, note = _classify(pid, e, pipe_ends)
+        d = diags.get(e.st.st_ino) if e.st is not None and e.target.startswith("socket:") \
+            else None
+        if d and not (e.fd <= 2 and d.peer and d.peer not in sockets):
+            (ftype, extra), note = unix.classify(pid, e.fd, d, sockets), ""
+        else:
+            ftype, note = _classify(pid, e, pipe_ends)
+            extra = {}
         if "lock" in e.info:
             raise CantMigrate(f"holds a file lock (flock or POSIX) through fd {e.fd} on "
                               f"{e.target}; file locks are not supported yet", pid=pid)
@@ -138,7 +150,9 @@ def capture(pid: int) -> tuple[list[Fd], list[Pipe]]:
                  flags=flags & ~O_CLOEXEC, cloexec=bool(flags & O_CLOEXEC),
                  pos=int(e.info["pos"]), note=note or (e.target if ftype not in PATH_TYPES
                                                        and ftype != "inherit" else ""))
-        if ftype == "pipe":
+        if ftype.startswith("unix"):
+            rec.obj, rec.extra = e.st.st_ino, extra
+        elif ftype == "pipe":
             rec.obj, rec.extra = e.st.st_ino, {"end": pipes.end(flags)}
         elif ftype == "eventfd":
             rec.extra = evfds.eventfd_extra(e.info)
@@ -152,6 +166,7 @@ def capture(pid: int) -> tuple[list[Fd], list[Pipe]]:
             _link_shared(pid, rec, by_inode.setdefault((e.st.st_dev, e.st.st_ino), []))
         out.append(rec)
     _one_description_per_end(pid, out)
+    unix.capture_queues(pid, out, diags)
     return out, pipes.capture(pid, out)
 
 
@@ -188,9 +203,22 @@ def restore(s: Session, pid: int, recs: list[Fd], pipe_recs: list[Pipe]) -> None
     pipes_by_id = {p.id: p for p in pipe_recs}
     primary = {(r.obj, r.extra["end"]): r for r in recs
                if r.type == "pipe" and r.shared_with < 0}
-    made: set[int] = set()  # pipes made so far
+    made: set[int] = set()  # pipes and socket pairs made so far
+    sockets = {r.obj: r for r in recs if r.type == "unix_pair" and r.shared_with < 0}
     for r in recs:
         if r.type == "inherit":
+            continue
+        if r.type == "unix_pair" and r.shared_with < 0:
+            if r.obj not in made:
+                peer = sockets[r.extra["peer"]]
+                made |= {r.obj, peer.obj}
+                a, b = unix.make_pair(s, r.extra["type"])
+                _place_two(s, a, r, b, peer, spare)
+                unix.fill(pid, peer.fd, r.extra["type"], r.extra["queued"])
+                unix.fill(pid, r.fd, r.extra["type"], peer.extra["queued"])
+            continue
+        if r.type in ("unix", "unix_listen"):
+            _place(s, unix.make_socket(s, r), r)
             continue
         if r.type == "pipe" and r.shared_with < 0:
             if r.obj not in made:  # both ends at once, at their first fd
@@ -223,12 +251,17 @@ def restore(s: Session, pid: int, recs: list[Fd], pipe_recs: list[Pipe]) -> None
 
 def _make_pipe(s: Session, pid: int, pipe: Pipe, rd_rec: Fd, wr_rec: Fd, spare: int) -> None:
     rd, wr = pipes.create(s, pid, pipe)
-    if wr == rd_rec.fd:  # the write end sits where the read end goes: move it aside
-        moved = s.call(nr.fcntl, wr, F_DUPFD, spare, what="fcntl(F_DUPFD)")
-        s.call(nr.close, wr, what="close")
-        wr = moved
-    _place(s, rd, rd_rec)
-    _place(s, wr, wr_rec)
+    _place_two(s, rd, rd_rec, wr, wr_rec, spare)
+
+
+def _place_two(s: Session, a: int, a_rec: Fd, b: int, b_rec: Fd, spare: int) -> None:
+    """Place two new fds (the ends of a pipe or a socket pair)."""
+    if b == a_rec.fd:  # b sits where a goes: move it aside first
+        moved = s.call(nr.fcntl, b, F_DUPFD, spare, what="fcntl(F_DUPFD)")
+        s.call(nr.close, b, what="close")
+        b = moved
+    _place(s, a, a_rec)
+    _place(s, b, b_rec)
 
 
 def _place(s: Session, src: int, r: Fd) -> None:

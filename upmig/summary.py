@@ -84,6 +84,14 @@ def _fd_extra(f: Fd, pipes: dict[int, Pipe]) -> dict:
     if f.type == "timerfd":
         return {"clock": f.extra["clock"], "remaining": f.extra["value"],
                 "interval": f.extra["interval"], "ticks": f.extra["ticks"]}
+    if f.type == "unix_pair":
+        return {"socket": f.extra["type"], "queued": sum(len(m) for m in f.extra["queued"])}
+    if f.type in ("unix", "unix_listen"):
+        name = bytes.fromhex(f.extra["name"])
+        shown = ("@" + name[1:].decode(errors="replace") if name.startswith(b"\0")
+                 else name.decode(errors="replace"))
+        return {"socket": f.extra["type"], "name": shown,
+                **({"backlog": f.extra["backlog"]} if "backlog" in f.extra else {})}
     if f.type == "signalfd":
         return {"signals": signals.mask_list(f.extra["mask"])}
     return {}
@@ -137,7 +145,7 @@ def render(s: dict) -> str:
     for f in s["fds"]:
         extra = f" (shares fd {f['shares']})" if "shares" in f else ""
         for key in ("end", "buffered", "count", "watches", "remaining", "interval", "ticks",
-                    "signals"):
+                    "signals", "socket", "name", "backlog", "queued"):
             if key in f:
                 extra += f"  {key} {f[key]}"
         out.append(f"          {f['fd']:>4} {f['type']:<8} {f['path']}  flags {f['flags']} "

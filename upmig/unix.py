@@ -1,0 +1,253 @@
+"""Unix sockets: connected pairs with both ends inside the process (with the data
+queued in them), listening sockets on a path or in the abstract namespace, and
+unconnected ones.
+
+What the kernel knows of each (type, state, name, peer, queue lengths, backlog)
+comes from sock_diag over netlink. Queued data is read with MSG_PEEK from a copy of
+the socket in upmig, stepping through the queue with SO_PEEK_OFF, so nothing is
+taken from the process. Resume makes each anew inside the process (socketpair,
+or socket + bind + listen) and sends the queued data back in from the other end."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import struct
+from dataclasses import dataclass
+
+from upmig import _native as nat
+from upmig.errors import CantMigrate, RestoreError
+from upmig.inject import Session
+from upmig.pipes import pidfd
+from upmig.records import Fd
+from upmig.syscalls import nr
+
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLMSG_DONE, NLMSG_ERROR = 3, 2
+UDIAG_SHOW_NAME, UDIAG_SHOW_PEER, UDIAG_SHOW_RQLEN = 0x1, 0x4, 0x10
+UNIX_DIAG_NAME, UNIX_DIAG_PEER, UNIX_DIAG_RQLEN, UNIX_DIAG_SHUTDOWN = 0, 2, 4, 6
+NLMSG = struct.Struct("<IHHII")
+UNIX_DIAG_REQ = struct.Struct("<BBHIIIII")
+UNIX_DIAG_MSG = struct.Struct("<BBBBIII")
+RTATTR = struct.Struct("<HH")
+ST_ESTABLISHED, ST_LISTEN = 1, 10
+TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "dgram",
+         socket.SOCK_SEQPACKET: "seqpacket"}
+SO_PEEK_OFF = 42
+SOL_SOCKET = 1
+AF_UNIX = 1
+
+
+@dataclass
+class Diag:
+    ino: int
+    type: int
+    state: int
+    name: bytes        # b"" unbound; abstract names start with a NUL
+    peer: int          # peer's inode, 0 if none
+    rqueue: int        # listening: pending connections; else bytes queued to read
+    wqueue: int        # listening: the backlog
+    shutdown: int
+
+
+def diag() -> dict[int, Diag]:
+    """Every unix socket of this network namespace, by inode."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                       4) as nl:  # NETLINK_SOCK_DIAG
+        req = UNIX_DIAG_REQ.pack(AF_UNIX, 0, 0, 0xFFFFFFFF, 0,
+                                 UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN, 0, 0)
+        nl.send(NLMSG.pack(NLMSG.size + len(req), SOCK_DIAG_BY_FAMILY,
+                           NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + req)
+        out: dict[int, Diag] = {}
+        while True:
+            buf = nl.recv(1 << 16)
+            off = 0
+            while off + NLMSG.size <= len(buf):
+                length, kind, _, _, _ = NLMSG.unpack_from(buf, off)
+                if kind == NLMSG_DONE:
+                    return out
+                if kind == NLMSG_ERROR:
+                    code, = struct.unpack_from("<i", buf, off + NLMSG.size)
+                    raise OSError(-code, f"sock_diag: {os.strerror(-code)}")
+                d = _parse(buf[off + NLMSG.size:off + length])
+                out[d.ino] = d
+                off += (length + 3) & ~3
+
+
+def _parse(msg: bytes) -> Diag:
+    _, stype, state, _, ino, _, _ = UNIX_DIAG_MSG.unpack_from(msg, 0)
+    d = Diag(ino, stype, state, b"", 0, 0, 0, 0)
+    off = UNIX_DIAG_MSG.size
+    while off + RTATTR.size <= len(msg):
+        alen, atype = RTATTR.unpack_from(msg, off)
+        data = msg[off + RTATTR.size:off + alen]
+        if atype == UNIX_DIAG_NAME:
+            d.name = data
+        elif atype == UNIX_DIAG_PEER:
+            d.peer, = struct.unpack_from("<I", data)
+        elif atype == UNIX_DIAG_RQLEN:
+            d.rqueue, d.wqueue = struct.unpack_from("<II", data)
+        elif atype == UNIX_DIAG_SHUTDOWN:
+            d.shutdown = data[0]
+        off += (alen + 3) & ~3
+    return d
+
+
+# ---- dump
+
+def classify(pid: int, fd: int, d: Diag, inside: set[int]) -> tuple[str, dict]:
+    """(fd type, extra) of a unix socket, or CantMigrate."""
+    kind = TYPES.get(d.type)
+    if kind is None:
+        raise CantMigrate(f"holds a unix socket of type {d.type} on fd {fd}, which is not "
+                          "supported", pid=pid)
+    name = d.name.hex()
+    if d.state == ST_LISTEN:
+        if d.rqueue:
+            raise CantMigrate(f"has {d.rqueue} connection(s) waiting to be accepted on its "
+                              f"listening unix socket on fd {fd}; they would be lost", pid=pid)
+        return "unix_listen", {"type": kind, "name": name, "backlog": d.wqueue}
+    if d.peer:
+        if d.peer not in inside:
+            raise CantMigrate(f"holds a unix socket on fd {fd} connected to a process "
+                              f"outside (peer socket {d.peer}); this is not supported", pid=pid)
+        return "unix_pair", {"type": kind, "name": name, "peer": d.peer,
+                             "shutdown": d.shutdown, "queued": []}
+    if d.state == ST_ESTABLISHED and kind != "dgram":
+        raise CantMigrate(f"holds a unix socket on fd {fd} whose peer has gone; this is not "
+                          "supported yet", pid=pid)
+    return "unix", {"type": kind, "name": name}
+
+
+def capture_queues(pid: int, recs: list[Fd], diags: dict[int, Diag]) -> None:
+    """The data waiting to be read on each end of each pair, left in place."""
+    with pidfd(pid) as pfd:
+        for r in recs:
+            if r.type != "unix_pair" or r.shared_with >= 0:
+                continue
+            mine = nat.pidfd_getfd(pfd, r.fd, pid)
+            try:
+                r.extra["queued"] = _peek_all(pid, r, mine)
+            finally:
+                os.close(mine)
+            if r.extra["type"] != "dgram":
+                got = sum(len(m) for m in r.extra["queued"])
+                if got != diags[r.obj].rqueue:
+                    raise CantMigrate(f"the unix socket on fd {r.fd} has {diags[r.obj].rqueue} "
+                                      f"bytes queued, but {got} could be read", pid=pid)
+
+
+def _peek_all(pid: int, r: Fd, fd: int) -> list[bytes]:
+    s = socket.socket(fileno=os.dup(fd))
+    try:
+        s.setsockopt(SOL_SOCKET, SO_PEEK_OFF, 0)
+        out = []
+        try:
+            while True:
+                try:
+                    data, anc, flags, _ = s.recvmsg(1 << 20, socket.CMSG_SPACE(64 * 4),
+                                                    socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    return out
+                if anc:
+                    _close_passed(anc)
+                    raise CantMigrate(f"has descriptors in flight (SCM_RIGHTS) on the unix "
+                                      f"socket on fd {r.fd}; this is not supported", pid=pid)
+                if flags & socket.MSG_TRUNC:
+                    raise CantMigrate(f"has a message over 1 MiB queued on fd {r.fd}", pid=pid)
+                if not data and r.extra["type"] == "stream":
+                    return out  # the peer has shut down: end of stream
+                out.append(data)
+        finally:
+            s.setsockopt(SOL_SOCKET, SO_PEEK_OFF, -1)
+    finally:
+        s.close()
+
+
+def _close_passed(anc: list) -> None:
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            for fd in struct.unpack(f"<{len(data) // 4}i", data[:len(data) // 4 * 4]):
+                os.close(fd)
+
+
+# ---- resume
+
+def _sockaddr(name: bytes) -> bytes:
+    return struct.pack("<H", AF_UNIX) + name
+
+
+def make_pair(s: Session, kind: str) -> tuple[int, int]:
+    s.call(nr.socketpair, AF_UNIX, _sock_type(kind), 0, s.scratch, what="socketpair")
+    a, b = struct.unpack("<ii", s.read(s.scratch, 8))
+    return a, b
+
+
+def fill(pid: int, sender: int, kind: str, queued: list[bytes]) -> None:
+    """Send queued (what the other end had to read) from the pair's end `sender`."""
+    if not queued:
+        return
+    with pidfd(pid) as pfd:
+        mine = nat.pidfd_getfd(pfd, sender, pid)
+    sk = socket.socket(fileno=mine)
+    try:
+        for msg in queued:
+            if kind == "stream":
+                sk.sendall(msg)
+            else:
+                sk.send(msg)
+    finally:
+        sk.close()
+
+
+def make_socket(s: Session, r: Fd) -> int:
+    """An unconnected or listening unix socket, bound to its name if it had one."""
+    x = r.extra
+    fd = s.call(nr.socket, AF_UNIX, _sock_type(x["type"]), 0, what="socket(AF_UNIX)")
+    name = bytes.fromhex(x["name"])
+    if name:
+        if not name.startswith(b"\0"):
+            _clear_stale(os.fsdecode(name.rstrip(b"\0")))
+        addr = _sockaddr(name)
+        s.write(s.scratch, addr)
+        rc = s.raw(nr.bind, fd, s.scratch, len(addr))
+        if rc < 0:
+            raise RestoreError(f"cannot bind the unix socket of fd {r.fd} to "
+                               f"{_show(name)}: {os.strerror(-rc)}")
+    if r.type == "unix_listen":
+        s.call(nr.listen, fd, x["backlog"], what=f"listen(fd {r.fd})")
+    return fd
+
+
+def _clear_stale(path: str) -> None:
+    """A socket file left by the dumped process (or a copy of it) is in the way of the
+    bind; one that somebody still listens on is not ours to remove."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return
+    except FileNotFoundError:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+    except OSError as e:
+        if e.errno == errno.EPROTOTYPE:  # a dgram socket: cannot tell; leave it
+            return
+    else:
+        raise RestoreError(f"the unix socket {path} is in use by another process")
+    finally:
+        probe.close()
+
+
+def _show(name: bytes) -> str:
+    return "@" + name[1:].decode(errors="replace") if name.startswith(b"\0") else \
+        name.decode(errors="replace")
+
+
+def _sock_type(kind: str) -> int:
+    return {v: k for k, v in TYPES.items()}[kind]
