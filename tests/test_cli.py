@@ -180,7 +180,9 @@ def test_inspect_json(counter_image):
 
 TICKER = """
 import itertools, socket, sys, time
-s = socket.socket()
+srv = socket.create_server(("127.0.0.1", 0))    # an established TCP connection: refused
+c = socket.create_connection(srv.getsockname())
+a, _ = srv.accept()
 print("READY", flush=True)
 for i in itertools.count():
     time.sleep(0.02)
@@ -201,14 +203,14 @@ time.sleep(60)
 """
 
 
-def test_refuses_a_socket_and_the_process_runs_on(run_victim):
+def test_refuses_a_tcp_connection_and_the_process_runs_on(run_victim):
     r = run_victim([sys.executable, "-c", TICKER])
     r.wait_output("READY\n")
     img = r.cwd / "sock.upmig"
     res = run_upmig("dump", str(r.pid), "-o", str(img), check=False)
     assert res.returncode == 5, res.stderr
     line = _one_line(res)
-    assert f"pid {r.pid}" in line and "socket" in line
+    assert f"pid {r.pid}" in line and "established TCP connection" in line
     assert res.stdout == ""
     assert _leftovers(r.cwd) == [], "no image and no partial file"
     # Released as it was: untraced, and still doing its work.

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from conftest import VICTIMS, run_upmig
+from conftest import VICTIMS, run_upmig, wait_for
 
 
 def fds_job() -> list[str]:
@@ -129,3 +129,44 @@ def test_a_unix_socket_to_another_process_is_refused(run_victim):
     finally:
         mine.close()
         theirs.close()
+
+
+def test_tcp_listeners_and_udp_sockets_keep_their_ports(run_victim):
+    import signal
+    import socket
+
+    r = run_victim([sys.executable, "-S", str(VICTIMS / "inetsrv.py")])
+    r.wait_output("READY")
+    wait_for(lambda: r.output().endswith("\n"), 10, "the ports")
+    tcp_port, tcp6_port, udp_port = map(int, r.output().split()[1:4])
+    img = r.dump()
+    s = json.loads(run_upmig("inspect", "--json", str(img)).stdout)
+    listeners = sorted(f["name"] for f in s["fds"] if f["type"] == "tcp_listen")
+    assert listeners == sorted([f"127.0.0.1:{tcp_port}", f"[::1]:{tcp6_port}"])
+    r.resume(img)
+    os.kill(r.pid, signal.SIGUSR1)
+    for host, port, n in (("127.0.0.1", tcp_port, 1), ("::1", tcp6_port, 2)):
+        with socket.create_connection((host, port), timeout=10) as c:
+            c.sendall(b"ping")
+            assert c.recv(10) == b"pong %d" % n
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.sendto(b"hello", ("127.0.0.1", udp_port))
+    r.wait_output("UDP hello\n")
+    assert r.finish() == 0, r.output()
+    assert r.output().endswith("UDP hello\nPASS\n")
+
+
+def test_an_established_tcp_connection_is_refused(run_victim):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        port = srv.getsockname()[1]
+        r = run_victim([sys.executable, "-c", "import socket, time; "
+                        f"c = socket.create_connection(('127.0.0.1', {port})); "
+                        "print('READY', flush=True); time.sleep(60)"])
+        r.wait_output("READY\n")
+        res = run_upmig("dump", str(r.pid), "-o", str(r.cwd / "x.upmig"), check=False)
+        assert res.returncode == 5, res.stderr
+        assert "has an established TCP connection on fd 3 (127.0.0.1:" in res.stderr
+        assert f"to 127.0.0.1:{port})" in res.stderr
+        assert r.proc.poll() is None

@@ -353,7 +353,10 @@ def test_thread_caught_in_an_rseq_critical_section_goes_to_its_abort_handler(run
 
 SOCKET_AND_THREADS = """
 import socket, threading, time
-s = socket.socket()      # refused, but only found once every thread has been captured
+# An established TCP connection: refused, but only found once every thread is captured.
+srv = socket.create_server(("127.0.0.1", 0))
+c = socket.create_connection(srv.getsockname())
+a, _ = srv.accept()
 counts = [0] * 4
 def work(i):
     while True:
@@ -374,7 +377,7 @@ def test_a_refused_threaded_process_has_every_thread_released(run_victim):
     tids = _tids(r.pid)
     assert len(tids) == 5
     res = run_upmig("dump", str(r.pid), "-o", str(r.cwd / "x.upmig"), check=False)
-    assert res.returncode == 5 and "socket" in res.stderr, res.stderr
+    assert res.returncode == 5 and "TCP connection" in res.stderr, res.stderr
     assert not list(r.cwd.glob("*.upmig*")), "no image and no partial file"
     for t in tids:
         st = Path(f"/proc/{r.pid}/task/{t}/status").read_text()

@@ -11,7 +11,7 @@ import stat
 from dataclasses import dataclass
 
 from upmig import _native as nat
-from upmig import _proc, evfds, pipes, unix
+from upmig import _proc, evfds, inet, pipes, unix
 from upmig.errors import CantMigrate, RestoreError
 from upmig.inject import Session
 from upmig.records import Fd, Pipe
@@ -28,7 +28,7 @@ MOVABLE_ANON = {"[eventfd]": "eventfd", "[eventpoll]": "epoll", "[timerfd]": "ti
 PATH_TYPES = {"file", "dir", "chardev"}
 # Made anew rather than opened: their status flags are set by hand.
 CREATED_TYPES = {"pipe", "eventfd", "epoll", "timerfd", "signalfd", "unix", "unix_pair",
-                 "unix_listen"}
+                 "unix_listen", "inet", "tcp_listen"}
 ANON_KINDS = {  # what anon_inode fds are, for the refusal
     "[eventfd]": "an eventfd", "[eventpoll]": "an epoll instance", "[timerfd]": "a timerfd",
     "[signalfd]": "a signalfd", "inotify": "an inotify instance", "[io_uring]": "io_uring",
@@ -139,6 +139,8 @@ def capture(pid: int) -> tuple[list[Fd], list[Pipe]]:
             else None
         if d and not (e.fd <= 2 and d.peer and d.peer not in sockets):
             (ftype, extra), note = unix.classify(pid, e.fd, d, sockets), ""
+        elif e.target.startswith("socket:") and e.fd > 2 and d is None:
+            (ftype, extra), note = inet.capture(pid, e.fd), ""
         else:
             ftype, note = _classify(pid, e, pipe_ends)
             extra = {}
@@ -150,7 +152,7 @@ def capture(pid: int) -> tuple[list[Fd], list[Pipe]]:
                  flags=flags & ~O_CLOEXEC, cloexec=bool(flags & O_CLOEXEC),
                  pos=int(e.info["pos"]), note=note or (e.target if ftype not in PATH_TYPES
                                                        and ftype != "inherit" else ""))
-        if ftype.startswith("unix"):
+        if ftype.startswith(("unix", "inet", "tcp")):
             rec.obj, rec.extra = e.st.st_ino, extra
         elif ftype == "pipe":
             rec.obj, rec.extra = e.st.st_ino, {"end": pipes.end(flags)}
@@ -219,6 +221,9 @@ def restore(s: Session, pid: int, recs: list[Fd], pipe_recs: list[Pipe]) -> None
             continue
         if r.type in ("unix", "unix_listen"):
             _place(s, unix.make_socket(s, r), r)
+            continue
+        if r.type in ("inet", "tcp_listen"):
+            _place(s, inet.make(s, r), r)
             continue
         if r.type == "pipe" and r.shared_with < 0:
             if r.obj not in made:  # both ends at once, at their first fd

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import time
 
-from upmig import image, regs, signals
+from upmig import image, inet, regs, signals
 from upmig.records import MM, Fd, Header, MappedFile, Pipe, Signals, Task, Thread, Vma
 
 try:
@@ -92,6 +92,11 @@ def _fd_extra(f: Fd, pipes: dict[int, Pipe]) -> dict:
                  else name.decode(errors="replace"))
         return {"socket": f.extra["type"], "name": shown,
                 **({"backlog": f.extra["backlog"]} if "backlog" in f.extra else {})}
+    if f.type in ("inet", "tcp_listen"):
+        x = f.extra
+        return {"socket": x["kind"], "name": inet.show(x["name"]),
+                **({"peer": inet.show(x["peer"])} if x["peer"] else {}),
+                **({"backlog": x["backlog"]} if "backlog" in x else {})}
     if f.type == "signalfd":
         return {"signals": signals.mask_list(f.extra["mask"])}
     return {}
@@ -145,7 +150,7 @@ def render(s: dict) -> str:
     for f in s["fds"]:
         extra = f" (shares fd {f['shares']})" if "shares" in f else ""
         for key in ("end", "buffered", "count", "watches", "remaining", "interval", "ticks",
-                    "signals", "socket", "name", "backlog", "queued"):
+                    "signals", "socket", "name", "peer", "backlog", "queued"):
             if key in f:
                 extra += f"  {key} {f[key]}"
         out.append(f"          {f['fd']:>4} {f['type']:<8} {f['path']}  flags {f['flags']} "
