@@ -170,3 +170,34 @@ def test_an_established_tcp_connection_is_refused(run_victim):
         assert "has an established TCP connection on fd 3 (127.0.0.1:" in res.stderr
         assert f"to 127.0.0.1:{port})" in res.stderr
         assert r.proc.poll() is None
+
+
+def ghost_job() -> list[str]:
+    return [sys.executable, "-S", str(VICTIMS / "ghost.py")]
+
+
+def test_deleted_files_travel_in_the_image(run_victim):
+    r = run_victim(ghost_job())
+    r.wait_output("READY\n")
+    img = r.dump()
+    s = json.loads(run_upmig("inspect", "--json", str(img)).stdout)
+    sizes = sorted(f["deleted_bytes"] for f in s["fds"] if f["type"] == "ghost")
+    assert sizes == [0, 3 * 1024 * 1024 + 123, 3 * 1024 * 1024 + 123]
+    r.resume(img)
+    assert r.finish() == 0, r.output()
+    assert r.output() == "READY\nPASS\n"
+    assert not list(r.cwd.glob(".upmig-ghost-*")), "nothing left in the directory"
+
+
+def test_ghost_limit_refuses_a_big_deleted_file(run_victim):
+    r = run_victim(ghost_job())
+    r.wait_output("READY\n")
+    res = run_upmig("dump", str(r.pid), "-o", str(r.cwd / "x.upmig"), "--ghost-limit", "1M",
+                    check=False)
+    assert res.returncode == 5, res.stderr
+    assert res.stderr == (f"upmig: pid {r.pid} holds the deleted file {r.cwd}/scratch.bin "
+                          "(3145851 bytes) on fd 3, more than --ghost-limit (1048576 bytes)\n")
+    assert not list(r.cwd.glob("x.upmig*"))
+    r.hop()  # without the limit it moves
+    assert r.finish() == 0, r.output()
+    assert r.output() == "READY\nPASS\n"

@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="let the process go on after the dump (a checkpoint)")
     leave.add_argument("--leave-stopped", action="store_true",
                        help="leave the process stopped (SIGSTOP) after the dump")
+    d.add_argument("--ghost-limit", type=_size, metavar="SIZE",
+                   help="refuse if a file deleted while open holds more than SIZE bytes "
+                        "(suffixes K, M, G; default: no limit), rather than copy it all "
+                        "into the image")
     d.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     r = sub.add_parser("resume", help="rebuild the process of an image and run it",
@@ -91,6 +95,16 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("image", metavar="IMAGE")
     i.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return p
+
+
+def _size(text: str) -> int:
+    """A byte count: 4096, 64K, 10M, 2G."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    scale = units.get(text[-1:].upper(), 1)
+    digits = text[:-1] if scale > 1 else text
+    if not digits.isdigit():
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (say 4096, 64K, 10M, 2G)")
+    return int(digits) * scale
 
 
 class _Progress:
@@ -129,7 +143,7 @@ def _dump(a: argparse.Namespace) -> int:
     progress = _Progress(f"dumping pid {a.pid}")
     after = {"kill": "killed", "run": "left running", "stop": "left stopped"}[leave]
     try:
-        res = dump(a.pid, a.output, leave=leave, progress=progress)
+        res = dump(a.pid, a.output, leave=leave, progress=progress, ghost_limit=a.ghost_limit)
     except Interrupted as e:
         if progress.step == "committed":  # too late to undo: say what was done
             e.why = f"interrupted after the image {a.output} was written; process {after}"

@@ -20,6 +20,7 @@ from upmig import (
     fileid,
     files,
     freeze,
+    ghosts,
     image,
     inject,
     memmap,
@@ -31,7 +32,7 @@ from upmig import (
 from upmig import _native as nat
 from upmig.errors import CantMigrate, ImageError, NoSuchProcess, UpmigError, describe_oserror
 from upmig.image import ImageWriter
-from upmig.records import Header, MappedFile, Thread
+from upmig.records import Ghost, Header, MappedFile, Thread
 from upmig.syscalls import nr
 
 LEAVE = ("kill", "run", "stop")
@@ -55,9 +56,10 @@ Progress = Callable[[str, int], None]
 
 
 def dump(pid: int, image_path: str, *, leave: str = "kill",
-         progress: Progress | None = None) -> DumpResult:
+         progress: Progress | None = None, ghost_limit: int | None = None) -> DumpResult:
     """Write an image of pid to image_path; then kill it (default), or leave it
-    running ("run") or stopped ("stop"). On failure the process runs on untouched."""
+    running ("run") or stopped ("stop"). On failure the process runs on untouched.
+    ghost_limit: the most bytes a deleted-but-open file may hold (None: no limit)."""
     if leave not in LEAVE:
         raise ValueError(f"leave must be one of {LEAVE}")
     began = time.perf_counter()
@@ -76,7 +78,8 @@ def dump(pid: int, image_path: str, *, leave: str = "kill",
         with freeze.frozen(pid) as fz:
             frozen_at = time.perf_counter()
             try:
-                size, data, nvma, nfd = _capture_and_write(pid, fz, fd, note, known)
+                size, data, nvma, nfd = _capture_and_write(pid, fz, fd, note, known,
+                                                           ghost_limit)
                 os.fsync(fd)
                 fd, closing = -1, fd
                 os.close(closing)
@@ -174,7 +177,8 @@ def _verify(path: str, pid: int) -> None:
 
 
 def _capture_and_write(pid: int, fz: freeze.Frozen, fd: int, note: Progress,
-                       known: dict[str, MappedFile]) -> tuple[int, int, int, int]:
+                       known: dict[str, MappedFile], ghost_limit: int | None
+                       ) -> tuple[int, int, int, int]:
     preflight(pid)  # again, now that it is frozen: it may have forked meanwhile
     others = [t for t in fz.tids if t != pid]
     threads.check_creds(pid, others)
@@ -198,7 +202,7 @@ def _capture_and_write(pid: int, fz: freeze.Frozen, fd: int, note: Progress,
         sig.pending_shared = nat.peek_siginfo(pid, shared=True)
         mm = memmap.capture_mm(pid, brk)
         vmas = memmap.list_vmas(pid)      # again: the scratch page is gone now
-        fds, pipe_recs = files.capture(pid)
+        fds, shared = files.capture(pid, ghost_limit)
         mapped = sorted({v.path for v in vmas if v.role == "file"} | {tsk.exe})
         identities = [fileid.still(known.get(p)) or fileid.identify(p) for p in mapped]
         note("pages", 0)
@@ -217,8 +221,9 @@ def _capture_and_write(pid: int, fz: freeze.Frozen, fd: int, note: Progress,
             w.pages(pid, -1, readable)
         if hidden:
             w.pages(pid, mem_fd, hidden)  # /proc/PID/mem reads what mprotect hides
-        for rec in (*fds, *pipe_recs):
+        for rec in (*fds, *shared):
             w.record(rec)
+        ghosts.write_contents(w, pid, [g for g in shared if isinstance(g, Ghost)], fds)
         w.finish()
         note("done", 0)
         return os.fstat(fd).st_size, w.data_bytes, len(vmas), len(fds)

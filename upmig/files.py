@@ -11,10 +11,11 @@ import stat
 from dataclasses import dataclass
 
 from upmig import _native as nat
-from upmig import _proc, evfds, inet, pipes, unix
+from upmig import _proc, evfds, ghosts, inet, pipes, unix
 from upmig.errors import CantMigrate, RestoreError
+from upmig.image import Image
 from upmig.inject import Session
-from upmig.records import Fd, Pipe
+from upmig.records import Fd, Ghost, Pipe
 from upmig.syscalls import nr
 
 O_CLOEXEC = 0o2000000
@@ -25,7 +26,7 @@ F_DUPFD, F_SETFD, F_SETFL = 0, 2, 4
 PLAIN_DEVICES = {"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"}
 MOVABLE_ANON = {"[eventfd]": "eventfd", "[eventpoll]": "epoll", "[timerfd]": "timerfd",
                 "[signalfd]": "signalfd"}
-PATH_TYPES = {"file", "dir", "chardev"}
+PATH_TYPES = {"file", "dir", "chardev", "ghost"}
 # Made anew rather than opened: their status flags are set by hand.
 CREATED_TYPES = {"pipe", "eventfd", "epoll", "timerfd", "signalfd", "unix", "unix_pair",
                  "unix_listen", "inet", "tcp_listen"}
@@ -86,8 +87,10 @@ def _classify(pid: int, e: _Seen, pipe_ends: dict[int, set[str]]) -> tuple[str, 
         what = ANON_KINDS.get(kind, f"the kernel object {kind}")
         raise CantMigrate(f"holds {what} on fd {fd}, which is not supported yet", pid=pid)
     if target.endswith(" (deleted)"):
-        raise CantMigrate(f"holds the deleted file {target[:-10]} on fd {fd}; deleted files "
-                          "are not supported yet", pid=pid)
+        if st is not None and stat.S_ISREG(st.st_mode):
+            return "ghost", ""
+        raise CantMigrate(f"holds the deleted {target[:-10]} on fd {fd}, which is not a "
+                          "regular file and cannot be recreated", pid=pid)
     if st is None or not target.startswith("/"):
         raise CantMigrate(f"holds {target} on fd {fd}, which upmig cannot move", pid=pid)
     if st.st_dev in _kernel_fs_devices():
@@ -120,7 +123,8 @@ def _look(pid: int) -> list[_Seen]:
     return out
 
 
-def capture(pid: int) -> tuple[list[Fd], list[Pipe]]:
+def capture(pid: int, ghost_limit: int | None = None) -> tuple[list[Fd], list]:
+    """The fd records, and the records of what they share (Pipe, Ghost)."""
     seen = _look(pid)
     sockets = {e.st.st_ino for e in seen if e.target.startswith("socket:") and e.st}
     if sockets and _proc.readlink(pid, "ns/net") != os.readlink("/proc/self/ns/net"):
@@ -148,11 +152,12 @@ def capture(pid: int) -> tuple[list[Fd], list[Pipe]]:
             raise CantMigrate(f"holds a file lock (flock or POSIX) through fd {e.fd} on "
                               f"{e.target}; file locks are not supported yet", pid=pid)
         flags = int(e.info["flags"], 8)
-        rec = Fd(fd=e.fd, type=ftype, path=e.target if ftype in PATH_TYPES else "",
+        path = e.target[:-10] if ftype == "ghost" else e.target
+        rec = Fd(fd=e.fd, type=ftype, path=path if ftype in PATH_TYPES else "",
                  flags=flags & ~O_CLOEXEC, cloexec=bool(flags & O_CLOEXEC),
                  pos=int(e.info["pos"]), note=note or (e.target if ftype not in PATH_TYPES
                                                        and ftype != "inherit" else ""))
-        if ftype.startswith(("unix", "inet", "tcp")):
+        if ftype.startswith(("unix", "inet", "tcp")) or ftype == "ghost":
             rec.obj, rec.extra = e.st.st_ino, extra
         elif ftype == "pipe":
             rec.obj, rec.extra = e.st.st_ino, {"end": pipes.end(flags)}
@@ -169,7 +174,8 @@ def capture(pid: int) -> tuple[list[Fd], list[Pipe]]:
         out.append(rec)
     _one_description_per_end(pid, out)
     unix.capture_queues(pid, out, diags)
-    return out, pipes.capture(pid, out)
+    sizes = {e.st.st_ino: (e.st.st_size, e.st.st_mode) for e in seen if e.st is not None}
+    return out, [*pipes.capture(pid, out), *ghosts.capture(pid, out, sizes, ghost_limit)]
 
 
 def _one_description_per_end(pid: int, recs: list[Fd]) -> None:
@@ -198,8 +204,12 @@ def _open_flags(rec: Fd) -> int:
     return rec.flags & ~(O_CREAT | O_EXCL | O_TRUNC) | O_NOCTTY
 
 
-def restore(s: Session, pid: int, recs: list[Fd], pipe_recs: list[Pipe]) -> None:
+def restore(s: Session, pid: int, img: Image) -> None:
     """Put every fd at its number. Inherited fds are the stub's own 0-2 already."""
+    recs: list[Fd] = img.of(Fd)
+    pipe_recs: list[Pipe] = img.of(Pipe)
+    ghost_recs = {g.id: g for g in img.of(Ghost)}
+    ghost_fds: dict[int, int] = {}  # ghost id -> the recreated file's fd, out of the way
     wanted = {r.fd for r in recs}
     spare = max(wanted, default=2) + 1  # where a new fd can wait without being in the way
     pipes_by_id = {p.id: p for p in pipe_recs}
@@ -225,6 +235,15 @@ def restore(s: Session, pid: int, recs: list[Fd], pipe_recs: list[Pipe]) -> None
         if r.type in ("inet", "tcp_listen"):
             _place(s, inet.make(s, r), r)
             continue
+        if r.type == "ghost":
+            if r.obj not in ghost_fds:
+                made = ghosts.make(s, pid, ghost_recs[r.obj], img)
+                ghost_fds[r.obj] = s.call(nr.fcntl, made, F_DUPFD, spare, what="fcntl")
+                s.call(nr.close, made, what="close")
+            src = ghosts.reopen(s, ghost_fds[r.obj], _open_flags(r))
+            _place(s, src, r)
+            s.call(nr.lseek, r.fd, r.pos, 0, what=f"lseek(fd {r.fd})")
+            continue
         if r.type == "pipe" and r.shared_with < 0:
             if r.obj not in made:  # both ends at once, at their first fd
                 made.add(r.obj)
@@ -246,6 +265,8 @@ def restore(s: Session, pid: int, recs: list[Fd], pipe_recs: list[Pipe]) -> None
         _place(s, src, r)
         if r.type != "chardev" and not r.flags & O_PATH:
             s.call(nr.lseek, r.fd, r.pos, 0, what=f"lseek(fd {r.fd})")
+    for fd in ghost_fds.values():
+        s.call(nr.close, fd, what="close")
     for r in recs:  # every fd an epoll instance watched is in place now
         if r.type == "epoll" and r.shared_with < 0:
             evfds.add_watches(s, r)

@@ -77,14 +77,17 @@ class ImageWriter:
         self._frame(RECORD, msgpack.packb(to_wire(rec), use_bin_type=True))
         self.records += 1
 
-    def pages(self, pid: int, mem_fd: int, runs: list[tuple[int, int]]) -> int:
+    def pages(self, pid: int, mem_fd: int, runs: list[tuple[int, int]], target: str = ""
+              ) -> int:
         """Pages records for runs, each followed by its bytes copied straight from the
-        target; records are kept well under MAX_PAYLOAD however fragmented memory is."""
+        target; records are kept well under MAX_PAYLOAD however fragmented memory is.
+        With a target ("ghost:ID"), mem_fd is that file and runs are offsets in it."""
         total = 0
         for at in range(0, len(runs), RUNS_PER_RECORD):
             part = runs[at:at + RUNS_PER_RECORD]
             nbytes = sum(e - s for s, e in part)
-            self.record(Pages(runs=[x for run in part for x in run], nbytes=nbytes))
+            self.record(Pages(runs=[x for run in part for x in run], nbytes=nbytes,
+                              target=target))
             stats = self._pages.dump(pid, mem_fd, part, self.fd, self.chain)
             self.chain = stats.hash
             self.data_bytes += stats.bytes
@@ -104,6 +107,7 @@ class PageData:
 
     runs: list[tuple[int, int]]
     chunks: list[tuple[int, int]]  # (offset in image, length)
+    target: str = ""               # as in records.Pages
 
 
 @dataclass
@@ -215,7 +219,7 @@ def _records(path: str, data: mmap.mmap) -> Image:
             records.append(rec)
             if isinstance(rec, Pages):
                 runs = _runs(path, rec, off)
-                pages.append(PageData(runs, []))
+                pages.append(PageData(runs, [], rec.target))
                 want = rec.nbytes
         off = body + length + FRAME_TAIL.size
 
@@ -225,8 +229,10 @@ def _runs(path: str, rec: Pages, off: int) -> list[tuple[int, int]]:
     flat = rec.runs
     ok = isinstance(flat, list) and len(flat) % 2 == 0 and isinstance(rec.nbytes, int)
     runs = list(zip(flat[0::2], flat[1::2], strict=True)) if ok else []
-    ok = ok and all(isinstance(a, int) and isinstance(b, int) and a < b
-                    and not (a | b) & 0xFFF for a, b in runs)
+    aligned = 0xFFF if not rec.target else 0  # file contents end where the file does
+    ok = ok and isinstance(rec.target, str) and all(
+        isinstance(a, int) and isinstance(b, int) and a < b and not (a | b) & aligned
+        for a, b in runs)
     if not ok or sum(b - a for a, b in runs) != rec.nbytes:
         raise Corrupt(f"malformed pages record at byte {off}", what=path)
     return runs

@@ -96,6 +96,7 @@ class Pages:
     kind: ClassVar[str] = "pages"
     runs: list[int]          # flat [start0, end0, start1, end1, ...]
     nbytes: int
+    target: str = ""         # "": process memory; "ghost:ID": offsets in that Ghost file
 
 
 @dataclass
@@ -111,6 +112,18 @@ class Fd:
     note: str = ""           # for inspect: what an inherited fd was
     obj: int = 0             # pipe: the Pipe's id
     extra: dict = field(default_factory=dict)  # per type: see upmig.pipes, upmig.evfds
+
+
+@dataclass
+class Ghost:
+    """A regular file deleted while the process held it open; its bytes follow in
+    pages records whose target is "ghost:ID"."""
+
+    kind: ClassVar[str] = "ghost"
+    id: int                  # its inode number on the source
+    path: str                # where it was, without " (deleted)"
+    size: int
+    mode: int
 
 
 @dataclass
@@ -161,8 +174,8 @@ class Trailer:
 
 
 RECORD_TYPES: dict[str, type] = {
-    cls.kind: cls for cls in (Header, Task, MM, Vma, MappedFile, Pages, Fd, Pipe, Signals,
-                              Thread, Trailer)
+    cls.kind: cls for cls in (Header, Task, MM, Vma, MappedFile, Pages, Fd, Pipe, Ghost,
+                              Signals, Thread, Trailer)
 }
 
 
@@ -178,5 +191,5 @@ def from_wire(kind: str, body: dict) -> Any:
     return cls(**{f.name: body[f.name] for f in fields(cls) if f.name in body})
 
 
-__all__ = ["Header", "Task", "MM", "Vma", "MappedFile", "Pages", "Fd", "Pipe", "Signals",
+__all__ = ["Header", "Task", "MM", "Vma", "MappedFile", "Pages", "Fd", "Pipe", "Ghost", "Signals",
            "Thread", "Trailer", "RECORD_TYPES", "to_wire", "from_wire"]

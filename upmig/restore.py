@@ -20,7 +20,7 @@ from upmig import _native as nat
 from upmig import _proc, fileid, files, image, inject, memmap, pidns, regs, signals, task, threads
 from upmig.errors import Mismatch, RestoreError, UpmigError, describe_oserror
 from upmig.inject import SCRATCH, Session
-from upmig.records import MM, Fd, Header, MappedFile, Pipe, Signals, Task, Thread, Vma
+from upmig.records import MM, Header, MappedFile, Signals, Task, Thread, Vma
 from upmig.syscalls import nr
 
 STUB = Path(__file__).resolve().parent / "upmig-stub"
@@ -311,7 +311,7 @@ def _stage_process(s: Session, pid: int, tgid: int, img: image.Image) -> None:
     tsk: Task = img.one(Task)
     task.restore_limits(s, pid, tsk)  # before the fds: RLIMIT_NOFILE bounds their numbers
     task.restore_early(s, tsk)
-    files.restore(s, pid, img.of(Fd), img.of(Pipe))
+    files.restore(s, pid, img)
     signals.restore(s, tgid, img.one(Signals))
 
 
@@ -360,6 +360,8 @@ def _fill_memory(pid: int, img: image.Image) -> None:
     """Page contents straight from the mapped image into the target."""
     base = nat.buffer_address(img.data)
     for pd in img.pages:
+        if pd.target:  # a deleted file's contents: see upmig.ghosts
+            continue
         src = [(base + off, base + off + n) for off, n in pd.chunks]
         nat.fill_pages(pid, -1, src, pd.runs)
 

@@ -6,7 +6,7 @@ import errno
 import time
 
 from upmig import image, inet, regs, signals
-from upmig.records import MM, Fd, Header, MappedFile, Pipe, Signals, Task, Thread, Vma
+from upmig.records import MM, Fd, Ghost, Header, MappedFile, Pipe, Signals, Task, Thread, Vma
 
 try:
     from ptrace.syscall.linux.x86_64 import SYSCALL_NAMES
@@ -31,6 +31,7 @@ def _summary(img: image.Image) -> dict:
     mm: MM = img.one(MM)
     vmas: list[Vma] = img.of(Vma)
     pipes = {p.id: p for p in img.of(Pipe)}
+    ghosts = {g.id: g for g in img.of(Ghost)}
     return {
         "image": img.path,
         "image_bytes": img.size,
@@ -49,7 +50,7 @@ def _summary(img: image.Image) -> dict:
         "fds": [{"fd": f.fd, "type": f.type, "path": f.path or f.note, "flags": f"{f.flags:o}",
                  "pos": f.pos, "cloexec": f.cloexec,
                  **({"shares": f.shared_with} if f.shared_with >= 0 else {}),
-                 **_fd_extra(f, pipes)}
+                 **_fd_extra(f, pipes, ghosts)}
                 for f in img.of(Fd)],
         "signals": signals.describe(img.one(Signals)),
         "totals": {"vmas": len(vmas), "mapped_bytes": sum(v.end - v.start for v in vmas),
@@ -72,7 +73,7 @@ def _thread(th: Thread) -> dict:
             "xsave_bytes": len(th.xsave)}
 
 
-def _fd_extra(f: Fd, pipes: dict[int, Pipe]) -> dict:
+def _fd_extra(f: Fd, pipes: dict[int, Pipe], ghosts: dict[int, Ghost]) -> dict:
     """What a pipe or event descriptor holds, for the listing."""
     if f.type == "pipe":
         p = pipes.get(f.obj)
@@ -97,6 +98,9 @@ def _fd_extra(f: Fd, pipes: dict[int, Pipe]) -> dict:
         return {"socket": x["kind"], "name": inet.show(x["name"]),
                 **({"peer": inet.show(x["peer"])} if x["peer"] else {}),
                 **({"backlog": x["backlog"]} if "backlog" in x else {})}
+    if f.type == "ghost":
+        g = ghosts.get(f.obj)
+        return {"deleted_bytes": g.size if g else 0}
     if f.type == "signalfd":
         return {"signals": signals.mask_list(f.extra["mask"])}
     return {}
@@ -150,7 +154,8 @@ def render(s: dict) -> str:
     for f in s["fds"]:
         extra = f" (shares fd {f['shares']})" if "shares" in f else ""
         for key in ("end", "buffered", "count", "watches", "remaining", "interval", "ticks",
-                    "signals", "socket", "name", "peer", "backlog", "queued"):
+                    "signals", "socket", "name", "peer", "backlog", "queued",
+                    "deleted_bytes"):
             if key in f:
                 extra += f"  {key} {f[key]}"
         out.append(f"          {f['fd']:>4} {f['type']:<8} {f['path']}  flags {f['flags']} "

@@ -1,0 +1,118 @@
+"""Files deleted while the process holds them open ("ghost" files).
+
+Their contents travel in the image as data frames, copied by the C helper straight
+from the deleted file (reached through /proc/PID/fd). Resume recreates each as an
+unlinked file in its old directory (O_TMPFILE; a named file unlinked at once where
+the filesystem lacks it), writes the contents back, and opens every fd onto it with
+that fd's own flags and offset."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from upmig import _native as nat
+from upmig.errors import CantMigrate, RestoreError
+from upmig.image import Image, ImageWriter
+from upmig.inject import Session
+from upmig.pipes import pidfd
+from upmig.records import Fd, Ghost
+from upmig.syscalls import nr
+
+O_RDWR, O_CREAT, O_EXCL, O_TMPFILE = 0o2, 0o100, 0o200, 0o20200000
+AT_FDCWD = -100
+
+
+def target(ghost_id: int) -> str:
+    return f"ghost:{ghost_id}"
+
+
+def capture(pid: int, recs: list[Fd], sizes: dict[int, tuple[int, int]],
+            limit: int | None) -> list[Ghost]:
+    """A Ghost for each deleted file among recs; sizes: inode -> (size, mode)."""
+    out: dict[int, Ghost] = {}
+    for r in recs:
+        if r.type != "ghost" or r.obj in out:
+            continue
+        size, mode = sizes[r.obj]
+        if limit is not None and size > limit:
+            raise CantMigrate(f"holds the deleted file {r.path} ({size} bytes) on fd {r.fd}, "
+                              f"more than --ghost-limit ({limit} bytes)", pid=pid)
+        out[r.obj] = Ghost(id=r.obj, path=r.path, size=size, mode=mode)
+    return list(out.values())
+
+
+def write_contents(w: ImageWriter, pid: int, ghosts: list[Ghost], recs: list[Fd]) -> None:
+    for g in ghosts:
+        if not g.size:
+            continue
+        first = next(r.fd for r in recs if r.type == "ghost" and r.obj == g.id)
+        fd = os.open(f"/proc/{pid}/fd/{first}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_size != g.size:
+                raise CantMigrate(f"the deleted file {g.path} changed size during the dump",
+                                  pid=pid)
+            w.pages(pid, fd, [(0, g.size)], target=target(g.id))
+        finally:
+            os.close(fd)
+
+
+def make(s: Session, pid: int, g: Ghost, img: Image) -> int:
+    """The file again, unlinked, filled: its fd in the process (any number)."""
+    where = os.path.dirname(g.path) or "/"
+    s.write(s.scratch, os.fsencode(where) + b"\0")
+    fd = s.raw(nr.openat, AT_FDCWD, s.scratch, O_TMPFILE | O_RDWR, g.mode & 0o7777)
+    if fd in (-errno.EOPNOTSUPP, -errno.EISDIR, -errno.EINVAL):
+        fd = _named_then_unlinked(s, where, g)
+    if fd < 0:
+        raise RestoreError(f"cannot recreate the deleted file {g.path} in {where}: "
+                           f"{os.strerror(-fd)}")
+    with pidfd(pid) as pfd:
+        mine = nat.pidfd_getfd(pfd, fd, pid)
+    try:
+        data = memoryview(img.data)
+        for pd in img.pages:
+            if pd.target != target(g.id):
+                continue
+            _write_runs(mine, data, pd.chunks, pd.runs)
+        if os.fstat(mine).st_size != g.size:
+            os.ftruncate(mine, g.size)
+    finally:
+        os.close(mine)
+    return fd
+
+
+def _write_runs(fd: int, data: memoryview, chunks: list[tuple[int, int]],
+                runs: list[tuple[int, int]]) -> None:
+    """The bytes of chunks (in the image, in order) to the file offsets of runs."""
+    stream = ((off, n) for off, n in chunks)
+    off, left = next(stream, (0, 0))
+    for start, end in runs:
+        at = start
+        while at < end:
+            if not left:
+                off, left = next(stream)
+            n = min(left, end - at)
+            view = data[off:off + n]
+            while view:
+                done = os.pwrite(fd, view, at)
+                view, at = view[done:], at + done
+            off, left = off + n, left - n
+
+
+def _named_then_unlinked(s: Session, where: str, g: Ghost) -> int:
+    name = os.path.join(where, f".upmig-ghost-{g.id}-{os.getpid()}")
+    s.write(s.scratch, os.fsencode(name) + b"\0")
+    fd = s.raw(nr.openat, AT_FDCWD, s.scratch, O_RDWR | O_CREAT | O_EXCL, g.mode & 0o7777)
+    if fd >= 0:
+        s.call(nr.unlink, s.scratch, what=f"unlink({name})")
+    return fd
+
+
+def reopen(s: Session, tmp: int, flags: int) -> int:
+    """Another open file description of the recreated file, with these flags."""
+    s.write(s.scratch, f"/proc/self/fd/{tmp}".encode() + b"\0")
+    fd = s.raw(nr.openat, AT_FDCWD, s.scratch, flags, 0)
+    if fd < 0:
+        raise RestoreError(f"cannot reopen a recreated deleted file: {os.strerror(-fd)}")
+    return fd
