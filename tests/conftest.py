@@ -138,7 +138,7 @@ class Run:
         if not self.cmdline:
             self.cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes()
         run_upmig("dump", str(self.pid), "-o", str(img), *flags)
-        if not flags:
+        if not {"--leave-running", "--leave-stopped"} & set(flags):
             self._reap_killed()
         return img
 

@@ -201,3 +201,77 @@ def test_ghost_limit_refuses_a_big_deleted_file(run_victim):
     r.hop()  # without the limit it moves
     assert r.finish() == 0, r.output()
     assert r.output() == "READY\nPASS\n"
+
+
+def _ask(c, line: bytes) -> bytes:
+    c.sendall(line)
+    got = b""
+    while not got.endswith(b"\n"):
+        chunk = c.recv(100)
+        assert chunk, "the server closed the connection"
+        got += chunk
+    return got
+
+
+def test_asyncio_echo_server_keeps_its_clients(run_victim):
+    """Open connections mid-conversation move with --tcp-established: each client's
+    next request is answered after resume, on the same connection; new clients too."""
+    import socket
+
+    r = run_victim([sys.executable, "-S", str(VICTIMS / "asyncecho.py")])
+    wait_for(lambda: r.output().endswith("\n"), 10, "READY")
+    port = int(r.output().split()[1])
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+    for i, c in enumerate(clients):
+        for k in range(i + 1):
+            assert _ask(c, b"hello %d\n" % k) == b"%d hello %d\n" % (k + 1, k)
+    # One request sits unread in the server's socket when it is dumped.
+    clients[0].sendall(b"pending\n")
+    plain = run_upmig("dump", str(r.pid), "-o", str(r.cwd / "x.upmig"), check=False)
+    assert plain.returncode == 5 and "--tcp-established" in plain.stderr
+    r.hop("--tcp-established")
+    got = b""
+    while not got.endswith(b"\n"):
+        got += clients[0].recv(100)
+    assert got == b"2 pending\n"
+    for i, c in enumerate(clients):
+        n = i + 2 + (i == 0)
+        assert _ask(c, b"after\n") == b"%d after\n" % n
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as new:
+        assert _ask(new, b"new\n") == b"1 new\n"
+    for c in clients:
+        c.close()
+    assert r.finish() == 0, r.output()
+    assert r.output().split()[-2:] == ["ANSWERED", "11"]  # 6 + pending + 3 after + new
+
+
+def test_tcp_connection_queues_move_intact(run_victim):
+    """Data the server had not read, and data it had sent but the client had not
+    taken (in the server's send queue), arrive after resume byte for byte."""
+    import signal
+    import socket
+
+    r = run_victim([sys.executable, "-S", str(VICTIMS / "tcpqueues.py")])
+    wait_for(lambda: r.output().endswith("\n"), 10, "READY")
+    port = int(r.output().split()[1])
+    c = socket.create_connection(("127.0.0.1", port), timeout=20)
+    r.wait_output("SENT")
+    wait_for(lambda: r.output().endswith("\n"), 10, "SENT")
+    sent = int(r.output().split()[3])
+    c.sendall(b"request-1")
+    time.sleep(0.2)
+    img = r.dump("--tcp-established")
+    s = json.loads(run_upmig("inspect", "--json", str(img)).stdout)
+    tcp = next(f for f in s["fds"] if f["type"] == "tcp")
+    assert tcp["recv_queue"] == len(b"request-1") and tcp["send_queue"] > 0
+    r.resume(img)
+    got = b""
+    while len(got) < sent:
+        chunk = c.recv(1 << 20)
+        assert chunk, "connection closed"
+        got += chunk
+    blob = bytes((i * 31 + 7) & 0xFF for i in range(4 << 20))
+    assert got == blob[:sent]
+    os.kill(r.pid, signal.SIGUSR1)
+    assert c.recv(100) == b"got request-1"
+    c.close()

@@ -61,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="refuse if a file deleted while open holds more than SIZE bytes "
                         "(suffixes K, M, G; default: no limit), rather than copy it all "
                         "into the image")
+    d.add_argument("--tcp-established", action="store_true",
+                   help="take established TCP connections along (TCP repair): the peer "
+                        "sees nothing, and after resume the same connection goes on. The "
+                        "resumed process must keep the same IP address.")
     d.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     r = sub.add_parser("resume", help="rebuild the process of an image and run it",
@@ -143,7 +147,8 @@ def _dump(a: argparse.Namespace) -> int:
     progress = _Progress(f"dumping pid {a.pid}")
     after = {"kill": "killed", "run": "left running", "stop": "left stopped"}[leave]
     try:
-        res = dump(a.pid, a.output, leave=leave, progress=progress, ghost_limit=a.ghost_limit)
+        res = dump(a.pid, a.output, leave=leave, progress=progress, ghost_limit=a.ghost_limit,
+                   tcp_established=a.tcp_established)
     except Interrupted as e:
         if progress.step == "committed":  # too late to undo: say what was done
             e.why = f"interrupted after the image {a.output} was written; process {after}"

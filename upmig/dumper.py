@@ -22,6 +22,7 @@ from upmig import (
     freeze,
     ghosts,
     image,
+    inet,
     inject,
     memmap,
     regs,
@@ -56,10 +57,12 @@ Progress = Callable[[str, int], None]
 
 
 def dump(pid: int, image_path: str, *, leave: str = "kill",
-         progress: Progress | None = None, ghost_limit: int | None = None) -> DumpResult:
+         progress: Progress | None = None, ghost_limit: int | None = None,
+         tcp_established: bool = False) -> DumpResult:
     """Write an image of pid to image_path; then kill it (default), or leave it
     running ("run") or stopped ("stop"). On failure the process runs on untouched.
-    ghost_limit: the most bytes a deleted-but-open file may hold (None: no limit)."""
+    ghost_limit: the most bytes a deleted-but-open file may hold (None: no limit).
+    tcp_established: take established TCP connections along (TCP repair)."""
     if leave not in LEAVE:
         raise ValueError(f"leave must be one of {LEAVE}")
     began = time.perf_counter()
@@ -77,9 +80,12 @@ def dump(pid: int, image_path: str, *, leave: str = "kill",
         seizing = time.perf_counter()
         with freeze.frozen(pid) as fz:
             frozen_at = time.perf_counter()
+            repairs = inet.Repairs() if tcp_established else None
+            if repairs:
+                fz.cleanups.append(repairs.release)
             try:
                 size, data, nvma, nfd = _capture_and_write(pid, fz, fd, note, known,
-                                                           ghost_limit)
+                                                           ghost_limit, repairs)
                 os.fsync(fd)
                 fd, closing = -1, fd
                 os.close(closing)
@@ -177,8 +183,8 @@ def _verify(path: str, pid: int) -> None:
 
 
 def _capture_and_write(pid: int, fz: freeze.Frozen, fd: int, note: Progress,
-                       known: dict[str, MappedFile], ghost_limit: int | None
-                       ) -> tuple[int, int, int, int]:
+                       known: dict[str, MappedFile], ghost_limit: int | None,
+                       repairs: inet.Repairs | None) -> tuple[int, int, int, int]:
     preflight(pid)  # again, now that it is frozen: it may have forked meanwhile
     others = [t for t in fz.tids if t != pid]
     threads.check_creds(pid, others)
@@ -202,7 +208,7 @@ def _capture_and_write(pid: int, fz: freeze.Frozen, fd: int, note: Progress,
         sig.pending_shared = nat.peek_siginfo(pid, shared=True)
         mm = memmap.capture_mm(pid, brk)
         vmas = memmap.list_vmas(pid)      # again: the scratch page is gone now
-        fds, shared = files.capture(pid, ghost_limit)
+        fds, shared = files.capture(pid, ghost_limit, repairs)
         mapped = sorted({v.path for v in vmas if v.role == "file"} | {tsk.exe})
         identities = [fileid.still(known.get(p)) or fileid.identify(p) for p in mapped]
         note("pages", 0)

@@ -29,7 +29,7 @@ MOVABLE_ANON = {"[eventfd]": "eventfd", "[eventpoll]": "epoll", "[timerfd]": "ti
 PATH_TYPES = {"file", "dir", "chardev", "ghost"}
 # Made anew rather than opened: their status flags are set by hand.
 CREATED_TYPES = {"pipe", "eventfd", "epoll", "timerfd", "signalfd", "unix", "unix_pair",
-                 "unix_listen", "inet", "tcp_listen"}
+                 "unix_listen", "inet", "tcp_listen", "tcp"}
 ANON_KINDS = {  # what anon_inode fds are, for the refusal
     "[eventfd]": "an eventfd", "[eventpoll]": "an epoll instance", "[timerfd]": "a timerfd",
     "[signalfd]": "a signalfd", "inotify": "an inotify instance", "[io_uring]": "io_uring",
@@ -123,7 +123,8 @@ def _look(pid: int) -> list[_Seen]:
     return out
 
 
-def capture(pid: int, ghost_limit: int | None = None) -> tuple[list[Fd], list]:
+def capture(pid: int, ghost_limit: int | None = None, repairs: inet.Repairs | None = None
+            ) -> tuple[list[Fd], list]:
     """The fd records, and the records of what they share (Pipe, Ghost)."""
     seen = _look(pid)
     sockets = {e.st.st_ino for e in seen if e.target.startswith("socket:") and e.st}
@@ -144,7 +145,7 @@ def capture(pid: int, ghost_limit: int | None = None) -> tuple[list[Fd], list]:
         if d and not (e.fd <= 2 and d.peer and d.peer not in sockets):
             (ftype, extra), note = unix.classify(pid, e.fd, d, sockets), ""
         elif e.target.startswith("socket:") and e.fd > 2 and d is None:
-            (ftype, extra), note = inet.capture(pid, e.fd), ""
+            (ftype, extra), note = inet.capture(pid, e.fd, repairs), ""
         else:
             ftype, note = _classify(pid, e, pipe_ends)
             extra = {}
@@ -215,6 +216,9 @@ def restore(s: Session, pid: int, img: Image) -> None:
     pipes_by_id = {p.id: p for p in pipe_recs}
     primary = {(r.obj, r.extra["end"]): r for r in recs
                if r.type == "pipe" and r.shared_with < 0}
+    # Connections first: they share their local port with a listener, and a port
+    # can be bound next to a listener's only before it listens.
+    recs = sorted(recs, key=lambda r: r.type != "tcp")
     made: set[int] = set()  # pipes and socket pairs made so far
     sockets = {r.obj: r for r in recs if r.type == "unix_pair" and r.shared_with < 0}
     for r in recs:
@@ -232,8 +236,8 @@ def restore(s: Session, pid: int, img: Image) -> None:
         if r.type in ("unix", "unix_listen"):
             _place(s, unix.make_socket(s, r), r)
             continue
-        if r.type in ("inet", "tcp_listen"):
-            _place(s, inet.make(s, r), r)
+        if r.type in ("inet", "tcp_listen", "tcp"):
+            _place(s, inet.make(s, pid, r), r)
             continue
         if r.type == "ghost":
             if r.obj not in ghost_fds:
@@ -267,6 +271,9 @@ def restore(s: Session, pid: int, img: Image) -> None:
             s.call(nr.lseek, r.fd, r.pos, 0, what=f"lseek(fd {r.fd})")
     for fd in ghost_fds.values():
         s.call(nr.close, fd, what="close")
+    for r in recs:
+        if r.type == "tcp" and r.shared_with < 0:
+            inet.finish(s, r)
     for r in recs:  # every fd an epoll instance watched is in place now
         if r.type == "epoll" and r.shared_with < 0:
             evfds.add_watches(s, r)

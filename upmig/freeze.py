@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -28,6 +28,9 @@ class Frozen:
     tids: list[int] = field(default_factory=list)
     # What release() does: "run" (detach), "stop" (detach into a group stop), "kill".
     on_release: str = "run"
+    # Called at release with killed=True/False: what the dump changed that must be
+    # undone for a process that runs on (before it is let go), or let go of after a kill.
+    cleanups: list[Callable[[bool], None]] = field(default_factory=list)
 
 
 def list_tids(pid: int) -> list[int]:
@@ -111,6 +114,18 @@ def _parent(pid: int) -> int:
 
 
 def _release(fz: Frozen) -> None:
+    try:
+        _let_go(fz)
+    finally:
+        for cleanup in fz.cleanups:
+            if fz.on_release == "kill":
+                cleanup(True)
+
+
+def _let_go(fz: Frozen) -> None:
+    if fz.on_release != "kill":
+        for cleanup in fz.cleanups:
+            cleanup(False)
     if fz.on_release == "kill":
         try:
             os.kill(fz.pid, signal.SIGKILL)

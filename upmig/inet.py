@@ -1,10 +1,17 @@
-"""IPv4 and IPv6 sockets that hold no connection: TCP listeners (with their backlog
-and options), UDP sockets (bound, or connected to a peer), and sockets not yet
-bound or connected. Established TCP connections are refused for now.
+"""IPv4 and IPv6 sockets: TCP listeners (with their backlog and options), UDP
+sockets (bound, or connected to a peer), sockets not yet bound or connected, and,
+with --tcp-established, established TCP connections.
 
 Dump looks at a copy of the socket in upmig (pidfd_getfd); resume makes the socket
-again inside the process, sets its options, binds it to the same address and port,
-and listens or connects as it did."""
+again inside the process, then works on a copy of it from upmig: options, address,
+then listen or connect as it did.
+
+An established connection is put in TCP repair mode at dump time, so that from
+then on it sends nothing: the process is killed and the connection closes without
+a FIN or RST reaching the peer (or, if the process runs on, repair is turned off
+again). Its sequence numbers, both queues, window and negotiated options are read
+out; resume builds a socket in repair mode, sets them, "connects" it (no handshake
+in repair mode) and turns repair off: the peer notices nothing."""
 
 from __future__ import annotations
 
@@ -33,21 +40,82 @@ TCP_OPTIONS = {"TCP_NODELAY": (SOL_TCP, socket.TCP_NODELAY)}
 V6_OPTIONS = {"IPV6_V6ONLY": (SOL_IPV6, socket.IPV6_V6ONLY)}
 TCP_INFO_BACKLOG = struct.Struct("<II")  # tcpi_unacked, tcpi_sacked of struct tcp_info
 TCP_INFO_BACKLOG_AT = 24                 # for a listener: accept queue, and its backlog
-SIOCINQ = 0x541B
+SIOCINQ, SIOCOUTQ = 0x541B, 0x5411
+TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ, TCP_REPAIR_OPTIONS = 19, 20, 21, 22
+TCP_TIMESTAMP, TCP_REPAIR_WINDOW = 24, 29
+TCP_RECV_QUEUE, TCP_SEND_QUEUE = 1, 2
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+TCPOPT_MSS, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
+TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
+REPAIR_WINDOW = struct.Struct("<5I")  # snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup
 KINDS = {socket.SOCK_STREAM: "tcp", socket.SOCK_DGRAM: "udp"}
 
 
-def capture(pid: int, fd: int) -> tuple[str, dict]:
-    """(fd type, extra) of an inet socket, or CantMigrate saying why it cannot move."""
+class Repairs:
+    """Established connections put in repair mode by a dump, held by upmig until the
+    process is released: killed, they close silently; running on, repair goes off."""
+
+    def __init__(self) -> None:
+        self.socks: list[socket.socket] = []
+
+    def release(self, killed: bool) -> None:
+        for s in self.socks:
+            try:
+                if not killed:
+                    s.setsockopt(SOL_TCP, TCP_REPAIR, 0)
+            finally:
+                s.close()
+        self.socks = []
+
+
+def capture(pid: int, fd: int, repairs: Repairs | None) -> tuple[str, dict]:
+    """(fd type, extra) of an inet socket, or CantMigrate saying why it cannot move.
+    An established TCP connection is taken only with repairs (--tcp-established)."""
     with pidfd(pid) as pfd:
         s = socket.socket(fileno=nat.pidfd_getfd(pfd, fd, pid))
     try:
-        return _describe(pid, fd, s)
+        ftype, extra = _describe(pid, fd, s, repairs is not None)
+        if ftype == "tcp":
+            s.setsockopt(SOL_TCP, TCP_REPAIR, 1)  # from now on it sends nothing
+            repairs.socks.append(s)  # type: ignore[union-attr]
+            s = None
+            extra |= _repair_state(pid, fd, repairs.socks[-1])  # type: ignore[union-attr]
+        return ftype, extra
     finally:
-        s.close()  # our copy only: the process's socket is untouched
+        if s is not None:
+            s.close()  # our copy only: the process's socket is untouched
 
 
-def _describe(pid: int, fd: int, s: socket.socket) -> tuple[str, dict]:
+def _repair_state(pid: int, fd: int, s: socket.socket) -> dict:
+    """Sequence numbers, queues, window and options of a connection in repair mode."""
+    out: dict = {}
+    for name, queue, ioctl in (("recv", TCP_RECV_QUEUE, SIOCINQ), ("send", TCP_SEND_QUEUE,
+                                                                    SIOCOUTQ)):
+        s.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, queue)
+        seq = s.getsockopt(SOL_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF
+        size = struct.unpack("<i", fcntl.ioctl(s.fileno(), ioctl, b"\0" * 4))[0]
+        data = b""
+        if size:  # a peek always starts at the queue's head: one call takes it all
+            try:
+                data = s.recv(size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pass
+        if len(data) != size:
+            raise CantMigrate(f"the {name} queue of the TCP connection on fd {fd} holds "
+                              f"{size} bytes, {len(data)} could be read", pid=pid)
+        out[f"{name}_seq"], out[f"{name}_queue"] = seq, data
+    info = s.getsockopt(SOL_TCP, socket.TCP_INFO, 104)
+    options, wscale = info[5], info[6]
+    mss, = struct.unpack_from("<I", info, 16)
+    out["mss"], out["tcpi_options"] = mss, options
+    out["snd_wscale"], out["rcv_wscale"] = wscale & 0xF, wscale >> 4
+    out["timestamp"] = s.getsockopt(SOL_TCP, TCP_TIMESTAMP) & 0xFFFFFFFF
+    out["window"] = list(REPAIR_WINDOW.unpack(
+        s.getsockopt(SOL_TCP, TCP_REPAIR_WINDOW, REPAIR_WINDOW.size)))
+    return out
+
+
+def _describe(pid: int, fd: int, s: socket.socket, established: bool) -> tuple[str, dict]:
     kind = KINDS.get(s.type)
     if kind is None or s.proto not in (0, socket.IPPROTO_TCP, socket.IPPROTO_UDP):
         raise CantMigrate(f"holds a socket (family {s.family}, type {s.type}, protocol "
@@ -69,9 +137,11 @@ def _describe(pid: int, fd: int, s: socket.socket) -> tuple[str, dict]:
             extra["backlog"] = backlog
             return "tcp_listen", extra
         if extra["peer"] is not None:
-            raise CantMigrate(f"has an established TCP connection on fd {fd} "
-                              f"({show(extra['name'])} to {show(extra['peer'])}); this is "
-                              "not supported yet", pid=pid)
+            if not established:
+                raise CantMigrate(f"has an established TCP connection on fd {fd} "
+                                  f"({show(extra['name'])} to {show(extra['peer'])}); dump "
+                                  "with --tcp-established to take it along", pid=pid)
+            return "tcp", extra
         return "inet", extra
     queued = _inq(s)
     if queued:
@@ -113,23 +183,36 @@ def _sockaddr(family: int, addr: list) -> bytes:
         ipaddress.IPv6Address(host).packed + struct.pack("<I", addr[3])
 
 
-def make(s: Session, r: Fd) -> int:
+def make(s: Session, pid: int, r: Fd) -> int:
     """The socket again inside the process: options, address, then listen or connect."""
     x = r.extra
     stype = socket.SOCK_STREAM if x["kind"] == "tcp" else socket.SOCK_DGRAM
     fd = s.call(nr.socket, x["family"], stype, 0, what="socket")
+    if r.type == "tcp":
+        with pidfd(pid) as pfd:
+            mine = socket.socket(fileno=nat.pidfd_getfd(pfd, fd, pid))
+        try:
+            _rebuild_connection(mine, r)
+        finally:
+            mine.close()
+        return fd
     options = dict(OPTIONS) | TCP_OPTIONS | V6_OPTIONS
     for name, value in x["options"].items():
-        level, opt = options[name]
-        s.write(s.scratch, struct.pack("<i", value))
-        s.call(nr.setsockopt, fd, level, opt, s.scratch, 4, what=f"setsockopt({name})")
-    if x["name"][1]:  # bound to a port
+        _set_int(s, fd, *options[name], value)
+    if x["name"][1]:  # bound to a port, which its rebuilt connections may share
+        _set_int(s, fd, *OPTIONS["SO_REUSEADDR"], 1)
         _call_addr(s, nr.bind, fd, x["family"], x["name"], r, "bind to")
+        _set_int(s, fd, *OPTIONS["SO_REUSEADDR"], x["options"]["SO_REUSEADDR"])
     if r.type == "tcp_listen":
         s.call(nr.listen, fd, x["backlog"], what=f"listen(fd {r.fd})")
     elif x["peer"] is not None:
         _call_addr(s, nr.connect, fd, x["family"], x["peer"], r, "connect to")
     return fd
+
+
+def _set_int(s: Session, fd: int, level: int, opt: int, value: int) -> None:
+    s.write(s.scratch, struct.pack("<i", value))
+    s.call(nr.setsockopt, fd, level, opt, s.scratch, 4, what=f"setsockopt({level}, {opt})")
 
 
 def _call_addr(s: Session, call: int, fd: int, family: int, addr: list, r: Fd,
@@ -139,3 +222,59 @@ def _call_addr(s: Session, call: int, fd: int, family: int, addr: list, r: Fd,
     rc = s.raw(call, fd, s.scratch, len(raw))
     if rc < 0:
         raise RestoreError(f"cannot {what} {show(addr)} for fd {r.fd}: {os.strerror(-rc)}")
+
+
+def _rebuild_connection(s: socket.socket, r: Fd) -> None:
+    """An established connection, rebuilt in repair mode from what dump read out."""
+    x = r.extra
+    s.setsockopt(SOL_TCP, TCP_REPAIR, 1)
+    s.setsockopt(SOL_SOCKET, socket.SO_REUSEADDR, 1)  # its own old socket may linger
+    for queue, name in ((TCP_RECV_QUEUE, "recv"), (TCP_SEND_QUEUE, "send")):
+        s.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, queue)
+        start = (x[f"{name}_seq"] - len(x[f"{name}_queue"])) & 0xFFFFFFFF
+        s.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, struct.pack("<I", start))
+    try:
+        s.bind(tuple(x["name"]))
+        s.connect(tuple(x["peer"]))  # no handshake in repair mode
+    except OSError as e:
+        raise RestoreError(f"cannot rebuild the TCP connection of fd {r.fd} "
+                           f"({show(x['name'])} to {show(x['peer'])}): {e.strerror}") from None
+    opts = [(TCPOPT_MSS, x["mss"])]
+    if x["tcpi_options"] & TCPI_OPT_WSCALE:
+        opts.append((TCPOPT_WINDOW, x["snd_wscale"] | x["rcv_wscale"] << 16))
+    if x["tcpi_options"] & TCPI_OPT_SACK:
+        opts.append((TCPOPT_SACK_PERM, 0))
+    if x["tcpi_options"] & TCPI_OPT_TIMESTAMPS:
+        opts.append((TCPOPT_TIMESTAMP, 0))
+    s.setsockopt(SOL_TCP, TCP_REPAIR_OPTIONS, b"".join(struct.pack("<II", *o) for o in opts))
+    if x["tcpi_options"] & TCPI_OPT_TIMESTAMPS:
+        s.setsockopt(SOL_TCP, TCP_TIMESTAMP, struct.pack("<I", x["timestamp"]))
+    for queue, name, force in ((TCP_SEND_QUEUE, "send", SO_SNDBUFFORCE),
+                               (TCP_RECV_QUEUE, "recv", SO_RCVBUFFORCE)):
+        data = x[f"{name}_queue"]
+        if not data:
+            continue
+        # The queue grew with buffers the kernel had tuned up: make room (it doubles
+        # the value given) rather than block half way.
+        s.setsockopt(SOL_SOCKET, force, len(data) + (1 << 16))
+        s.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, queue)
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[s.send(view, socket.MSG_DONTWAIT):]
+        except BlockingIOError:
+            raise RestoreError(f"the {name} queue of the TCP connection of fd {r.fd} "
+                               f"({len(data)} bytes) does not fit back in") from None
+    # The window last, once the queues are back (the kernel checks it against them).
+    s.setsockopt(SOL_TCP, TCP_REPAIR_WINDOW, REPAIR_WINDOW.pack(*x["window"]))
+    for name, value in x["options"].items():
+        if name != "SO_REUSEADDR":  # kept on, and repair too, until finish()
+            level, opt = (OPTIONS | TCP_OPTIONS | V6_OPTIONS)[name]
+            s.setsockopt(level, opt, value)
+
+
+def finish(s: Session, r: Fd) -> None:
+    """Once every socket is bound (a listener cannot bind next to a connection on its
+    port once that is out of repair mode): the connection goes live."""
+    _set_int(s, r.fd, *OPTIONS["SO_REUSEADDR"], r.extra["options"]["SO_REUSEADDR"])
+    _set_int(s, r.fd, SOL_TCP, TCP_REPAIR, 0)

@@ -93,11 +93,13 @@ def _fd_extra(f: Fd, pipes: dict[int, Pipe], ghosts: dict[int, Ghost]) -> dict:
                  else name.decode(errors="replace"))
         return {"socket": f.extra["type"], "name": shown,
                 **({"backlog": f.extra["backlog"]} if "backlog" in f.extra else {})}
-    if f.type in ("inet", "tcp_listen"):
+    if f.type in ("inet", "tcp_listen", "tcp"):
         x = f.extra
         return {"socket": x["kind"], "name": inet.show(x["name"]),
                 **({"peer": inet.show(x["peer"])} if x["peer"] else {}),
-                **({"backlog": x["backlog"]} if "backlog" in x else {})}
+                **({"backlog": x["backlog"]} if "backlog" in x else {}),
+                **({"recv_queue": len(x["recv_queue"]), "send_queue": len(x["send_queue"])}
+                   if f.type == "tcp" else {})}
     if f.type == "ghost":
         g = ghosts.get(f.obj)
         return {"deleted_bytes": g.size if g else 0}
@@ -155,7 +157,7 @@ def render(s: dict) -> str:
         extra = f" (shares fd {f['shares']})" if "shares" in f else ""
         for key in ("end", "buffered", "count", "watches", "remaining", "interval", "ticks",
                     "signals", "socket", "name", "peer", "backlog", "queued",
-                    "deleted_bytes"):
+                    "deleted_bytes", "recv_queue", "send_queue"):
             if key in f:
                 extra += f"  {key} {f[key]}"
         out.append(f"          {f['fd']:>4} {f['type']:<8} {f['path']}  flags {f['flags']} "

@@ -147,6 +147,10 @@ static void *producer(void *arg)
         pthread_mutex_lock(&lock);
         while (head - tail == 16 && !atomic_load(&stop))
             pthread_cond_wait(&not_full, &lock);
+        if (atomic_load(&stop)) {   /* under the lock: the consumer may have left */
+            pthread_mutex_unlock(&lock);
+            break;
+        }
         ring[head++ % 16] = n;
         produced++;
         pthread_cond_signal(&not_empty);
