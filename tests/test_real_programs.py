@@ -3,6 +3,7 @@ output must equal an uninterrupted run byte for byte."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import VICTIMS, migrate_at_random, straight_run
+from conftest import VICTIMS, migrate_at_random, straight_run, wait_for
 
 BC_INPUT = b"scale=2600; 4*a(1)\nquit\n"
 
@@ -89,3 +90,51 @@ def test_interpreter_output_equals_straight_run(run_victim, tmp_path, name):
     migrate_at_random(r, hops=3, seed=11, spread=0.25)
     assert r.finish(sig=0, timeout=120) == 0
     assert r.out_path.read_bytes() == expected
+
+
+def _resp(*args: bytes) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
+def _reply(c) -> bytes:
+    data = b""
+    while not data.endswith(b"\r\n"):
+        chunk = c.recv(1 << 16)
+        assert chunk, "redis closed the connection"
+        data += chunk
+    return data
+
+
+@pytest.mark.skipif(not shutil.which("redis-server"), reason="redis-server is not installed")
+def test_redis_keeps_its_data_and_its_open_connection(run_victim):
+    """redis-server as it is (its own background threads, epoll, a pipe, a TCP
+    listener): filled with keys, one client connection held open across the move with
+    --tcp-established; that same connection gets right answers afterwards, new
+    clients connect, and every key is there."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    r = run_victim(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                    "--save", "", "--appendonly", "no", "--dir", "."])
+    wait_for(lambda: "Ready to accept connections" in r.output(), 20, "redis to start")
+    held = socket.create_connection(("127.0.0.1", port), timeout=10)
+    held.sendall(b"".join(_resp(b"SET", b"key:%d" % i, b"value-%d" % (i * i))
+                          for i in range(2000)))
+    got = b""
+    while got.count(b"+OK\r\n") < 2000:
+        got += held.recv(1 << 16)
+    assert len(os.listdir(f"/proc/{r.pid}/task")) > 1, "redis runs threads of its own"
+    r.hop("--tcp-established")
+    held.sendall(_resp(b"GET", b"key:1999"))
+    assert _reply(held) == b"$%d\r\nvalue-%d\r\n" % (len(b"value-%d" % 1999**2), 1999**2)
+    held.sendall(_resp(b"INCR", b"counter"))
+    assert _reply(held) == b":1\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as new:
+        new.sendall(_resp(b"DBSIZE"))
+        assert _reply(new) == b":2001\r\n"
+        new.sendall(_resp(b"GET", b"key:7"))
+        assert _reply(new) == b"$8\r\nvalue-49\r\n"
+    held.close()
+    assert r.finish() == 0, r.output()
