@@ -275,3 +275,38 @@ def test_tcp_connection_queues_move_intact(run_victim):
     os.kill(r.pid, signal.SIGUSR1)
     assert c.recv(100) == b"got request-1"
     c.close()
+
+
+def locks_job() -> list[str]:
+    return [sys.executable, "-S", str(VICTIMS / "locks.py")]
+
+
+def test_file_locks_are_taken_again(run_victim):
+    import fcntl
+
+    r = run_victim(locks_job())
+    r.wait_output("READY\n")
+    r.hop()
+    with open(r.cwd / "a.lock") as other:  # held by the resumed process
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            raise AssertionError("the flock was not taken again")
+        except BlockingIOError:
+            pass
+    assert r.finish() == 0, r.output()
+    assert r.output() == "READY\nPASS\n"
+
+
+def test_resume_fails_clearly_when_a_lock_was_taken_meanwhile(run_victim):
+    import fcntl
+
+    r = run_victim(locks_job())
+    r.wait_output("READY\n")
+    img = r.dump()
+    with open(r.cwd / "b.lock", "r+") as thief:
+        fcntl.lockf(thief, fcntl.LOCK_EX, 1, 7)  # inside the victim's bytes 5-14
+        res = run_upmig("resume", str(img), check=False)
+    assert res.returncode == 7, res.stderr
+    assert res.stderr == ("upmig: another process now holds a lock that conflicts with "
+                          f"the write POSIX lock on bytes 5-14 of {r.cwd}/b.lock (fd 5)\n")
+    assert not os.path.exists(f"/proc/{r.pid}"), "nothing half-built is left"

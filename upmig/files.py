@@ -11,7 +11,7 @@ import stat
 from dataclasses import dataclass
 
 from upmig import _native as nat
-from upmig import _proc, evfds, ghosts, inet, pipes, unix
+from upmig import _proc, evfds, ghosts, inet, locks, pipes, unix
 from upmig.errors import CantMigrate, RestoreError
 from upmig.image import Image
 from upmig.inject import Session
@@ -137,6 +137,7 @@ def capture(pid: int, ghost_limit: int | None = None, repairs: inet.Repairs | No
         if e.target.startswith("pipe:") and e.st is not None:
             pipe_ends.setdefault(e.st.st_ino, set()).add(pipes.end(int(e.info["flags"], 8)))
     inodes = {e.fd: e.st.st_ino for e in seen if e.st is not None}
+    locked: set[tuple] = set()  # the locks seen so far
     out = []
     by_inode: dict[tuple[int, int], list[Fd]] = {}
     for e in seen:
@@ -149,9 +150,6 @@ def capture(pid: int, ghost_limit: int | None = None, repairs: inet.Repairs | No
         else:
             ftype, note = _classify(pid, e, pipe_ends)
             extra = {}
-        if "lock" in e.info:
-            raise CantMigrate(f"holds a file lock (flock or POSIX) through fd {e.fd} on "
-                              f"{e.target}; file locks are not supported yet", pid=pid)
         flags = int(e.info["flags"], 8)
         path = e.target[:-10] if ftype == "ghost" else e.target
         rec = Fd(fd=e.fd, type=ftype, path=path if ftype in PATH_TYPES else "",
@@ -172,11 +170,28 @@ def capture(pid: int, ghost_limit: int | None = None, repairs: inet.Repairs | No
             rec.extra = evfds.signalfd_extra(e.info)
         if ftype != "inherit" and e.st is not None:
             _link_shared(pid, rec, by_inode.setdefault((e.st.st_dev, e.st.st_ino), []))
+        if "lock" in e.info:
+            _add_locks(pid, rec, e, locked)
         out.append(rec)
     _one_description_per_end(pid, out)
     unix.capture_queues(pid, out, diags)
     sizes = {e.st.st_ino: (e.st.st_size, e.st.st_mode) for e in seen if e.st is not None}
     return out, [*pipes.capture(pid, out), *ghosts.capture(pid, out, sizes, ghost_limit)]
+
+
+def _add_locks(pid: int, rec: Fd, e: _Seen, locked: set[tuple]) -> None:
+    """A POSIX lock is listed on every fd of its file, a flock or OFD lock on every fd
+    of its open file description: each is kept once, on the first fd listing it."""
+    if e.st is None or rec.type not in ("file", "ghost"):
+        raise CantMigrate(f"holds a lock through fd {e.fd} on {e.target}, which is not a "
+                          "regular file; this is not supported", pid=pid)
+    for lock in locks.capture(pid, e.fd, e.info_text, e.target):
+        owner = e.st.st_ino if lock[0] == "POSIX" else rec.shared_with if \
+            rec.shared_with >= 0 else rec.fd
+        key = (e.st.st_dev, e.st.st_ino, owner, *lock)
+        if key not in locked:
+            locked.add(key)
+            rec.extra.setdefault("locks", []).append(lock)
 
 
 def _one_description_per_end(pid: int, recs: list[Fd]) -> None:
@@ -274,6 +289,8 @@ def restore(s: Session, pid: int, img: Image) -> None:
     for r in recs:
         if r.type == "tcp" and r.shared_with < 0:
             inet.finish(s, r)
+    for r in recs:  # the process's locks, once it is the only one they can belong to
+        locks.take(s, r)
     for r in recs:  # every fd an epoll instance watched is in place now
         if r.type == "epoll" and r.shared_with < 0:
             evfds.add_watches(s, r)
