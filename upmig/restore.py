@@ -297,7 +297,13 @@ def _rebuild(pid: int, img: image.Image, set_tid: bool,
             if e.errno != errno.ESRCH:
                 raise
             # A thread let go before has ended the process (or exec'd): it ran, and
-            # what it did is its own business, not a failed resume.
+            # what it did is its own business, not a failed resume. This thread dies
+            # still traced by us: reap it, or its leader is never reported.
+            if m.outer != pid:
+                try:
+                    nat.waitpid(m.outer)
+                except OSError:
+                    pass
     for sig in {sig for m in team for sig in m.s.inj.held_signals}:  # a SIGSTOP meanwhile
         try:
             os.kill(pid, sig)
