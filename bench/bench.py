@@ -1,7 +1,9 @@
 """upmig benchmark: dump and resume processes with 64 MiB, 512 MiB and 2 GiB of
 touched random memory, prove every resumed copy intact, and set the figures
 against what this machine itself can move (bench/limits.c); then the cost of
-threads: a 64 MiB process with 1, 16 and 256 threads.
+threads: a 64 MiB process with 1, 16 and 256 threads; then descriptors: a process
+with 10,000 open fds of mixed kinds, and a server with 1,000 established TCP
+connections moved with --tcp-established (each client answered afterwards).
 
     .venv/bin/python bench/bench.py [--sizes 64,512,2048] [--quick]
 
@@ -37,6 +39,9 @@ FIXED_TARGET = 0.150  # seconds, CLI wall time of dump and of resume -d of a tin
 THREAD_COUNTS = (1, 16, 256)
 THREAD_MIB = 64
 PER_THREAD_TARGET = 0.001  # seconds per extra thread, on each side
+FD_COUNT, TCP_COUNT = 10_000, 1_000
+FD_TARGET = 1.0  # seconds, dump and resume each, for either
+ECHO_SERVER = ROOT / "tests" / "victims" / "asyncecho.py"
 DUMP_RATIO_TARGET = 0.6  # of process_vm_readv, for 2 GiB
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -211,6 +216,96 @@ def thread_rows(hog: Path, work: Path, reps: int) -> list[str]:
                    f"< {PER_THREAD_TARGET * 1000:.0f} ms on each side; median of {reps}."]
 
 
+def fd_trip(work: Path) -> tuple[dict, dict]:
+    """A fdhog with FD_COUNT fds: dumped, resumed, and every fd checked by itself."""
+    out, img = work / "fdhog.out", work / "fdhog.upmig"
+    resumed = None
+    with open(out, "wb") as f:
+        hog = subprocess.Popen([str(build("fdhog")), str(FD_COUNT)], stdin=subprocess.DEVNULL,
+                               stdout=f, stderr=subprocess.STDOUT, cwd=work)
+    try:
+        wait_line(out, ("READY",), 0, lambda: hog.poll() is None)
+        dumped, _ = upmig("dump", str(hog.pid), "-o", str(img), "--json")
+        hog.wait(timeout=30)
+        back, _ = upmig("resume", "-d", "--json", str(img))
+        resumed = back["pid"]
+        os.kill(resumed, signal.SIGUSR1)
+        said = wait_line(out, ("OK", "BAD"), 1, lambda: is_running(resumed))
+        if said != f"OK {FD_COUNT}":
+            raise Broken(f"fdhog after resume: {said!r}")
+        return dumped, back
+    finally:
+        hog.kill()
+        hog.wait()
+        if resumed is not None:
+            kill_and_reap(resumed)
+        img.unlink(missing_ok=True)
+
+
+def tcp_trip(work: Path) -> tuple[dict, dict]:
+    """The asyncio echo server with TCP_COUNT clients, each answered before and after."""
+    import resource
+    import socket
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * TCP_COUNT)), hard))
+    out, img = work / "echo.out", work / "echo.upmig"
+    resumed, clients = None, []
+    with open(out, "wb") as f:
+        srv = subprocess.Popen([sys.executable, "-S", str(ECHO_SERVER)],
+                               stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                               cwd=work)
+    try:
+        port = int(wait_line(out, ("READY",), 0, lambda: srv.poll() is None).split()[1])
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=30)
+                   for _ in range(TCP_COUNT)]
+        _ask_all(clients, b"before", b"1")
+        dumped, _ = upmig("dump", str(srv.pid), "-o", str(img), "--tcp-established", "--json")
+        srv.wait(timeout=30)
+        back, _ = upmig("resume", "-d", "--json", str(img))
+        resumed = back["pid"]
+        _ask_all(clients, b"after", b"2")
+        return dumped, back
+    finally:
+        for c in clients:
+            c.close()
+        srv.kill()
+        srv.wait()
+        if resumed is not None:
+            kill_and_reap(resumed)
+        img.unlink(missing_ok=True)
+
+
+def _ask_all(clients: list, word: bytes, n: bytes) -> None:
+    for i, c in enumerate(clients):
+        c.sendall(b"%s %d\n" % (word, i))
+    for i, c in enumerate(clients):
+        want = b"%s %s %d\n" % (n, word, i)
+        got = b""
+        while len(got) < len(want):
+            chunk = c.recv(100)
+            if not chunk:
+                raise Broken(f"client {i}: the server closed the connection")
+            got += chunk
+        if got != want:
+            raise Broken(f"client {i} got {got!r}, wanted {want!r}")
+
+
+def fd_rows(work: Path) -> list[str]:
+    rows = ["| process | dump | frozen | resume | target |", "|:---|---:|---:|---:|---:|"]
+    for what, trip in ((f"{FD_COUNT:,} fds of mixed kinds", fd_trip),
+                       (f"{TCP_COUNT:,} established TCP connections", tcp_trip)):
+        note(f"{what}...")
+        dumped, back = trip(work)
+        ok = dumped["seconds"] < FD_TARGET and back["seconds"] < FD_TARGET
+        rows.append(f"| {what} | {dumped['seconds']:.3f} s | {dumped['frozen_seconds']:.3f} s "
+                    f"| {back['seconds']:.3f} s | < {FD_TARGET:.0f} s each {mark(ok)} |")
+    return rows + ["", "fds: per 10, 4 regular files each opened on its own, a pipe holding "
+                   "bytes, an eventfd, a unix socket pair with data queued, a dup; the "
+                   "resumed process checks every one. TCP: tests/victims/asyncecho.py; "
+                   "every client gets its answer on the same connection after resume."]
+
+
 def run(args: argparse.Namespace, work: Path) -> tuple[list[str], list[str]]:
     """Every measurement; (report lines, failures)."""
     hog = build("hog")
@@ -239,6 +334,12 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[str], list[str]]:
     except (Broken, subprocess.TimeoutExpired) as e:
         failures.append(f"threads: {e}")
         threads = [f"threads: FAILED ({e})"]
+
+    try:
+        fds = fd_rows(work)
+    except (Broken, subprocess.TimeoutExpired) as e:
+        failures.append(f"descriptors: {e}")
+        fds = [f"descriptors: FAILED ({e})"]
 
     reps = f"median of {args.reps}" if args.reps > 1 else "one run"
     out = [
@@ -269,6 +370,8 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[str], list[str]]:
         *(f"| {what} | {v:.2f} |" for v, what in limits.values()),
         "",
         *threads,
+        "",
+        *fds,
     ]
     if 2048 in figs:
         x = figs[2048]["dump_x"]

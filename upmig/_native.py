@@ -308,4 +308,13 @@ def setns(fd: int, nstype: int) -> None:
 
 def kcmp_file(pid: int, fd1: int, fd2: int) -> bool:
     """True if fd1 and fd2 of pid are the same open file description."""
-    return check(lib.up_kcmp(pid, pid, KCMP_FILE, fd1, fd2), "kcmp", pid) == 0
+    return kcmp_file_order(pid, fd1, fd2) == 0
+
+
+def kcmp_file_order(pid: int, fd1: int, fd2: int) -> int:
+    """0 if fd1 and fd2 of pid are one open file description; else 1 or 2 as the
+    first sorts before or after the second, in an order the kernel keeps stable."""
+    order = check(lib.up_kcmp(pid, pid, KCMP_FILE, fd1, fd2), "kcmp", pid)
+    if order == 3:
+        raise OSError(0, "kcmp gives no order here")
+    return order

@@ -207,13 +207,22 @@ def _one_description_per_end(pid: int, recs: list[Fd]) -> None:
             firsts.add(key)
 
 
-def _link_shared(pid: int, rec: Fd, same_inode: list[Fd]) -> None:
-    """Fds sharing one open file description (dup, fork) must share it again."""
-    for other in same_inode:
-        if other.shared_with < 0 and nat.kcmp_file(pid, other.fd, rec.fd):
-            rec.shared_with = other.fd
-            break
-    same_inode.append(rec)
+def _link_shared(pid: int, rec: Fd, descriptions: list[Fd]) -> None:
+    """Fds sharing one open file description (dup, fork) must share it again.
+    descriptions: one fd per description of this inode, in the order kcmp gives them,
+    so that a thousand opens of one file cost a binary search each, not a scan."""
+    lo, hi = 0, len(descriptions)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        order = nat.kcmp_file_order(pid, descriptions[mid].fd, rec.fd)
+        if order == 0:
+            rec.shared_with = descriptions[mid].fd
+            return
+        if order == 1:  # descriptions[mid] sorts before rec's
+            lo = mid + 1
+        else:
+            hi = mid
+    descriptions.insert(lo, rec)
 
 
 def _open_flags(rec: Fd) -> int:
@@ -282,7 +291,7 @@ def restore(s: Session, pid: int, img: Image) -> None:
         if src < 0:
             raise RestoreError(f"cannot reopen {r.path} for fd {r.fd}: {os.strerror(-src)}")
         _place(s, src, r)
-        if r.type != "chardev" and not r.flags & O_PATH:
+        if r.pos and r.type != "chardev" and not r.flags & O_PATH:
             s.call(nr.lseek, r.fd, r.pos, 0, what=f"lseek(fd {r.fd})")
     for fd in ghost_fds.values():
         s.call(nr.close, fd, what="close")
