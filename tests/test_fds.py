@@ -310,3 +310,11 @@ def test_resume_fails_clearly_when_a_lock_was_taken_meanwhile(run_victim):
     assert res.stderr == ("upmig: another process now holds a lock that conflicts with "
                           f"the write POSIX lock on bytes 5-14 of {r.cwd}/b.lock (fd 5)\n")
     assert not os.path.exists(f"/proc/{r.pid}"), "nothing half-built is left"
+
+
+def test_signal_driven_io_keeps_its_owner_and_signal(run_victim):
+    r = run_victim([sys.executable, "-S", str(VICTIMS / "sigio.py")])
+    r.wait_output("READY\n")
+    r.hop()
+    assert r.finish() == 0, r.output()
+    assert r.output() == "READY\nPASS\n"

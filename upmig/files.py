@@ -11,7 +11,7 @@ import stat
 from dataclasses import dataclass
 
 from upmig import _native as nat
-from upmig import _proc, evfds, ghosts, inet, locks, pipes, unix
+from upmig import _proc, evfds, fdowner, ghosts, inet, locks, pipes, unix
 from upmig.errors import CantMigrate, RestoreError
 from upmig.image import Image
 from upmig.inject import Session
@@ -172,6 +172,8 @@ def capture(pid: int, ghost_limit: int | None = None, repairs: inet.Repairs | No
             _link_shared(pid, rec, by_inode.setdefault((e.st.st_dev, e.st.st_ino), []))
         if "lock" in e.info:
             _add_locks(pid, rec, e, locked)
+        if flags & fdowner.O_ASYNC and ftype != "inherit" and rec.shared_with < 0:
+            fdowner.capture(pid, rec)
         out.append(rec)
     _one_description_per_end(pid, out)
     unix.capture_queues(pid, out, diags)
@@ -300,6 +302,9 @@ def restore(s: Session, pid: int, img: Image) -> None:
             inet.finish(s, r)
     for r in recs:  # the process's locks, once it is the only one they can belong to
         locks.take(s, r)
+    for r in recs:  # signal-driven I/O last: no signal for the making of the others
+        if "async" in r.extra:
+            fdowner.restore(s, r)
     for r in recs:  # every fd an epoll instance watched is in place now
         if r.type == "epoll" and r.shared_with < 0:
             evfds.add_watches(s, r)
@@ -331,5 +336,6 @@ def _place(s: Session, src: int, r: Fd) -> None:
         s.call(nr.close, src, what="close")
     elif cloexec:
         s.call(nr.fcntl, r.fd, F_SETFD, 1, what="fcntl(F_SETFD)")
-    if r.type in CREATED_TYPES:
-        s.call(nr.fcntl, r.fd, F_SETFL, r.flags, what=f"fcntl(fd {r.fd}, F_SETFL)")
+    if r.type in CREATED_TYPES:  # O_ASYNC waits for its owner: see fdowner
+        s.call(nr.fcntl, r.fd, F_SETFL, r.flags & ~fdowner.O_ASYNC,
+               what=f"fcntl(fd {r.fd}, F_SETFL)")

@@ -1,0 +1,38 @@
+"""Signal-driven I/O (O_ASYNC): the owner a descriptor signals, and with which signal.
+Both belong to the open file description, so dump reads them from a copy of it in
+upmig; resume sets them again from inside the process, then turns O_ASYNC on."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+
+from upmig import _native as nat
+from upmig.inject import Session
+from upmig.pipes import pidfd
+from upmig.records import Fd
+from upmig.syscalls import nr
+
+O_ASYNC = 0o20000
+F_SETFL, F_SETSIG, F_GETSIG, F_SETOWN_EX, F_GETOWN_EX = 4, 10, 11, 15, 16
+OWNER = struct.Struct("<ii")  # struct f_owner_ex: type (F_OWNER_TID/PID/PGRP), pid
+
+
+def capture(pid: int, rec: Fd) -> None:
+    """Into rec.extra["async"]: [owner type, owner pid, signal] of an O_ASYNC fd."""
+    with pidfd(pid) as pfd:
+        mine = nat.pidfd_getfd(pfd, rec.fd, pid)
+    try:
+        kind, owner = OWNER.unpack(fcntl.fcntl(mine, F_GETOWN_EX, bytes(OWNER.size)))
+        rec.extra["async"] = [kind, owner, fcntl.fcntl(mine, F_GETSIG)]
+    finally:
+        os.close(mine)
+
+
+def restore(s: Session, rec: Fd) -> None:
+    kind, owner, sig = rec.extra["async"]
+    s.write(s.scratch, OWNER.pack(kind, owner))
+    s.call(nr.fcntl, rec.fd, F_SETOWN_EX, s.scratch, what=f"fcntl(fd {rec.fd}, F_SETOWN_EX)")
+    s.call(nr.fcntl, rec.fd, F_SETSIG, sig, what=f"fcntl(fd {rec.fd}, F_SETSIG)")
+    s.call(nr.fcntl, rec.fd, F_SETFL, rec.flags, what=f"fcntl(fd {rec.fd}, F_SETFL)")
