@@ -719,6 +719,22 @@ out:
     return ret;
 }
 
+int up_open_by_handle(int mount_fd, int type, const void *bytes, unsigned len, int flags)
+{
+    if (len > MAX_HANDLE_SZ)
+        return -EINVAL;
+    struct file_handle *h = malloc(sizeof *h + len);
+    if (!h)
+        return -ENOMEM;
+    h->handle_bytes = len;
+    h->handle_type = type;
+    memcpy(h->f_handle, bytes, len);
+    int fd = open_by_handle_at(mount_fd, h, flags);
+    int err = errno;
+    free(h);
+    return fd < 0 ? -err : fd;
+}
+
 int up_setns(int fd, int nstype)
 {
     return setns(fd, nstype) < 0 ? -errno : 0;

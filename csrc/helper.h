@@ -60,6 +60,9 @@ int up_pidfd_getfd(int pidfd, int fd);
  * -EOVERFLOW if fewer than FIONREAD says are buffered could be had. */
 long up_pipe_peek(int fd, void *buf, size_t cap);
 
+/* open_by_handle_at(mount_fd, {len, type, bytes}, flags): a file from its handle. */
+int up_open_by_handle(int mount_fd, int type, const void *bytes, unsigned len, int flags);
+
 /* setns(fd, nstype). */
 int up_setns(int fd, int nstype);
 

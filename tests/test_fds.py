@@ -318,3 +318,11 @@ def test_signal_driven_io_keeps_its_owner_and_signal(run_victim):
     r.hop()
     assert r.finish() == 0, r.output()
     assert r.output() == "READY\nPASS\n"
+
+
+def test_inotify_watches_come_back_under_their_numbers(run_victim):
+    r = run_victim([sys.executable, "-S", str(VICTIMS / "inotify.py")])
+    r.wait_output("READY\n")
+    r.hop()
+    assert r.finish() == 0, r.output()
+    assert r.output() == "READY\nPASS\n"

@@ -302,6 +302,11 @@ def pipe_peek(fd: int, cap: int) -> bytes:
     return bytes(ffi.buffer(buf, n))
 
 
+def open_by_handle(mount_fd: int, handle_type: int, handle: bytes, flags: int) -> int:
+    return check(lib.up_open_by_handle(mount_fd, handle_type, handle, len(handle), flags),
+                 "open_by_handle_at")
+
+
 def setns(fd: int, nstype: int) -> None:
     check(lib.up_setns(fd, nstype), "setns")
 

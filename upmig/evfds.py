@@ -13,7 +13,7 @@ from upmig.inject import Session
 from upmig.records import Fd
 from upmig.syscalls import nr
 
-TYPES = ("eventfd", "epoll", "timerfd", "signalfd")
+TYPES = ("eventfd", "epoll", "timerfd", "signalfd", "inotify")
 EFD_SEMAPHORE = 1
 O_NONBLOCK = 0o4000
 TFD_IOC_SET_TICKS = 0x40085400     # _IOW('T', 0, u64), with CONFIG_CHECKPOINT_RESTORE
@@ -68,6 +68,8 @@ def create(s: Session, rec: Fd) -> int:
         return fd
     if rec.type == "timerfd":
         return _timerfd(s, rec)
+    if rec.type == "inotify":
+        return s.call(nr.inotify_init1, rec.flags & O_NONBLOCK, what="inotify_init1")
     if rec.type == "signalfd":
         s.write(s.scratch, struct.pack("<Q", rec.extra["mask"]))
         return s.call(nr.signalfd4, -1, s.scratch, 8, rec.flags & O_NONBLOCK,

@@ -11,7 +11,7 @@ import stat
 from dataclasses import dataclass
 
 from upmig import _native as nat
-from upmig import _proc, evfds, fdowner, ghosts, inet, locks, pipes, unix
+from upmig import _proc, evfds, fdowner, ghosts, inet, inotify, locks, pipes, unix
 from upmig.errors import CantMigrate, RestoreError
 from upmig.image import Image
 from upmig.inject import Session
@@ -25,10 +25,11 @@ F_DUPFD, F_SETFD, F_SETFL = 0, 2, 4
 # Devices with no state of their own: reopened by path on the target.
 PLAIN_DEVICES = {"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"}
 MOVABLE_ANON = {"[eventfd]": "eventfd", "[eventpoll]": "epoll", "[timerfd]": "timerfd",
-                "[signalfd]": "signalfd"}
+                "[signalfd]": "signalfd", "inotify": "inotify"}
 PATH_TYPES = {"file", "dir", "chardev", "ghost"}
 # Made anew rather than opened: their status flags are set by hand.
-CREATED_TYPES = {"pipe", "eventfd", "epoll", "timerfd", "signalfd", "unix", "unix_pair",
+CREATED_TYPES = {"pipe", "eventfd", "epoll", "timerfd", "signalfd", "inotify", "unix",
+                 "unix_pair",
                  "unix_listen", "inet", "tcp_listen", "tcp"}
 ANON_KINDS = {  # what anon_inode fds are, for the refusal
     "[eventfd]": "an eventfd", "[eventpoll]": "an epoll instance", "[timerfd]": "a timerfd",
@@ -168,6 +169,8 @@ def capture(pid: int, ghost_limit: int | None = None, repairs: inet.Repairs | No
             rec.extra = evfds.timerfd_extra(e.info)
         elif ftype == "signalfd":
             rec.extra = evfds.signalfd_extra(e.info)
+        elif ftype == "inotify":
+            rec.extra = inotify.capture(pid, e.fd, e.info_text)
         if ftype != "inherit" and e.st is not None:
             _link_shared(pid, rec, by_inode.setdefault((e.st.st_dev, e.st.st_ino), []))
         if "lock" in e.info:
@@ -308,6 +311,8 @@ def restore(s: Session, pid: int, img: Image) -> None:
     for r in recs:  # every fd an epoll instance watched is in place now
         if r.type == "epoll" and r.shared_with < 0:
             evfds.add_watches(s, r)
+        if r.type == "inotify" and r.shared_with < 0:
+            inotify.restore(s, pid, r)
     for fd in range(3):  # stdio the process had closed
         if fd not in wanted:
             s.raw(nr.close, fd)

@@ -1,0 +1,139 @@
+"""inotify instances: every watch is added again on resume, by path, under its old
+watch descriptor number (programs keep those numbers).
+
+fdinfo gives each watch as a file handle; dump turns it into a path with
+open_by_handle_at on the watch's filesystem. Resume adds the watches in wd order;
+where the old numbers had gaps, it burns numbers with a throwaway watch, since the
+kernel hands them out one after another. Events queued but not yet read cannot be
+read without taking them from the process, so an instance holding some is refused;
+events of the time the process was away are not delivered."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import struct
+
+from upmig import _native as nat
+from upmig.errors import CantMigrate, RestoreError
+from upmig.inject import Session
+from upmig.pipes import pidfd
+from upmig.records import Fd
+from upmig.syscalls import nr
+
+WATCH = re.compile(r"^inotify wd:(\d+) ino:[0-9a-f]+ sdev:([0-9a-f]+) mask:([0-9a-f]+) "
+                   r"ignored_mask:[0-9a-f]+ fhandle-bytes:([0-9a-f]+) fhandle-type:([0-9a-f]+) "
+                   r"f_handle:([0-9a-f]+)", re.M)
+O_PATH = 0o10000000
+FIONREAD = 0x541B
+AT_FDCWD = -100
+BURNERS = ("/dev/null", "/", "/proc")  # throwaway watches that burn wd numbers
+
+
+def capture(pid: int, fd: int, fdinfo: str) -> dict:
+    """{"watches": [[wd, mask, path], ...]} of the inotify instance on fd."""
+    _refuse_unread(pid, fd)
+    watches = []
+    for m in WATCH.finditer(fdinfo):
+        wd, sdev, mask = int(m[1]), int(m[2], 16), int(m[3], 16)
+        handle = bytes.fromhex(m[6])[:int(m[4], 16)]
+        path = _path_of(sdev, int(m[5], 16), handle)
+        if path is None:
+            raise CantMigrate(f"watches (inotify, fd {fd}, wd {wd}) a file upmig cannot find "
+                              "the path of", pid=pid)
+        watches.append([wd, mask, path])
+    return {"watches": sorted(watches)}
+
+
+def _refuse_unread(pid: int, fd: int) -> None:
+    with pidfd(pid) as pfd:
+        mine = nat.pidfd_getfd(pfd, fd, pid)
+    try:
+        queued, = struct.unpack("<i", fcntl.ioctl(mine, FIONREAD, bytes(4)))
+    finally:
+        os.close(mine)
+    if queued:
+        raise CantMigrate(f"has {queued} bytes of inotify events unread on fd {fd}; they "
+                          "cannot be read without taking them from it", pid=pid)
+
+
+def _path_of(sdev: int, handle_type: int, handle: bytes) -> str | None:
+    """The path of a file from its handle, through a mount of its filesystem."""
+    major, minor = sdev >> 20, sdev & 0xFFFFF
+    for mount in _mounts_of(major, minor):
+        try:
+            mfd = os.open(mount, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fd = nat.open_by_handle(mfd, handle_type, handle, O_PATH | os.O_CLOEXEC)
+        except OSError:
+            continue
+        finally:
+            os.close(mfd)
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        if not path.endswith(" (deleted)"):
+            return path
+    return None
+
+
+def _mounts_of(major: int, minor: int) -> list[str]:
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == f"{major}:{minor}":
+                out.append(fields[4].replace("\\040", " "))
+    return out
+
+
+def restore(s: Session, pid: int, rec: Fd) -> None:
+    """Once the new instance is at rec.fd: its watches, each under its old number
+    (a new instance hands out 1, 2, 3, ... and never reuses one soon)."""
+    _add_all(s, rec)
+    # Burnt numbers left IN_IGNORED events behind. The queue was empty at dump time,
+    # and what happened to the files while the process was away is not its to see.
+    with pidfd(pid) as pfd:
+        mine = nat.pidfd_getfd(pfd, rec.fd, pid)
+    try:
+        while queued := struct.unpack("<i", fcntl.ioctl(mine, FIONREAD, bytes(4)))[0]:
+            os.read(mine, queued)
+    finally:
+        os.close(mine)
+
+
+def _add_all(s: Session, rec: Fd) -> None:
+    ours: set[int] = set()
+    next_wd = 1
+    for wd, mask, path in rec.extra["watches"]:
+        while next_wd < wd:
+            next_wd = _burn(s, rec, ours) + 1
+        got = _add(s, rec, path, mask)
+        if got != wd:
+            raise RestoreError(f"inotify watch {wd} on {path} (fd {rec.fd}) came back as "
+                               f"{got}")
+        ours.add(got)
+        next_wd = got + 1
+
+
+def _add(s: Session, rec: Fd, path: str, mask: int) -> int:
+    s.write(s.scratch, os.fsencode(path) + b"\0")
+    wd = s.raw(nr.inotify_add_watch, rec.fd, s.scratch, mask)
+    if wd < 0:
+        raise RestoreError(f"cannot watch {path} again (inotify, fd {rec.fd}): "
+                           f"{os.strerror(-wd)}")
+    return wd
+
+
+def _burn(s: Session, rec: Fd, ours: set[int]) -> int:
+    """Take and drop one watch number; the number."""
+    for burner in BURNERS:
+        got = _add(s, rec, burner, 0x2)  # IN_MODIFY
+        if got not in ours:  # not a path we watch for real
+            s.call(nr.inotify_rm_watch, rec.fd, got, what="inotify_rm_watch")
+            return got
+    raise RestoreError(f"cannot give the inotify watches of fd {rec.fd} their numbers again")
