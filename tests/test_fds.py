@@ -326,3 +326,12 @@ def test_inotify_watches_come_back_under_their_numbers(run_victim):
     r.hop()
     assert r.finish() == 0, r.output()
     assert r.output() == "READY\nPASS\n"
+
+
+def test_fifos_keep_their_bytes(run_victim):
+    r = run_victim([sys.executable, "-S", str(VICTIMS / "fifo.py")])
+    r.wait_output("READY\n")
+    r.dump("--leave-running")
+    r.hop()
+    assert r.finish() == 0, r.output()
+    assert r.output() == "READY\nPASS\n"

@@ -20,13 +20,14 @@ from upmig.syscalls import nr
 
 O_CLOEXEC = 0o2000000
 O_CREAT, O_EXCL, O_NOCTTY, O_TRUNC, O_PATH = 0o100, 0o200, 0o400, 0o1000, 0o10000000
+O_NONBLOCK = 0o4000
 AT_FDCWD = -100
 F_DUPFD, F_SETFD, F_SETFL = 0, 2, 4
 # Devices with no state of their own: reopened by path on the target.
 PLAIN_DEVICES = {"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"}
 MOVABLE_ANON = {"[eventfd]": "eventfd", "[eventpoll]": "epoll", "[timerfd]": "timerfd",
                 "[signalfd]": "signalfd", "inotify": "inotify"}
-PATH_TYPES = {"file", "dir", "chardev", "ghost"}
+PATH_TYPES = {"file", "dir", "chardev", "ghost", "fifo"}
 # Made anew rather than opened: their status flags are set by hand.
 CREATED_TYPES = {"pipe", "eventfd", "epoll", "timerfd", "signalfd", "inotify", "unix",
                  "unix_pair",
@@ -71,6 +72,11 @@ def _classify(pid: int, e: _Seen, pipe_ends: dict[int, set[str]]) -> tuple[str, 
     stdio = fd <= 2
     if target.startswith("pipe:") and st is not None and pipe_ends[st.st_ino] == {"r", "w"}:
         return "pipe", ""
+    if st is not None and stat.S_ISFIFO(st.st_mode) and target.startswith("/"):
+        if pipe_ends[st.st_ino] == {"r", "w"}:
+            return "fifo", ""
+        raise CantMigrate(f"holds the FIFO {target} on fd {fd} without its other end, "
+                          "which is outside the process; this is not supported", pid=pid)
     if target.startswith(("pipe:", "socket:")) or (st is not None and _is_tty(st)):
         what = ("a pipe" if target.startswith("pipe:") else
                 "a socket" if target.startswith("socket:") else f"the terminal {target}")
@@ -135,8 +141,9 @@ def capture(pid: int, ghost_limit: int | None = None, repairs: inet.Repairs | No
     diags = unix.diag() if sockets else {}
     pipe_ends: dict[int, set[str]] = {}
     for e in seen:
-        if e.target.startswith("pipe:") and e.st is not None:
-            pipe_ends.setdefault(e.st.st_ino, set()).add(pipes.end(int(e.info["flags"], 8)))
+        if e.st is not None and stat.S_ISFIFO(e.st.st_mode):  # pipes, and FIFOs by path
+            pipe_ends.setdefault(e.st.st_ino, set()).update(
+                pipes.ends(int(e.info["flags"], 8)))
     inodes = {e.fd: e.st.st_ino for e in seen if e.st is not None}
     locked: set[tuple] = set()  # the locks seen so far
     out = []
@@ -159,7 +166,7 @@ def capture(pid: int, ghost_limit: int | None = None, repairs: inet.Repairs | No
                                                        and ftype != "inherit" else ""))
         if ftype.startswith(("unix", "inet", "tcp")) or ftype == "ghost":
             rec.obj, rec.extra = e.st.st_ino, extra
-        elif ftype == "pipe":
+        elif ftype in ("pipe", "fifo"):
             rec.obj, rec.extra = e.st.st_ino, {"end": pipes.end(flags)}
         elif ftype == "eventfd":
             rec.extra = evfds.eventfd_extra(e.info)
@@ -240,6 +247,7 @@ def restore(s: Session, pid: int, img: Image) -> None:
     pipe_recs: list[Pipe] = img.of(Pipe)
     ghost_recs = {g.id: g for g in img.of(Ghost)}
     ghost_fds: dict[int, int] = {}  # ghost id -> the recreated file's fd, out of the way
+    fifo_fds: dict[int, int] = {}   # FIFO inode -> an fd holding both its ends meanwhile
     wanted = {r.fd for r in recs}
     spare = max(wanted, default=2) + 1  # where a new fd can wait without being in the way
     pipes_by_id = {p.id: p for p in pipe_recs}
@@ -267,6 +275,17 @@ def restore(s: Session, pid: int, img: Image) -> None:
             continue
         if r.type in ("inet", "tcp_listen", "tcp"):
             _place(s, inet.make(s, pid, r), r)
+            continue
+        if r.type == "fifo":
+            if r.obj not in fifo_fds:  # both ends held open while the fds are made
+                made_fifo = pipes.make_fifo(s, pid, r.path, pipes_by_id[r.obj])
+                fifo_fds[r.obj] = s.call(nr.fcntl, made_fifo, F_DUPFD, spare, what="fcntl")
+                s.call(nr.close, made_fifo, what="close")
+            s.write(s.scratch, os.fsencode(r.path) + b"\0")
+            src = s.call(nr.openat, AT_FDCWD, s.scratch, _open_flags(r) | O_NONBLOCK,
+                         what=f"open FIFO {r.path}")
+            _place(s, src, r)
+            s.call(nr.fcntl, r.fd, F_SETFL, r.flags & ~fdowner.O_ASYNC, what="fcntl(F_SETFL)")
             continue
         if r.type == "ghost":
             if r.obj not in ghost_fds:
@@ -298,7 +317,7 @@ def restore(s: Session, pid: int, img: Image) -> None:
         _place(s, src, r)
         if r.pos and r.type != "chardev" and not r.flags & O_PATH:
             s.call(nr.lseek, r.fd, r.pos, 0, what=f"lseek(fd {r.fd})")
-    for fd in ghost_fds.values():
+    for fd in (*ghost_fds.values(), *fifo_fds.values()):
         s.call(nr.close, fd, what="close")
     for r in recs:
         if r.type == "tcp" and r.shared_with < 0:

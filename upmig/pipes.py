@@ -14,17 +14,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from upmig import _native as nat
-from upmig.errors import CantMigrate
+from upmig.errors import CantMigrate, RestoreError
 from upmig.inject import Session
 from upmig.records import Fd, Pipe
 from upmig.syscalls import nr
 
-O_ACCMODE, O_WRONLY = 0o3, 0o1
+O_ACCMODE, O_WRONLY, O_RDWR, O_NONBLOCK = 0o3, 0o1, 0o2, 0o4000
+AT_FDCWD = -100
 F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
 
 
 def end(flags: int) -> str:
     return "w" if flags & O_ACCMODE == O_WRONLY else "r"
+
+
+def ends(flags: int) -> set[str]:
+    """The ends an fd holds: a FIFO opened O_RDWR holds both."""
+    return {"r", "w"} if flags & O_ACCMODE == O_RDWR else {end(flags)}
 
 
 @contextmanager
@@ -40,7 +46,7 @@ def capture(pid: int, recs: list[Fd]) -> list[Pipe]:
     """A Pipe for every pipe in recs (type "pipe", obj = inode), with its buffer."""
     read_ends = {}
     for r in recs:
-        if r.type == "pipe" and r.extra["end"] == "r":
+        if r.type in ("pipe", "fifo") and r.extra["end"] == "r":
             read_ends.setdefault(r.obj, r.fd)
     out = []
     with pidfd(pid) as pfd:
@@ -59,19 +65,34 @@ def capture(pid: int, recs: list[Fd]) -> list[Pipe]:
     return out
 
 
+def make_fifo(s: Session, pid: int, path: str, pipe: Pipe) -> int:
+    """The FIFO at path opened read-write (which never blocks) and filled: an fd that
+    holds both its ends while the process's own fds are opened."""
+    s.write(s.scratch, os.fsencode(path) + b"\0")
+    fd = s.raw(nr.openat, AT_FDCWD, s.scratch, O_RDWR | O_NONBLOCK, 0)
+    if fd < 0:
+        raise RestoreError(f"cannot open the FIFO {path}: {os.strerror(-fd)}")
+    _fill(s, pid, fd, pipe)
+    return fd
+
+
+def _fill(s: Session, pid: int, wr: int, pipe: Pipe) -> None:
+    s.call(nr.fcntl, wr, F_SETPIPE_SZ, pipe.size, what="fcntl(F_SETPIPE_SZ)")
+    if pipe.data:
+        with pidfd(pid) as pfd:
+            mine = nat.pidfd_getfd(pfd, wr, pid)
+        try:
+            view = memoryview(pipe.data)
+            while view:  # fits: the pipe is as big as it was
+                view = view[os.write(mine, view):]
+        finally:
+            os.close(mine)
+
+
 def create(s: Session, pid: int, pipe: Pipe) -> tuple[int, int]:
     """A new pipe inside the process with pipe's capacity and bytes: (read, write) fds,
     at whatever numbers the kernel gave."""
     s.call(nr.pipe2, s.scratch, 0, what="pipe2")
     rd, wr = struct.unpack("<ii", s.read(s.scratch, 8))
-    s.call(nr.fcntl, wr, F_SETPIPE_SZ, pipe.size, what="fcntl(F_SETPIPE_SZ)")
-    if pipe.data:
-        with pidfd(pid) as pfd:
-            mine = nat.pidfd_getfd(pfd, wr, pid)
-            try:
-                view = memoryview(pipe.data)
-                while view:  # fits: the pipe is as big as it was
-                    view = view[os.write(mine, view):]
-            finally:
-                os.close(mine)
+    _fill(s, pid, wr, pipe)
     return rd, wr
