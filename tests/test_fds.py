@@ -335,3 +335,14 @@ def test_fifos_keep_their_bytes(run_victim):
     r.hop()
     assert r.finish() == 0, r.output()
     assert r.output() == "READY\nPASS\n"
+
+
+def test_deleted_files_that_are_mapped(run_victim):
+    r = run_victim([sys.executable, "-S", str(VICTIMS / "ghostmap.py")])
+    r.wait_output("READY\n")
+    img = r.dump()
+    s = json.loads(run_upmig("inspect", "--json", str(img)).stdout)
+    assert sum(1 for v in s["vmas"] if v["what"].endswith("data.bin")) >= 2
+    r.resume(img)
+    assert r.finish() == 0, r.output()
+    assert r.output() == "READY\nPASS\n"

@@ -33,7 +33,7 @@ from upmig import (
 from upmig import _native as nat
 from upmig.errors import CantMigrate, ImageError, NoSuchProcess, UpmigError, describe_oserror
 from upmig.image import ImageWriter
-from upmig.records import Ghost, Header, MappedFile, Thread
+from upmig.records import Header, MappedFile, Thread
 from upmig.syscalls import nr
 
 LEAVE = ("kill", "run", "stop")
@@ -208,7 +208,8 @@ def _capture_and_write(pid: int, fz: freeze.Frozen, fd: int, note: Progress,
         sig.pending_shared = nat.peek_siginfo(pid, shared=True)
         mm = memmap.capture_mm(pid, brk)
         vmas = memmap.list_vmas(pid)      # again: the scratch page is gone now
-        fds, shared = files.capture(pid, ghost_limit, repairs)
+        fds, pipe_recs = files.capture(pid, repairs)
+        ghost_recs = ghosts.capture(pid, fds, vmas, ghost_limit)
         mapped = sorted({v.path for v in vmas if v.role == "file"} | {tsk.exe})
         identities = [fileid.still(known.get(p)) or fileid.identify(p) for p in mapped]
         note("pages", 0)
@@ -227,9 +228,9 @@ def _capture_and_write(pid: int, fz: freeze.Frozen, fd: int, note: Progress,
             w.pages(pid, -1, readable)
         if hidden:
             w.pages(pid, mem_fd, hidden)  # /proc/PID/mem reads what mprotect hides
-        for rec in (*fds, *shared):
+        for rec in (*fds, *pipe_recs, *ghost_recs):
             w.record(rec)
-        ghosts.write_contents(w, pid, [g for g in shared if isinstance(g, Ghost)], fds)
+        ghosts.write_contents(w, pid, ghost_recs, fds, vmas)
         w.finish()
         note("done", 0)
         return os.fstat(fd).st_size, w.data_bytes, len(vmas), len(fds)

@@ -15,7 +15,7 @@ from upmig import _proc, evfds, fdowner, ghosts, inet, inotify, locks, pipes, un
 from upmig.errors import CantMigrate, RestoreError
 from upmig.image import Image
 from upmig.inject import Session
-from upmig.records import Fd, Ghost, Pipe
+from upmig.records import Fd, Pipe
 from upmig.syscalls import nr
 
 O_CLOEXEC = 0o2000000
@@ -130,9 +130,8 @@ def _look(pid: int) -> list[_Seen]:
     return out
 
 
-def capture(pid: int, ghost_limit: int | None = None, repairs: inet.Repairs | None = None
-            ) -> tuple[list[Fd], list]:
-    """The fd records, and the records of what they share (Pipe, Ghost)."""
+def capture(pid: int, repairs: inet.Repairs | None = None) -> tuple[list[Fd], list[Pipe]]:
+    """The fd records, and the pipes they share."""
     seen = _look(pid)
     sockets = {e.st.st_ino for e in seen if e.target.startswith("socket:") and e.st}
     if sockets and _proc.readlink(pid, "ns/net") != os.readlink("/proc/self/ns/net"):
@@ -187,8 +186,7 @@ def capture(pid: int, ghost_limit: int | None = None, repairs: inet.Repairs | No
         out.append(rec)
     _one_description_per_end(pid, out)
     unix.capture_queues(pid, out, diags)
-    sizes = {e.st.st_ino: (e.st.st_size, e.st.st_mode) for e in seen if e.st is not None}
-    return out, [*pipes.capture(pid, out), *ghosts.capture(pid, out, sizes, ghost_limit)]
+    return out, pipes.capture(pid, out)
 
 
 def _add_locks(pid: int, rec: Fd, e: _Seen, locked: set[tuple]) -> None:
@@ -241,15 +239,19 @@ def _open_flags(rec: Fd) -> int:
     return rec.flags & ~(O_CREAT | O_EXCL | O_TRUNC) | O_NOCTTY
 
 
-def restore(s: Session, pid: int, img: Image) -> None:
-    """Put every fd at its number. Inherited fds are the stub's own 0-2 already."""
+def spare_fd(img: Image) -> int:
+    """A number above every fd of the process, where upmig's own can wait."""
+    return max((r.fd for r in img.of(Fd)), default=2) + 1
+
+
+def restore(s: Session, pid: int, img: Image, ghost_fds: dict[int, int]) -> None:
+    """Put every fd at its number. Inherited fds are the stub's own 0-2 already.
+    ghost_fds: the deleted files, recreated (upmig.ghosts.make_all); closed here."""
     recs: list[Fd] = img.of(Fd)
     pipe_recs: list[Pipe] = img.of(Pipe)
-    ghost_recs = {g.id: g for g in img.of(Ghost)}
-    ghost_fds: dict[int, int] = {}  # ghost id -> the recreated file's fd, out of the way
     fifo_fds: dict[int, int] = {}   # FIFO inode -> an fd holding both its ends meanwhile
     wanted = {r.fd for r in recs}
-    spare = max(wanted, default=2) + 1  # where a new fd can wait without being in the way
+    spare = spare_fd(img) + len(ghost_fds)  # where a new fd can wait out of the way
     pipes_by_id = {p.id: p for p in pipe_recs}
     primary = {(r.obj, r.extra["end"]): r for r in recs
                if r.type == "pipe" and r.shared_with < 0}
@@ -288,10 +290,6 @@ def restore(s: Session, pid: int, img: Image) -> None:
             s.call(nr.fcntl, r.fd, F_SETFL, r.flags & ~fdowner.O_ASYNC, what="fcntl(F_SETFL)")
             continue
         if r.type == "ghost":
-            if r.obj not in ghost_fds:
-                made = ghosts.make(s, pid, ghost_recs[r.obj], img)
-                ghost_fds[r.obj] = s.call(nr.fcntl, made, F_DUPFD, spare, what="fcntl")
-                s.call(nr.close, made, what="close")
             src = ghosts.reopen(s, ghost_fds[r.obj], _open_flags(r))
             _place(s, src, r)
             s.call(nr.lseek, r.fd, r.pos, 0, what=f"lseek(fd {r.fd})")

@@ -12,42 +12,58 @@ import errno
 import os
 
 from upmig import _native as nat
+from upmig import memmap
 from upmig.errors import CantMigrate, RestoreError
 from upmig.image import Image, ImageWriter
 from upmig.inject import Session
 from upmig.pipes import pidfd
-from upmig.records import Fd, Ghost
+from upmig.records import Fd, Ghost, Vma
 from upmig.syscalls import nr
 
 O_RDWR, O_CREAT, O_EXCL, O_TMPFILE = 0o2, 0o100, 0o200, 0o20200000
 AT_FDCWD = -100
+F_DUPFD_CLOEXEC = 1030
 
 
 def target(ghost_id: int) -> str:
     return f"ghost:{ghost_id}"
 
 
-def capture(pid: int, recs: list[Fd], sizes: dict[int, tuple[int, int]],
-            limit: int | None) -> list[Ghost]:
-    """A Ghost for each deleted file among recs; sizes: inode -> (size, mode)."""
+def capture(pid: int, recs: list[Fd], vmas: list[Vma], limit: int | None) -> list[Ghost]:
+    """A Ghost for each deleted file the process holds open (recs) or maps (vmas)."""
     out: dict[int, Ghost] = {}
-    for r in recs:
-        if r.type != "ghost" or r.obj in out:
+    for ghost_id, path, source, where in _holders(pid, recs, vmas):
+        if ghost_id in out:
             continue
-        size, mode = sizes[r.obj]
-        if limit is not None and size > limit:
-            raise CantMigrate(f"holds the deleted file {r.path} ({size} bytes) on fd {r.fd}, "
+        st = os.stat(source)
+        if limit is not None and st.st_size > limit:
+            raise CantMigrate(f"holds the deleted file {path} ({st.st_size} bytes) {where}, "
                               f"more than --ghost-limit ({limit} bytes)", pid=pid)
-        out[r.obj] = Ghost(id=r.obj, path=r.path, size=size, mode=mode)
+        out[ghost_id] = Ghost(id=ghost_id, path=path, size=st.st_size, mode=st.st_mode)
     return list(out.values())
 
 
-def write_contents(w: ImageWriter, pid: int, ghosts: list[Ghost], recs: list[Fd]) -> None:
+def _holders(pid: int, recs: list[Fd], vmas: list[Vma]):
+    """(ghost id, path, a /proc path that opens it, where it is held) for every fd and
+    mapping of a deleted file."""
+    for r in recs:
+        if r.type == "ghost":
+            yield r.obj, r.path, f"/proc/{pid}/fd/{r.fd}", f"on fd {r.fd}"
+    for v in vmas:
+        if v.role == "ghost":
+            yield v.ghost, v.path, memmap.map_file(pid, v.start, v.end), \
+                f"mapped at {v.start:#x}"
+
+
+def write_contents(w: ImageWriter, pid: int, ghosts: list[Ghost], recs: list[Fd],
+                   vmas: list[Vma]) -> None:
+    sources = {}
+    for ghost_id, _, source, _ in _holders(pid, recs, vmas):
+        sources.setdefault(ghost_id, source)
     for g in ghosts:
         if not g.size:
             continue
-        first = next(r.fd for r in recs if r.type == "ghost" and r.obj == g.id)
-        fd = os.open(f"/proc/{pid}/fd/{first}", os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(sources[g.id], os.O_RDONLY | os.O_CLOEXEC)
         try:
             if os.fstat(fd).st_size != g.size:
                 raise CantMigrate(f"the deleted file {g.path} changed size during the dump",
@@ -55,6 +71,17 @@ def write_contents(w: ImageWriter, pid: int, ghosts: list[Ghost], recs: list[Fd]
             w.pages(pid, fd, [(0, g.size)], target=target(g.id))
         finally:
             os.close(fd)
+
+
+def make_all(s: Session, pid: int, img: Image, spare: int) -> dict[int, int]:
+    """Every deleted file recreated, at fds from spare up, out of the way of the
+    process's own: Ghost id -> fd. They are needed before the memory is mapped."""
+    out = {}
+    for g in img.of(Ghost):
+        made = make(s, pid, g, img)
+        out[g.id] = s.call(nr.fcntl, made, F_DUPFD_CLOEXEC, spare, what="fcntl(F_DUPFD)")
+        s.call(nr.close, made, what="close")
+    return out
 
 
 def make(s: Session, pid: int, g: Ghost, img: Image) -> int:

@@ -36,6 +36,8 @@ def role_of(m: _proc.MapsLine) -> str:
         return "shmem"
     if path == "" or path.startswith(("[anon:", "[anon_shmem:")):
         return "shmem" if shared else "anon"
+    if path.endswith(" (deleted)") and not path.startswith(("/dev/", "/memfd:", "/SYSV")):
+        return "ghost"  # a regular file deleted since: see upmig.ghosts
     return "file"
 
 
@@ -47,8 +49,6 @@ def _refusal(m: _proc.MapsLine, role: str) -> str | None:
                                              "anon", "shmem"):
         return f"has the mapping {path}, which upmig cannot move"
     if role == "file":
-        if path.endswith(" (deleted)"):
-            return f"maps the deleted file {path[:-10]}; deleted files are not supported yet"
         if path.startswith("/dev/") or path.startswith("anon_inode:"):
             return f"maps the device {path}; mapped devices are not supported"
         if path.startswith("/memfd:"):
@@ -69,9 +69,11 @@ def list_vmas(pid: int) -> list[Vma]:
         if why:
             raise CantMigrate(why, pid=pid)
         vmas.append(Vma(start=m.start, end=m.end, perms=m.perms, offset=m.offset,
-                        path=m.path if role == "file" or m.path.startswith("[anon") else "",
-                        role=role,
-                        vmflags=vmflags.get(m.start, [])))
+                        path=m.path if role == "file" or m.path.startswith("[anon") else
+                        m.path[:-10] if role == "ghost" else "",
+                        role=role, vmflags=vmflags.get(m.start, []),
+                        ghost=os.stat(map_file(pid, m.start, m.end)).st_ino
+                        if role == "ghost" else 0))
     _refuse_shared_anon(pid, smaps, vmas)
     return vmas
 
@@ -94,6 +96,11 @@ def _refuse_shared_anon(pid: int, smaps: str, vmas: list[Vma]) -> None:
 
 def is_readable(v: Vma) -> bool:
     return v.perms[0] == "r"
+
+
+def map_file(pid: int, start: int, end: int) -> str:
+    """The /proc path that opens the file a mapping maps (deleted or not)."""
+    return f"/proc/{pid}/map_files/{start:x}-{end:x}"
 
 
 def page_runs(pid: int, vmas: list[Vma]) -> dict[int, list[tuple[int, int]]]:
@@ -256,8 +263,9 @@ class FileOpener:
         self.fds.clear()
 
 
-def map_vmas(s, vmas: list[Vma]) -> None:
-    """mmap every VMA at its address; writable for now where page data goes in."""
+def map_vmas(s, vmas: list[Vma], ghost_fds: dict[int, int]) -> None:
+    """mmap every VMA at its address; writable for now where page data goes in.
+    ghost_fds: the recreated deleted files, by Ghost id, as fds of the process."""
     files = FileOpener(s)
     try:
         for v in vmas:
@@ -271,9 +279,10 @@ def map_vmas(s, vmas: list[Vma]) -> None:
             if "gd" in v.vmflags:
                 flags |= MAP_GROWSDOWN
             fd, off = -1, 0
-            if v.role == "file":
+            if v.role in ("file", "ghost"):
                 mode = O_RDWR if shared and "mw" in v.vmflags else O_RDONLY
-                fd, off = files.fd(v.path, mode), v.offset
+                path = f"/proc/self/fd/{ghost_fds[v.ghost]}" if v.role == "ghost" else v.path
+                fd, off = files.fd(path, mode), v.offset
             else:
                 flags |= MAP_ANONYMOUS
             s.call(nr.mmap, v.start, v.end - v.start, prot, flags, fd, off,

@@ -72,9 +72,10 @@ class Vma:
     perms: str               # as in /proc/PID/maps: "rw-p"
     offset: int
     path: str                # backing file, [heap]/[stack]/[vdso]..., or ""
-    role: str                # anon | file | shmem | heap | stack | vdso | vvar | vvar_vclock
+    role: str                # anon | file | ghost | shmem | heap | stack | vdso | vvar...
     vmflags: list[str]       # two-letter VmFlags from smaps
     data_bytes: int = 0      # bytes of page contents stored in the image
+    ghost: int = 0           # role "ghost": the Ghost (deleted file) it maps
 
 
 @dataclass

@@ -17,7 +17,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from upmig import _native as nat
-from upmig import _proc, fileid, files, image, inject, memmap, pidns, regs, signals, task, threads
+from upmig import (
+    _proc,
+    fileid,
+    files,
+    ghosts,
+    image,
+    inject,
+    memmap,
+    pidns,
+    regs,
+    signals,
+    task,
+    threads,
+)
 from upmig.errors import Mismatch, RestoreError, UpmigError, describe_oserror
 from upmig.inject import SCRATCH, Session
 from upmig.records import MM, Header, MappedFile, Signals, Task, Thread, Vma
@@ -271,13 +284,14 @@ def _rebuild(pid: int, img: image.Image, set_tid: bool,
                      what="mmap(scratch)")
             inj.set_stack(scratch + SCRATCH - 64)
             s = Session(inj, scratch, mem_fd)
-            memmap.map_vmas(s, vmas)
+            ghost_fds = ghosts.make_all(s, pid, img, files.spare_fd(img))
+            memmap.map_vmas(s, vmas, ghost_fds)
         _fill_memory(pid, img)
         with inject.pinned_with(pid, cpu):
             memmap.finish_vmas(s, vmas)
             memmap.restore_mm(s, img.one(MM), tsk.exe)
             tgid = pidns.inner_pid(pid)
-            _stage_process(s, pid, tgid, img)
+            _stage_process(s, pid, tgid, img, ghost_fds)
             team = _stage_threads(s, pid, tgid, img.of(Thread), set_tid)
             for m in team:  # credentials last: they may drop our rights over it
                 task.restore_creds(m.s, pid, m.outer, tsk)
@@ -312,12 +326,13 @@ def _rebuild(pid: int, img: image.Image, set_tid: bool,
     return team
 
 
-def _stage_process(s: Session, pid: int, tgid: int, img: image.Image) -> None:
+def _stage_process(s: Session, pid: int, tgid: int, img: image.Image,
+                   ghost_fds: dict[int, int]) -> None:
     """What the threads share: limits, cwd and ids, files, signal dispositions."""
     tsk: Task = img.one(Task)
     task.restore_limits(s, pid, tsk)  # before the fds: RLIMIT_NOFILE bounds their numbers
     task.restore_early(s, tsk)
-    files.restore(s, pid, img)
+    files.restore(s, pid, img, ghost_fds)
     signals.restore(s, tgid, img.one(Signals))
 
 
