@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+import pytest
+
 from conftest import VICTIMS, run_upmig, wait_for
 
 
@@ -98,7 +100,7 @@ def test_unix_sockets_survive_migration(run_victim):
     assert kinds == sorted([("unix_pair", "stream", 6000), ("unix_pair", "stream", 4),
                             ("unix_pair", "dgram", 0), ("unix_pair", "dgram", 8),
                             ("unix_pair", "seqpacket", 11), ("unix_pair", "seqpacket", 0),
-                            ("unix_listen", "stream", 0), ("unix_listen", "stream", 0)])
+                            *[("unix_listen", "stream", 0)] * 3])  # one listener dup'ed
     r.resume(img)
     assert r.finish() == 0, r.output()
     assert r.output() == "READY\nPASS\n"
@@ -142,7 +144,8 @@ def test_tcp_listeners_and_udp_sockets_keep_their_ports(run_victim):
     img = r.dump()
     s = json.loads(run_upmig("inspect", "--json", str(img)).stdout)
     listeners = sorted(f["name"] for f in s["fds"] if f["type"] == "tcp_listen")
-    assert listeners == sorted([f"127.0.0.1:{tcp_port}", f"[::1]:{tcp6_port}"])
+    assert listeners == sorted([f"127.0.0.1:{tcp_port}", f"[::1]:{tcp6_port}",
+                                f"127.0.0.1:{tcp_port}"])  # the TCP listener, dup'ed
     r.resume(img)
     os.kill(r.pid, signal.SIGUSR1)
     for host, port, n in (("127.0.0.1", tcp_port, 1), ("::1", tcp6_port, 2)):
@@ -245,16 +248,17 @@ def test_asyncio_echo_server_keeps_its_clients(run_victim):
     assert r.output().split()[-2:] == ["ANSWERED", "11"]  # 6 + pending + 3 after + new
 
 
-def test_tcp_connection_queues_move_intact(run_victim):
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_tcp_connection_queues_move_intact(run_victim, host):
     """Data the server had not read, and data it had sent but the client had not
     taken (in the server's send queue), arrive after resume byte for byte."""
     import signal
     import socket
 
-    r = run_victim([sys.executable, "-S", str(VICTIMS / "tcpqueues.py")])
+    r = run_victim([sys.executable, "-S", str(VICTIMS / "tcpqueues.py"), host])
     wait_for(lambda: r.output().endswith("\n"), 10, "READY")
     port = int(r.output().split()[1])
-    c = socket.create_connection(("127.0.0.1", port), timeout=20)
+    c = socket.create_connection((host, port), timeout=20)
     r.wait_output("SENT")
     wait_for(lambda: r.output().endswith("\n"), 10, "SENT")
     sent = int(r.output().split()[3])
@@ -346,3 +350,23 @@ def test_deleted_files_that_are_mapped(run_victim):
     r.resume(img)
     assert r.finish() == 0, r.output()
     assert r.output() == "READY\nPASS\n"
+
+
+def test_a_half_closed_tcp_connection_is_refused(run_victim):
+    """CLOSE_WAIT (the peer has closed): rebuilt as established, the program would
+    never see its end of file. Refused, naming the state."""
+    import socket
+
+    r = run_victim([sys.executable, "-c", "import socket, time\n"
+                    "srv = socket.create_server(('127.0.0.1', 0))\n"
+                    "print('READY', srv.getsockname()[1], flush=True)\n"
+                    "conn, _ = srv.accept(); time.sleep(60)"])
+    wait_for(lambda: r.output().endswith("\n"), 10, "READY")
+    port = int(r.output().split()[1])
+    socket.create_connection(("127.0.0.1", port)).close()
+    time.sleep(0.2)
+    res = run_upmig("dump", str(r.pid), "-o", str(r.cwd / "x.upmig"), "--tcp-established",
+                    check=False)
+    assert res.returncode == 5, res.stderr
+    assert "in state CLOSE_WAIT" in res.stderr
+    assert r.proc.poll() is None

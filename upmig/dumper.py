@@ -92,6 +92,8 @@ def dump(pid: int, image_path: str, *, leave: str = "kill",
                 if leave == "kill":  # the image is all that will be left of it
                     note("verifying", 0)
                     _verify(tmp, pid)
+                if repairs:
+                    repairs.check_unchanged(pid)
             except OSError as e:
                 raise _explain(pid, e) from None
             # The commit: from the rename to the kill, a signal to upmig must not
@@ -208,7 +210,7 @@ def _capture_and_write(pid: int, fz: freeze.Frozen, fd: int, note: Progress,
         sig.pending_shared = nat.peek_siginfo(pid, shared=True)
         mm = memmap.capture_mm(pid, brk)
         vmas = memmap.list_vmas(pid)      # again: the scratch page is gone now
-        fds, pipe_recs = files.capture(pid, repairs)
+        fds, pipe_recs = files.capture(pid, fz.tids, repairs)
         ghost_recs = ghosts.capture(pid, fds, vmas, ghost_limit)
         mapped = sorted({v.path for v in vmas if v.role == "file"} | {tsk.exe})
         identities = [fileid.still(known.get(p)) or fileid.identify(p) for p in mapped]

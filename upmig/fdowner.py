@@ -9,6 +9,7 @@ import os
 import struct
 
 from upmig import _native as nat
+from upmig.errors import CantMigrate
 from upmig.inject import Session
 from upmig.pipes import pidfd
 from upmig.records import Fd
@@ -17,10 +18,12 @@ from upmig.syscalls import nr
 O_ASYNC = 0o20000
 F_SETFL, F_SETSIG, F_GETSIG, F_SETOWN_EX, F_GETOWN_EX = 4, 10, 11, 15, 16
 OWNER = struct.Struct("<ii")  # struct f_owner_ex: type (F_OWNER_TID/PID/PGRP), pid
+F_OWNER_PGRP = 2
 
 
-def capture(pid: int, rec: Fd) -> None:
-    """Into rec.extra["async"]: [owner type, owner pid, signal] of an O_ASYNC fd."""
+def capture(pid: int, tids: list[int], rec: Fd) -> None:
+    """Into rec.extra["async"]: [owner type, owner pid, signal] of an O_ASYNC fd. The
+    owner must be the process itself, one of its threads, or its process group."""
     with pidfd(pid) as pfd:
         mine = nat.pidfd_getfd(pfd, rec.fd, pid)
     try:
@@ -28,6 +31,11 @@ def capture(pid: int, rec: Fd) -> None:
         rec.extra["async"] = [kind, owner, fcntl.fcntl(mine, F_GETSIG)]
     finally:
         os.close(mine)
+    ours = owner == 0 or (kind == F_OWNER_PGRP and owner == os.getpgid(pid)) or \
+        (kind != F_OWNER_PGRP and owner in tids)
+    if not ours:
+        raise CantMigrate(f"signals I/O on fd {rec.fd} (O_ASYNC) to {owner}, which is not "
+                          "part of it; this is not supported", pid=pid)
 
 
 def restore(s: Session, rec: Fd) -> None:

@@ -81,3 +81,9 @@ def check(rec: MappedFile) -> None:
     if (here.build_id, here.content_hash) != (rec.build_id, rec.content_hash):
         what = "build-id" if rec.build_id else "contents"
         raise Mismatch(f"mapped file {rec.path} differs here ({what} changed)")
+
+
+def object_id(st: os.stat_result) -> int:
+    """One number for a file object (a pipe, a FIFO, a deleted file) across the whole
+    process: its inode number is unique only within its filesystem."""
+    return _native.xxh64(struct.pack("<QQ", st.st_dev, st.st_ino)) >> 1

@@ -11,7 +11,7 @@ import stat
 from dataclasses import dataclass
 
 from upmig import _native as nat
-from upmig import _proc, evfds, fdowner, ghosts, inet, inotify, locks, pipes, unix
+from upmig import _proc, evfds, fdowner, fileid, ghosts, inet, inotify, locks, pipes, unix
 from upmig.errors import CantMigrate, RestoreError
 from upmig.image import Image
 from upmig.inject import Session
@@ -70,10 +70,11 @@ def _classify(pid: int, e: _Seen, pipe_ends: dict[int, set[str]]) -> tuple[str, 
     """(type, note) of an fd, or raise CantMigrate saying why it cannot move."""
     fd, target, st = e.fd, e.target, e.st
     stdio = fd <= 2
-    if target.startswith("pipe:") and st is not None and pipe_ends[st.st_ino] == {"r", "w"}:
+    if target.startswith("pipe:") and st is not None and \
+            pipe_ends[fileid.object_id(st)] == {"r", "w"}:
         return "pipe", ""
     if st is not None and stat.S_ISFIFO(st.st_mode) and target.startswith("/"):
-        if pipe_ends[st.st_ino] == {"r", "w"}:
+        if pipe_ends[fileid.object_id(st)] == {"r", "w"}:
             return "fifo", ""
         raise CantMigrate(f"holds the FIFO {target} on fd {fd} without its other end, "
                           "which is outside the process; this is not supported", pid=pid)
@@ -130,8 +131,9 @@ def _look(pid: int) -> list[_Seen]:
     return out
 
 
-def capture(pid: int, repairs: inet.Repairs | None = None) -> tuple[list[Fd], list[Pipe]]:
-    """The fd records, and the pipes they share."""
+def capture(pid: int, tids: list[int], repairs: inet.Repairs | None = None
+            ) -> tuple[list[Fd], list[Pipe]]:
+    """The fd records, and the pipes they share. tids: the process's threads."""
     seen = _look(pid)
     sockets = {e.st.st_ino for e in seen if e.target.startswith("socket:") and e.st}
     if sockets and _proc.readlink(pid, "ns/net") != os.readlink("/proc/self/ns/net"):
@@ -141,7 +143,7 @@ def capture(pid: int, repairs: inet.Repairs | None = None) -> tuple[list[Fd], li
     pipe_ends: dict[int, set[str]] = {}
     for e in seen:
         if e.st is not None and stat.S_ISFIFO(e.st.st_mode):  # pipes, and FIFOs by path
-            pipe_ends.setdefault(e.st.st_ino, set()).update(
+            pipe_ends.setdefault(fileid.object_id(e.st), set()).update(
                 pipes.ends(int(e.info["flags"], 8)))
     inodes = {e.fd: e.st.st_ino for e in seen if e.st is not None}
     locked: set[tuple] = set()  # the locks seen so far
@@ -151,7 +153,7 @@ def capture(pid: int, repairs: inet.Repairs | None = None) -> tuple[list[Fd], li
         d = diags.get(e.st.st_ino) if e.st is not None and e.target.startswith("socket:") \
             else None
         if d and not (e.fd <= 2 and d.peer and d.peer not in sockets):
-            (ftype, extra), note = unix.classify(pid, e.fd, d, sockets), ""
+            (ftype, extra), note = unix.classify(pid, e.fd, d, sockets, diags), ""
         elif e.target.startswith("socket:") and e.fd > 2 and d is None:
             (ftype, extra), note = inet.capture(pid, e.fd, repairs), ""
         else:
@@ -163,10 +165,12 @@ def capture(pid: int, repairs: inet.Repairs | None = None) -> tuple[list[Fd], li
                  flags=flags & ~O_CLOEXEC, cloexec=bool(flags & O_CLOEXEC),
                  pos=int(e.info["pos"]), note=note or (e.target if ftype not in PATH_TYPES
                                                        and ftype != "inherit" else ""))
-        if ftype.startswith(("unix", "inet", "tcp")) or ftype == "ghost":
-            rec.obj, rec.extra = e.st.st_ino, extra
+        if ftype.startswith(("unix", "inet", "tcp")):
+            rec.obj, rec.extra = e.st.st_ino, extra  # sock_diag names sockets by inode
+        elif ftype == "ghost":
+            rec.obj = fileid.object_id(e.st)
         elif ftype in ("pipe", "fifo"):
-            rec.obj, rec.extra = e.st.st_ino, {"end": pipes.end(flags)}
+            rec.obj, rec.extra = fileid.object_id(e.st), {"end": pipes.end(flags)}
         elif ftype == "eventfd":
             rec.extra = evfds.eventfd_extra(e.info)
         elif ftype == "epoll":
@@ -182,7 +186,7 @@ def capture(pid: int, repairs: inet.Repairs | None = None) -> tuple[list[Fd], li
         if "lock" in e.info:
             _add_locks(pid, rec, e, locked)
         if flags & fdowner.O_ASYNC and ftype != "inherit" and rec.shared_with < 0:
-            fdowner.capture(pid, rec)
+            fdowner.capture(pid, tids, rec)
         out.append(rec)
     _one_description_per_end(pid, out)
     unix.capture_queues(pid, out, diags)
@@ -263,14 +267,19 @@ def restore(s: Session, pid: int, img: Image, ghost_fds: dict[int, int]) -> None
     for r in recs:
         if r.type == "inherit":
             continue
-        if r.type == "unix_pair" and r.shared_with < 0:
+        if r.shared_with >= 0:  # a dup: one open file description with an earlier fd
+            s.call(nr.dup3, r.shared_with, r.fd, O_CLOEXEC if r.cloexec else 0,
+                   what=f"dup3({r.shared_with}, {r.fd})")
+            continue
+        if r.type == "unix_pair":
             if r.obj not in made:
                 peer = sockets[r.extra["peer"]]
                 made |= {r.obj, peer.obj}
                 a, b = unix.make_pair(s, r.extra["type"])
                 _place_two(s, a, r, b, peer, spare)
-                unix.fill(pid, peer.fd, r.extra["type"], r.extra["queued"])
-                unix.fill(pid, r.fd, r.extra["type"], peer.extra["queued"])
+                unix.fill(pid, peer, r)
+                unix.fill(pid, r, peer)
+                unix.shut(pid, (r, peer))
             continue
         if r.type in ("unix", "unix_listen"):
             _place(s, unix.make_socket(s, r), r)
@@ -294,15 +303,11 @@ def restore(s: Session, pid: int, img: Image, ghost_fds: dict[int, int]) -> None
             _place(s, src, r)
             s.call(nr.lseek, r.fd, r.pos, 0, what=f"lseek(fd {r.fd})")
             continue
-        if r.type == "pipe" and r.shared_with < 0:
+        if r.type == "pipe":
             if r.obj not in made:  # both ends at once, at their first fd
                 made.add(r.obj)
                 _make_pipe(s, pid, pipes_by_id[r.obj], primary[(r.obj, "r")],
                            primary[(r.obj, "w")], spare)
-            continue
-        if r.shared_with >= 0:
-            s.call(nr.dup3, r.shared_with, r.fd, O_CLOEXEC if r.cloexec else 0,
-                   what=f"dup3({r.shared_with}, {r.fd})")
             continue
         if r.type in evfds.TYPES:
             _place(s, evfds.create(s, r), r)
@@ -317,9 +322,9 @@ def restore(s: Session, pid: int, img: Image, ghost_fds: dict[int, int]) -> None
             s.call(nr.lseek, r.fd, r.pos, 0, what=f"lseek(fd {r.fd})")
     for fd in (*ghost_fds.values(), *fifo_fds.values()):
         s.call(nr.close, fd, what="close")
-    for r in recs:
-        if r.type == "tcp" and r.shared_with < 0:
-            inet.finish(s, r)
+    for fd in range(3):  # stdio the process had closed (before locks: closing drops them)
+        if fd not in wanted:
+            s.raw(nr.close, fd)
     for r in recs:  # the process's locks, once it is the only one they can belong to
         locks.take(s, r)
     for r in recs:  # signal-driven I/O last: no signal for the making of the others
@@ -330,9 +335,6 @@ def restore(s: Session, pid: int, img: Image, ghost_fds: dict[int, int]) -> None
             evfds.add_watches(s, r)
         if r.type == "inotify" and r.shared_with < 0:
             inotify.restore(s, pid, r)
-    for fd in range(3):  # stdio the process had closed
-        if fd not in wanted:
-            s.raw(nr.close, fd)
 
 
 def _make_pipe(s: Session, pid: int, pipe: Pipe, rd_rec: Fd, wr_rec: Fd, spare: int) -> None:

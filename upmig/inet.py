@@ -45,6 +45,9 @@ TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ, TCP_REPAIR_OPTIONS = 19, 20, 21, 22
 TCP_TIMESTAMP, TCP_REPAIR_WINDOW = 24, 29
 TCP_RECV_QUEUE, TCP_SEND_QUEUE = 1, 2
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+TCP_ESTABLISHED, TCP_CLOSE = 1, 7
+TCP_STATES = {2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 6: "TIME_WAIT",
+              8: "CLOSE_WAIT", 9: "LAST_ACK", 11: "CLOSING"}
 TCPOPT_MSS, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
 TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
 REPAIR_WINDOW = struct.Struct("<5I")  # snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup
@@ -56,13 +59,31 @@ class Repairs:
     process is released: killed, they close silently; running on, repair goes off."""
 
     def __init__(self) -> None:
-        self.socks: list[socket.socket] = []
+        self.socks: list[tuple[socket.socket, int, int, str]] = []  # sock, reuse, rcv_nxt
+
+    def add(self, s: socket.socket, reuse: int) -> None:
+        """Put s in repair mode (from now on it sends nothing) and keep it."""
+        s.setsockopt(SOL_TCP, TCP_REPAIR, 1)
+        self.socks.append((s, reuse, 0, ""))
+
+    def check_unchanged(self, pid: int) -> None:
+        """A connection in repair mode still takes in (and acknowledges) what its peer
+        sends: bytes that came after its queue was read would be lost. Without a
+        network lock, refuse rather than lose them."""
+        for s, _, seen, where in self.socks:
+            s.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+            if s.getsockopt(SOL_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF != seen:
+                raise CantMigrate(f"received data on its TCP connection {where} while it "
+                                  "was being dumped; try again when it is quieter", pid=pid)
 
     def release(self, killed: bool) -> None:
-        for s in self.socks:
+        for s, reuse, _, _ in self.socks:
             try:
-                if not killed:
+                if not killed:  # repair off resets SO_REUSEADDR: put it back after
                     s.setsockopt(SOL_TCP, TCP_REPAIR, 0)
+                    s.setsockopt(SOL_SOCKET, socket.SO_REUSEADDR, reuse)
+            except OSError:
+                pass  # the others must still be let go
             finally:
                 s.close()
         self.socks = []
@@ -75,11 +96,13 @@ def capture(pid: int, fd: int, repairs: Repairs | None) -> tuple[str, dict]:
         s = socket.socket(fileno=nat.pidfd_getfd(pfd, fd, pid))
     try:
         ftype, extra = _describe(pid, fd, s, repairs is not None)
-        if ftype == "tcp":
-            s.setsockopt(SOL_TCP, TCP_REPAIR, 1)  # from now on it sends nothing
-            repairs.socks.append(s)  # type: ignore[union-attr]
-            s = None
-            extra |= _repair_state(pid, fd, repairs.socks[-1])  # type: ignore[union-attr]
+        if ftype == "tcp" and repairs is not None:
+            repairs.add(s, extra["options"]["SO_REUSEADDR"])
+            s, sock = None, s
+            extra |= _repair_state(pid, fd, sock)
+            repairs.socks[-1] = (sock, extra["options"]["SO_REUSEADDR"], extra["recv_seq"],
+                                 f"on fd {fd} ({show(extra['name'])} to "
+                                 f"{show(extra['peer'])})")
         return ftype, extra
     finally:
         if s is not None:
@@ -136,6 +159,11 @@ def _describe(pid: int, fd: int, s: socket.socket, established: bool) -> tuple[s
                                   "they would be lost", pid=pid)
             extra["backlog"] = backlog
             return "tcp_listen", extra
+        state = s.getsockopt(SOL_TCP, socket.TCP_INFO, 104)[0]
+        if state not in (TCP_ESTABLISHED, TCP_CLOSE):
+            raise CantMigrate(f"has a TCP socket on fd {fd} ({show(extra['name'])}) in state "
+                              f"{TCP_STATES.get(state, state)}; only established connections "
+                              "can move", pid=pid)
         if extra["peer"] is not None:
             if not established:
                 raise CantMigrate(f"has an established TCP connection on fd {fd} "
@@ -227,8 +255,9 @@ def _call_addr(s: Session, call: int, fd: int, family: int, addr: list, r: Fd,
 def _rebuild_connection(s: socket.socket, r: Fd) -> None:
     """An established connection, rebuilt in repair mode from what dump read out."""
     x = r.extra
-    s.setsockopt(SOL_TCP, TCP_REPAIR, 1)
-    s.setsockopt(SOL_SOCKET, socket.SO_REUSEADDR, 1)  # its own old socket may linger
+    s.setsockopt(SOL_TCP, TCP_REPAIR, 1)  # which also lets it share its listener's port
+    if "IPV6_V6ONLY" in x["options"]:  # only before bind
+        s.setsockopt(SOL_IPV6, socket.IPV6_V6ONLY, x["options"]["IPV6_V6ONLY"])
     for queue, name in ((TCP_RECV_QUEUE, "recv"), (TCP_SEND_QUEUE, "send")):
         s.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, queue)
         start = (x[f"{name}_seq"] - len(x[f"{name}_queue"])) & 0xFFFFFFFF
@@ -268,13 +297,23 @@ def _rebuild_connection(s: socket.socket, r: Fd) -> None:
     # The window last, once the queues are back (the kernel checks it against them).
     s.setsockopt(SOL_TCP, TCP_REPAIR_WINDOW, REPAIR_WINDOW.pack(*x["window"]))
     for name, value in x["options"].items():
-        if name != "SO_REUSEADDR":  # kept on, and repair too, until finish()
+        if name not in ("SO_REUSEADDR", "IPV6_V6ONLY"):  # see go_live; before bind
             level, opt = (OPTIONS | TCP_OPTIONS | V6_OPTIONS)[name]
             s.setsockopt(level, opt, value)
 
 
-def finish(s: Session, r: Fd) -> None:
-    """Once every socket is bound (a listener cannot bind next to a connection on its
-    port once that is out of repair mode): the connection goes live."""
-    _set_int(s, r.fd, *OPTIONS["SO_REUSEADDR"], r.extra["options"]["SO_REUSEADDR"])
-    _set_int(s, r.fd, SOL_TCP, TCP_REPAIR, 0)
+def go_live(pid: int, recs: list[Fd]) -> None:
+    """The very last step before the process runs: its connections leave repair mode.
+    Until then a failed resume closes them silently; and a listener cannot bind next
+    to a connection on its port once that is out of repair mode."""
+    live = [r for r in recs if r.type == "tcp" and r.shared_with < 0]
+    if not live:
+        return
+    with pidfd(pid) as pfd:
+        for r in live:
+            s = socket.socket(fileno=nat.pidfd_getfd(pfd, r.fd, pid))
+            try:  # repair off resets SO_REUSEADDR: set it after
+                s.setsockopt(SOL_TCP, TCP_REPAIR, 0)
+                s.setsockopt(SOL_SOCKET, socket.SO_REUSEADDR, r.extra["options"]["SO_REUSEADDR"])
+            finally:
+                s.close()

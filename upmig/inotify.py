@@ -29,6 +29,7 @@ O_PATH = 0o10000000
 FIONREAD = 0x541B
 AT_FDCWD = -100
 BURNERS = ("/dev/null", "/", "/proc")  # throwaway watches that burn wd numbers
+IN_MODIFY, IN_MASK_CREATE = 0x2, 0x10000000
 
 
 def capture(pid: int, fd: int, fdinfo: str) -> dict:
@@ -132,8 +133,10 @@ def _add(s: Session, rec: Fd, path: str, mask: int) -> int:
 def _burn(s: Session, rec: Fd, ours: set[int]) -> int:
     """Take and drop one watch number; the number."""
     for burner in BURNERS:
-        got = _add(s, rec, burner, 0x2)  # IN_MODIFY
-        if got not in ours:  # not a path we watch for real
+        # IN_MASK_CREATE: fail rather than change a watch the process really has
+        s.write(s.scratch, os.fsencode(burner) + b"\0")
+        got = s.raw(nr.inotify_add_watch, rec.fd, s.scratch, IN_MODIFY | IN_MASK_CREATE)
+        if got >= 0:
             s.call(nr.inotify_rm_watch, rec.fd, got, what="inotify_rm_watch")
             return got
     raise RestoreError(f"cannot give the inotify watches of fd {rec.fd} their numbers again")

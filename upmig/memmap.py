@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass
 
 from upmig import _native as nat
-from upmig import _proc
+from upmig import _proc, fileid
 from upmig.errors import CantMigrate, Mismatch
 from upmig.records import MM, Vma
 from upmig.syscalls import nr
@@ -72,7 +72,7 @@ def list_vmas(pid: int) -> list[Vma]:
                         path=m.path if role == "file" or m.path.startswith("[anon") else
                         m.path[:-10] if role == "ghost" else "",
                         role=role, vmflags=vmflags.get(m.start, []),
-                        ghost=os.stat(map_file(pid, m.start, m.end)).st_ino
+                        ghost=fileid.object_id(os.stat(map_file(pid, m.start, m.end)))
                         if role == "ghost" else 0))
     _refuse_shared_anon(pid, smaps, vmas)
     return vmas

@@ -23,6 +23,7 @@ from upmig import (
     files,
     ghosts,
     image,
+    inet,
     inject,
     memmap,
     pidns,
@@ -33,7 +34,7 @@ from upmig import (
 )
 from upmig.errors import Mismatch, RestoreError, UpmigError, describe_oserror
 from upmig.inject import SCRATCH, Session
-from upmig.records import MM, Header, MappedFile, Signals, Task, Thread, Vma
+from upmig.records import MM, Fd, Header, MappedFile, Signals, Task, Thread, Vma
 from upmig.syscalls import nr
 
 STUB = Path(__file__).resolve().parent / "upmig-stub"
@@ -284,6 +285,7 @@ def _rebuild(pid: int, img: image.Image, set_tid: bool,
                      what="mmap(scratch)")
             inj.set_stack(scratch + SCRATCH - 64)
             s = Session(inj, scratch, mem_fd)
+            task.open_fd_limit(pid, tsk, files.spare_fd(img) + 64)
             ghost_fds = ghosts.make_all(s, pid, img, files.spare_fd(img))
             memmap.map_vmas(s, vmas, ghost_fds)
         _fill_memory(pid, img)
@@ -300,6 +302,7 @@ def _rebuild(pid: int, img: image.Image, set_tid: bool,
                 _stage_registers(m.outer, m.th)
         for m in team:
             threads.restore_affinity(m.outer, m.th)
+        inet.go_live(pid, img.of(Fd))
     finally:
         os.close(mem_fd)
     if on_ready:
@@ -330,9 +333,9 @@ def _stage_process(s: Session, pid: int, tgid: int, img: image.Image,
                    ghost_fds: dict[int, int]) -> None:
     """What the threads share: limits, cwd and ids, files, signal dispositions."""
     tsk: Task = img.one(Task)
-    task.restore_limits(s, pid, tsk)  # before the fds: RLIMIT_NOFILE bounds their numbers
     task.restore_early(s, tsk)
     files.restore(s, pid, img, ghost_fds)
+    task.restore_limits(s, pid, tsk)  # after the fds: upmig's own wait above the process's
     signals.restore(s, tgid, img.one(Signals))
 
 

@@ -4,6 +4,7 @@ capabilities, personality, session and group leadership."""
 from __future__ import annotations
 
 import os
+import resource
 import struct
 
 from upmig import _proc
@@ -73,6 +74,19 @@ def restore_early(s: Session, rec: Task) -> None:
     elif rec.group_leader:
         s.call(nr.setpgid, 0, 0, what="setpgid")
     s.call(nr.personality, rec.personality, what="personality")
+
+
+def open_fd_limit(pid: int, rec: Task, needed: int) -> None:
+    """While the fds are made: room for every fd number the process had, and for
+    upmig's own above them (restore_limits puts the process's own limit back)."""
+    _, hard = rec.rlimits.get("Max open files", [-1, -1])
+    _, have = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    want = max(needed, have, hard if hard >= 0 else 0)
+    try:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (want, want))
+    except (OSError, ValueError) as e:
+        raise Mismatch(f"cannot allow the {needed} open files pid {rec.pid} needs here "
+                       f"({e})") from None
 
 
 def restore_limits(s: Session, pid: int, rec: Task) -> None:

@@ -37,6 +37,7 @@ ST_ESTABLISHED, ST_LISTEN = 1, 10
 TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "dgram",
          socket.SOCK_SEQPACKET: "seqpacket"}
 SO_PEEK_OFF = 42
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 SOL_SOCKET = 1
 AF_UNIX = 1
 
@@ -98,7 +99,8 @@ def _parse(msg: bytes) -> Diag:
 
 # ---- dump
 
-def classify(pid: int, fd: int, d: Diag, inside: set[int]) -> tuple[str, dict]:
+def classify(pid: int, fd: int, d: Diag, inside: set[int], diags: dict[int, Diag]
+             ) -> tuple[str, dict]:
     """(fd type, extra) of a unix socket, or CantMigrate."""
     kind = TYPES.get(d.type)
     if kind is None:
@@ -114,11 +116,17 @@ def classify(pid: int, fd: int, d: Diag, inside: set[int]) -> tuple[str, dict]:
         if d.peer not in inside:
             raise CantMigrate(f"holds a unix socket on fd {fd} connected to a process "
                               f"outside (peer socket {d.peer}); this is not supported", pid=pid)
+        if diags[d.peer].peer != d.ino:
+            raise CantMigrate(f"holds a datagram socket on fd {fd} connected one way to "
+                              "another of its sockets; this is not supported yet", pid=pid)
         return "unix_pair", {"type": kind, "name": name, "peer": d.peer,
                              "shutdown": d.shutdown, "queued": []}
     if d.state == ST_ESTABLISHED and kind != "dgram":
         raise CantMigrate(f"holds a unix socket on fd {fd} whose peer has gone; this is not "
                           "supported yet", pid=pid)
+    if d.rqueue:
+        raise CantMigrate(f"has datagrams waiting on its unix socket on fd {fd}, which "
+                          "cannot be sent again from their senders", pid=pid)
     return "unix", {"type": kind, "name": name}
 
 
@@ -158,8 +166,8 @@ def _peek_all(pid: int, r: Fd, fd: int) -> list[bytes]:
                                       f"socket on fd {r.fd}; this is not supported", pid=pid)
                 if flags & socket.MSG_TRUNC:
                     raise CantMigrate(f"has a message over 1 MiB queued on fd {r.fd}", pid=pid)
-                if not data and r.extra["type"] == "stream":
-                    return out  # the peer has shut down: end of stream
+                if not data and r.extra["type"] != "dgram":
+                    return out  # the peer has shut down: end of stream (seqpacket too)
                 out.append(data)
         finally:
             s.setsockopt(SOL_SOCKET, SO_PEEK_OFF, -1)
@@ -186,21 +194,43 @@ def make_pair(s: Session, kind: str) -> tuple[int, int]:
     return a, b
 
 
-def fill(pid: int, sender: int, kind: str, queued: list[bytes]) -> None:
-    """Send queued (what the other end had to read) from the pair's end `sender`."""
-    if not queued:
-        return
+def fill(pid: int, sender: Fd, receiver: Fd) -> None:
+    """Send what receiver had queued to read, from its peer `sender`."""
     with pidfd(pid) as pfd:
-        mine = nat.pidfd_getfd(pfd, sender, pid)
-    sk = socket.socket(fileno=mine)
+        send = socket.socket(fileno=nat.pidfd_getfd(pfd, sender.fd, pid))
+        recv = socket.socket(fileno=nat.pidfd_getfd(pfd, receiver.fd, pid))
     try:
-        for msg in queued:
-            if kind == "stream":
-                sk.sendall(msg)
-            else:
-                sk.send(msg)
+        queued = receiver.extra["queued"]
+        total = sum(len(m) for m in queued)
+        if total:  # room for it all: the queue may have grown past the defaults
+            send.setsockopt(SOL_SOCKET, SO_SNDBUFFORCE, total + len(queued) * 1024 + 65536)
+            recv.setsockopt(SOL_SOCKET, SO_RCVBUFFORCE, total + len(queued) * 1024 + 65536)
+        try:
+            for msg in queued:
+                view = memoryview(msg)
+                sent = send.send(view, socket.MSG_DONTWAIT)
+                while receiver.extra["type"] == "stream" and sent < len(view):
+                    view = view[sent:]
+                    sent = send.send(view, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            raise RestoreError(f"the data queued on the unix socket of fd {receiver.fd} "
+                               f"({total} bytes) does not fit back in") from None
     finally:
-        sk.close()
+        send.close()
+        recv.close()
+
+
+def shut(pid: int, ends: tuple[Fd, Fd]) -> None:
+    """Each end's shutdown state, once the data is through both ways."""
+    with pidfd(pid) as pfd:
+        for rec in ends:
+            how = rec.extra.get("shutdown", 0)
+            if how:
+                sk = socket.socket(fileno=nat.pidfd_getfd(pfd, rec.fd, pid))
+                try:
+                    sk.shutdown({1: socket.SHUT_RD, 2: socket.SHUT_WR, 3: socket.SHUT_RDWR}[how])
+                finally:
+                    sk.close()
 
 
 def make_socket(s: Session, r: Fd) -> int:

@@ -3,11 +3,13 @@
 - a TCP listener on 127.0.0.1 (port chosen by the kernel) with SO_REUSEADDR,
   TCP_NODELAY and backlog 5, and one on [::1] with IPV6_V6ONLY;
 - a UDP socket bound to 127.0.0.1, and one connected to it;
-- a TCP socket neither bound nor connected.
+- a TCP socket neither bound nor connected;
+- dups of the TCP listener and of the bound UDP socket.
 Prints "READY <tcp port> <tcp6 port> <udp port>". On SIGUSR1 it serves: accepts
 one connection on each listener and answers "pong <n>", and reads one datagram.
 On SIGTERM it checks the options and prints PASS (or FAIL: why)."""
 
+import os
 import signal
 import socket
 import sys
@@ -33,6 +35,7 @@ udp.bind(("127.0.0.1", 0))
 sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sender.connect(udp.getsockname())
 loose = socket.socket()
+tcp_dup, udp_dup = os.dup(tcp.fileno()), os.dup(udp.fileno())  # one socket each, twice
 served = 0
 stop = False
 
@@ -71,4 +74,7 @@ if udp.recv(10) != b"self":
     fail("the connected UDP socket no longer reaches the bound one")
 if served != 2:
     fail(f"served {served} clients")
+for fd, sock in ((tcp_dup, tcp), (udp_dup, udp)):
+    if os.fstat(fd).st_ino != os.fstat(sock.fileno()).st_ino:
+        fail("a dup'ed socket came back as a socket of its own")
 print("PASS", flush=True)

@@ -7,10 +7,13 @@ On SIGUSR1 it reads the request and answers "got <request>"."""
 
 import signal
 import socket
+import sys
 import time
 
 BLOB = bytes((i * 31 + 7) & 0xFF for i in range(4 << 20))
-srv = socket.create_server(("127.0.0.1", 0))
+HOST = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1"
+srv = socket.create_server((HOST, 0), family=socket.AF_INET6 if ":" in HOST else
+                           socket.AF_INET)
 print("READY", srv.getsockname()[1], flush=True)
 conn, _ = srv.accept()
 conn.sendall(BLOB[:1 << 16])
