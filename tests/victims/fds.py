@@ -12,18 +12,12 @@ Prints READY; on SIGTERM checks everything and prints PASS (or FAIL: why)."""
 import fcntl
 import os
 import select
-import signal
-import sys
-import time
+
+from victim import fail, ready_then_wait
 
 F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
 BLOB = bytes((i * 7 + 3) & 0xFF for i in range(65536))
 TAG = 0x1122334455667788
-
-
-def fail(why: str) -> None:
-    print(f"FAIL: {why}", flush=True)
-    sys.exit(1)
 
 
 def drain(fd: int) -> bytes:
@@ -55,18 +49,7 @@ ep = select.epoll()
 ep.register(r, select.EPOLLIN)
 ep.register(ev, select.EPOLLIN | select.EPOLLET)
 ep.modify(ev, select.EPOLLIN | select.EPOLLET)
-stop = False
-
-
-def on_term(*_):
-    global stop
-    stop = True
-
-
-signal.signal(signal.SIGTERM, on_term)
-print("READY", flush=True)
-while not stop:
-    time.sleep(0.02)
+ready_then_wait()
 
 events = dict(ep.poll(0))
 if events != {r: select.EPOLLIN, ev: select.EPOLLIN}:

@@ -3,9 +3,8 @@ unread in it, the read end non-blocking; and a second FIFO held open read-write.
 Prints READY; on SIGTERM reads the bytes back, checks both still work, prints PASS."""
 
 import os
-import signal
-import sys
-import time
+
+from victim import fail, ready_then_wait
 
 for name in ("one.fifo", "two.fifo"):
     if not os.path.exists(name):
@@ -15,23 +14,7 @@ w = os.open("one.fifo", os.O_WRONLY)
 os.write(w, b"fifo-bytes" * 500)
 rw = os.open("two.fifo", os.O_RDWR)
 os.write(rw, b"both")
-stop = False
-
-
-def on_term(*_):
-    global stop
-    stop = True
-
-
-def fail(why: str) -> None:
-    print("FAIL:", why, flush=True)
-    sys.exit(1)
-
-
-signal.signal(signal.SIGTERM, on_term)
-print("READY", flush=True)
-while not stop:
-    time.sleep(0.02)
+ready_then_wait()
 if os.get_blocking(r) or not os.get_blocking(w):
     fail("blocking modes changed")
 if os.read(r, 10000) != b"fifo-bytes" * 500:

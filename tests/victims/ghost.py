@@ -5,8 +5,8 @@ A 3 MiB + 123 bytes file open read-write (offset at its end) and again read-only
 and an empty deleted file. Prints READY; on SIGTERM checks contents, offsets, that
 the two descriptions still see one file, and that it is still deleted; prints PASS."""
 import os
-import signal
-import time
+
+from victim import ready_then_wait
 
 blob = bytes((i * 13 + 5) & 0xFF for i in range(3 * 1024 * 1024 + 123))
 f = open("scratch.bin", "w+b")
@@ -17,18 +17,7 @@ g.seek(1000)
 os.unlink("scratch.bin")
 empty = open("empty.bin", "w")
 os.unlink("empty.bin")
-stop = False
-
-
-def on_term(*_):
-    global stop
-    stop = True
-
-
-signal.signal(signal.SIGTERM, on_term)
-print("READY", flush=True)
-while not stop:
-    time.sleep(0.02)
+ready_then_wait()
 assert f.tell() == len(blob), f.tell()
 f.seek(0)
 assert f.read() == blob

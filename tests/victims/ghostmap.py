@@ -8,9 +8,8 @@ the fd are still one file; prints PASS (or FAIL: why)."""
 
 import mmap
 import os
-import signal
-import sys
-import time
+
+from victim import fail, ready_then_wait
 
 PAGE = mmap.PAGESIZE
 size = 3 * PAGE + 100
@@ -32,23 +31,7 @@ shared[2 * PAGE:2 * PAGE + 5] = b"SHRD!"
 expect_shared = content[:2 * PAGE] + b"SHRD!" + content[2 * PAGE + 5:]
 expect_private = content[:PAGE] + b"PRIV!" + content[PAGE + 5:2 * PAGE] + b"SHRD!" + \
     content[2 * PAGE + 5:]  # untouched private pages see the file
-stop = False
-
-
-def on_term(*_):
-    global stop
-    stop = True
-
-
-def fail(why: str) -> None:
-    print("FAIL:", why, flush=True)
-    sys.exit(1)
-
-
-signal.signal(signal.SIGTERM, on_term)
-print("READY", flush=True)
-while not stop:
-    time.sleep(0.02)
+ready_then_wait()
 if shared[:] != expect_shared:
     fail("the shared mapping changed")
 if private[:PAGE * 2] != expect_private[:PAGE * 2]:

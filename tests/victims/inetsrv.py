@@ -12,14 +12,9 @@ On SIGTERM it checks the options and prints PASS (or FAIL: why)."""
 import os
 import signal
 import socket
-import sys
 import time
 
-
-def fail(why: str) -> None:
-    print("FAIL:", why, flush=True)
-    sys.exit(1)
-
+from victim import fail
 
 tcp = socket.socket()
 tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -5,10 +5,10 @@ number; prints PASS (or FAIL: why)."""
 
 import ctypes
 import os
-import signal
 import struct
-import sys
 import time
+
+from victim import fail, ready_then_wait
 
 IN_MODIFY, IN_CREATE, IN_DELETE = 0x2, 0x100, 0x200
 libc = ctypes.CDLL(None, use_errno=True)
@@ -24,25 +24,10 @@ wd_b = libc.inotify_add_watch(ino, b"b.txt", IN_MODIFY)
 os.read(ino, 4096)  # the IN_IGNORED of the removed watch: nothing left unread
 
 
-def fail(why: str) -> None:
-    print("FAIL:", why, flush=True)
-    sys.exit(1)
-
 
 if (wd_dir, wd_a, wd_b) != (1, 3, 4):
     fail(f"watch numbers {(wd_dir, wd_a, wd_b)} before the move")
-stop = False
-
-
-def on_term(*_):
-    global stop
-    stop = True
-
-
-signal.signal(signal.SIGTERM, on_term)
-print("READY", flush=True)
-while not stop:
-    time.sleep(0.02)
+ready_then_wait()
 open("watched/new", "w").close()
 with open("b.txt", "a") as f:
     f.write("x")

@@ -9,16 +9,9 @@ exactly these locks and prints PASS (or FAIL: why)."""
 import fcntl
 import os
 import re
-import signal
 import struct
-import sys
-import time
 
-
-def fail(why: str) -> None:
-    print("FAIL:", why, flush=True)
-    sys.exit(1)
-
+from victim import fail, ready_then_wait
 
 a = open("a.lock", "w")
 fcntl.flock(a, fcntl.LOCK_EX)
@@ -39,18 +32,7 @@ def held(fd: int) -> list[str]:
 
 
 before = {fd: held(fd) for fd in (a.fileno(), b_fd, b.fileno(), c.fileno())}
-stop = False
-
-
-def on_term(*_):
-    global stop
-    stop = True
-
-
-signal.signal(signal.SIGTERM, on_term)
-print("READY", flush=True)
-while not stop:
-    time.sleep(0.02)
+ready_then_wait()
 after = {fd: held(fd) for fd in before}
 if after != before:
     fail(f"locks were {before}, are {after}")

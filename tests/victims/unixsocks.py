@@ -8,10 +8,9 @@
 Prints READY; on SIGTERM reads every queue, connects to both listeners, and prints
 PASS (or FAIL: why)."""
 import os
-import signal
 import socket
-import sys
-import time
+
+from victim import fail, ready_then_wait
 
 a, b = socket.socketpair()
 a.sendall(b"hello " * 1000)
@@ -36,23 +35,7 @@ abstract.bind(name)
 abstract.listen(3)
 srv_dup = os.dup(srv.fileno())  # the listener twice: one socket
 b.setblocking(False)
-stop = False
-
-
-def on_term(*_):
-    global stop
-    stop = True
-
-
-def fail(why: str) -> None:
-    print("FAIL:", why, flush=True)
-    sys.exit(1)
-
-
-signal.signal(signal.SIGTERM, on_term)
-print("READY", flush=True)
-while not stop:
-    time.sleep(0.02)
+ready_then_wait()
 
 got = b""
 while len(got) < 6000:
