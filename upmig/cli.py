@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "then kill it (migration). If anything fails, the process "
                                    "runs on untouched and no image is left.",
                        epilog="example:\n  upmig dump 4242 -o job.upmig\n"
-                              "  upmig dump 4242 -o ckpt.upmig --leave-running")
+                              "  upmig dump 4242 -o ckpt.upmig --leave-running\n"
+                              "  upmig dump 4242 -o server.upmig --tcp-established")
     d.add_argument("pid", type=int, metavar="PID")
     d.add_argument("-o", "--output", required=True, metavar="IMAGE", help="image file to write")
     leave = d.add_mutually_exclusive_group()
