@@ -120,6 +120,16 @@ def kill_and_reap(pid: int) -> None:
         pass
 
 
+def clean_up(original: subprocess.Popen, resumed: int | None, *files: Path) -> None:
+    """Whatever happened on a trip: none of its processes or files is left."""
+    original.kill()
+    original.wait()
+    if resumed is not None:
+        kill_and_reap(resumed)
+    for f in files:
+        f.unlink(missing_ok=True)
+
+
 def migrate(hog_bin: Path, mib: int, work: Path, threads: int = 1) -> Trip:
     """Start a hog of `mib` MiB, dump it (killing it), resume it, check its memory.
     Whatever happens, no process and no image is left behind."""
@@ -147,12 +157,7 @@ def migrate(hog_bin: Path, mib: int, work: Path, threads: int = 1) -> Trip:
                          f"resumed {back['threads']}")
         return Trip(dumped, back, dump_wall, resume_wall)
     finally:
-        hog.kill()
-        hog.wait()
-        if resumed is not None:
-            kill_and_reap(resumed)
-        img.unlink(missing_ok=True)
-        out.unlink(missing_ok=True)
+        clean_up(hog, resumed, img, out)
 
 
 def gbs(nbytes: int, seconds: float) -> float:
@@ -235,11 +240,7 @@ def fd_trip(work: Path) -> tuple[dict, dict]:
             raise Broken(f"fdhog after resume: {said!r}")
         return dumped, back
     finally:
-        hog.kill()
-        hog.wait()
-        if resumed is not None:
-            kill_and_reap(resumed)
-        img.unlink(missing_ok=True)
+        clean_up(hog, resumed, img)
 
 
 def tcp_trip(work: Path) -> tuple[dict, dict]:
@@ -269,11 +270,7 @@ def tcp_trip(work: Path) -> tuple[dict, dict]:
     finally:
         for c in clients:
             c.close()
-        srv.kill()
-        srv.wait()
-        if resumed is not None:
-            kill_and_reap(resumed)
-        img.unlink(missing_ok=True)
+        clean_up(srv, resumed, img)
 
 
 def _ask_all(clients: list, word: bytes, n: bytes) -> None:

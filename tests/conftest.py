@@ -142,6 +142,13 @@ class Run:
             self._reap_killed()
         return img
 
+    def refused(self, *flags: str) -> subprocess.CompletedProcess:
+        """A dump that must be refused (exit 5); its result, to check the reason."""
+        res = run_upmig("dump", str(self.pid), "-o", str(self.cwd / "x.upmig"), *flags,
+                        check=False)
+        assert res.returncode == 5, res.stderr
+        return res
+
     def _reap_killed(self) -> None:
         if self.resumer is not None:
             assert self.resumer.wait(timeout=10) == 128 + signal.SIGKILL
@@ -180,6 +187,11 @@ class Run:
             return self.resumer.wait(timeout=timeout)
         rc = self.proc.wait(timeout=timeout)
         return rc if rc >= 0 else 128 - rc
+
+    def ends_as(self, expected: bytes, timeout: float = 120) -> None:
+        """It ends by itself, with status 0, having written exactly `expected`."""
+        assert self.finish(sig=0, timeout=timeout) == 0
+        assert self.out_path.read_bytes() == expected
 
     def kill(self) -> None:
         for p in (self.proc, self.resumer):

@@ -61,8 +61,7 @@ def test_a_pipe_to_another_process_is_refused(run_victim):
         r = run_victim([sys.executable, "-c", "import time; print('READY', flush=True); "
                         "time.sleep(60)"], pass_fds=(wr,))
         r.wait_output("READY\n")
-        res = run_upmig("dump", str(r.pid), "-o", str(r.cwd / "x.upmig"), check=False)
-        assert res.returncode == 5, res.stderr
+        res = r.refused()
         assert res.stderr == (f"upmig: pid {r.pid} holds a pipe on fd {wr}; its other end is "
                               "outside the process, and only fds 0-2 can be re-attached to "
                               "the resuming side\n")
@@ -123,8 +122,7 @@ def test_a_unix_socket_to_another_process_is_refused(run_victim):
         r = run_victim([sys.executable, "-c", "import time; print('READY', flush=True); "
                         "time.sleep(60)"], pass_fds=(theirs.fileno(),))
         r.wait_output("READY\n")
-        res = run_upmig("dump", str(r.pid), "-o", str(r.cwd / "x.upmig"), check=False)
-        assert res.returncode == 5, res.stderr
+        res = r.refused()
         assert (f"upmig: pid {r.pid} holds a unix socket on fd {theirs.fileno()} connected "
                 "to a process outside") in res.stderr
         assert r.proc.poll() is None
@@ -168,8 +166,7 @@ def test_an_established_tcp_connection_is_refused(run_victim):
                         f"c = socket.create_connection(('127.0.0.1', {port})); "
                         "print('READY', flush=True); time.sleep(60)"])
         r.wait_output("READY\n")
-        res = run_upmig("dump", str(r.pid), "-o", str(r.cwd / "x.upmig"), check=False)
-        assert res.returncode == 5, res.stderr
+        res = r.refused()
         assert "has an established TCP connection on fd 3 (127.0.0.1:" in res.stderr
         assert f"to 127.0.0.1:{port})" in res.stderr
         assert r.proc.poll() is None
@@ -195,9 +192,7 @@ def test_deleted_files_travel_in_the_image(run_victim):
 def test_ghost_limit_refuses_a_big_deleted_file(run_victim):
     r = run_victim(ghost_job())
     r.wait_output("READY\n")
-    res = run_upmig("dump", str(r.pid), "-o", str(r.cwd / "x.upmig"), "--ghost-limit", "1M",
-                    check=False)
-    assert res.returncode == 5, res.stderr
+    res = r.refused("--ghost-limit", "1M")
     assert res.stderr == (f"upmig: pid {r.pid} holds the deleted file {r.cwd}/scratch.bin "
                           "(3145851 bytes) on fd 3, more than --ghost-limit (1048576 bytes)\n")
     assert not list(r.cwd.glob("x.upmig*"))
@@ -230,8 +225,8 @@ def test_asyncio_echo_server_keeps_its_clients(run_victim):
             assert _ask(c, b"hello %d\n" % k) == b"%d hello %d\n" % (k + 1, k)
     # One request sits unread in the server's socket when it is dumped.
     clients[0].sendall(b"pending\n")
-    plain = run_upmig("dump", str(r.pid), "-o", str(r.cwd / "x.upmig"), check=False)
-    assert plain.returncode == 5 and "--tcp-established" in plain.stderr
+    plain = r.refused()
+    assert "--tcp-established" in plain.stderr
     r.hop("--tcp-established")
     got = b""
     while not got.endswith(b"\n"):
@@ -365,8 +360,6 @@ def test_a_half_closed_tcp_connection_is_refused(run_victim):
     port = int(r.output().split()[1])
     socket.create_connection(("127.0.0.1", port)).close()
     time.sleep(0.2)
-    res = run_upmig("dump", str(r.pid), "-o", str(r.cwd / "x.upmig"), "--tcp-established",
-                    check=False)
-    assert res.returncode == 5, res.stderr
+    res = r.refused("--tcp-established")
     assert "in state CLOSE_WAIT" in res.stderr
     assert r.proc.poll() is None

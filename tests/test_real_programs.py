@@ -25,8 +25,7 @@ def test_python_output_equals_straight_run(run_victim, tmp_path, seed):
     expected = straight_run(python_job(), tmp_path)
     r = run_victim(python_job())
     migrate_at_random(r, hops=3, seed=seed, spread=0.6)
-    assert r.finish(sig=0, timeout=120) == 0
-    assert r.out_path.read_bytes() == expected
+    r.ends_as(expected)
 
 
 def test_python_chain_of_five(run_victim, tmp_path):
@@ -34,8 +33,7 @@ def test_python_chain_of_five(run_victim, tmp_path):
     r = run_victim(python_job())
     migrate_at_random(r, hops=5, seed=7, spread=0.3)
     assert r.hops == 5, "the job finished before five hops; make it longer"
-    assert r.finish(sig=0, timeout=120) == 0
-    assert r.out_path.read_bytes() == expected
+    r.ends_as(expected)
 
 
 @pytest.mark.skipif(not shutil.which("bc"), reason="bc is not installed")
@@ -47,8 +45,7 @@ def test_bc_pi_equals_straight_run(run_victim, tmp_path, seed):
     with open(feed, "rb") as stdin:  # a file: reopened at its offset after resume
         r = run_victim(["bc", "-l"], stdin=stdin)
     migrate_at_random(r, hops=3, seed=seed, spread=0.5)
-    assert r.finish(sig=0, timeout=120) == 0
-    assert r.out_path.read_bytes() == expected
+    r.ends_as(expected)
     assert len(expected) > 2600
 
 
@@ -66,8 +63,7 @@ def test_bc_reading_a_pipe_gets_the_resumers_stdin(run_victim, tmp_path):
         f.write(b"quit\n")
     with open(tmp_path / "rest.in", "rb") as rest:
         r.resume(img, stdin=rest)
-    assert r.finish(sig=0, timeout=120) == 0
-    assert r.out_path.read_bytes() == expected
+    r.ends_as(expected)
 
 
 INTERPRETERS = {
@@ -88,8 +84,7 @@ def test_interpreter_output_equals_straight_run(run_victim, tmp_path, name):
     expected = straight_run(argv, tmp_path)
     r = run_victim(argv)
     migrate_at_random(r, hops=3, seed=11, spread=0.25)
-    assert r.finish(sig=0, timeout=120) == 0
-    assert r.out_path.read_bytes() == expected
+    r.ends_as(expected)
 
 
 def _resp(*args: bytes) -> bytes:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from upmig._helper import ffi, lib
@@ -293,6 +295,27 @@ def get_robust_list(tid: int) -> list[int] | None:
 def pidfd_getfd(pidfd: int, fd: int, pid: int) -> int:
     """A copy in upmig of fd of the process behind pidfd (close-on-exec)."""
     return check(lib.up_pidfd_getfd(pidfd, fd), f"pidfd_getfd(fd {fd})", pid)
+
+
+def copy_fd(pid: int, fd: int) -> int:
+    """fd of process pid, copied into upmig (close-on-exec): the same open file
+    description, so what is done through the copy is done to the process's own.
+    The caller closes it."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        return pidfd_getfd(pidfd, fd, pid)
+    finally:
+        os.close(pidfd)
+
+
+@contextmanager
+def borrowed_fd(pid: int, fd: int) -> Iterator[int]:
+    """copy_fd for the length of a with block."""
+    mine = copy_fd(pid, fd)
+    try:
+        yield mine
+    finally:
+        os.close(mine)
 
 
 def pipe_peek(fd: int, cap: int) -> bytes:

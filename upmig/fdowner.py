@@ -11,7 +11,6 @@ import struct
 from upmig import _native as nat
 from upmig.errors import CantMigrate
 from upmig.inject import Session
-from upmig.pipes import pidfd
 from upmig.records import Fd
 from upmig.syscalls import nr
 
@@ -24,13 +23,9 @@ F_OWNER_PGRP = 2
 def capture(pid: int, tids: list[int], rec: Fd) -> None:
     """Into rec.extra["async"]: [owner type, owner pid, signal] of an O_ASYNC fd. The
     owner must be the process itself, one of its threads, or its process group."""
-    with pidfd(pid) as pfd:
-        mine = nat.pidfd_getfd(pfd, rec.fd, pid)
-    try:
+    with nat.borrowed_fd(pid, rec.fd) as mine:
         kind, owner = OWNER.unpack(fcntl.fcntl(mine, F_GETOWN_EX, bytes(OWNER.size)))
         rec.extra["async"] = [kind, owner, fcntl.fcntl(mine, F_GETSIG)]
-    finally:
-        os.close(mine)
     ours = owner == 0 or (kind == F_OWNER_PGRP and owner == os.getpgid(pid)) or \
         (kind != F_OWNER_PGRP and owner in tids)
     if not ours:

@@ -16,7 +16,6 @@ from upmig import memmap
 from upmig.errors import CantMigrate, RestoreError
 from upmig.image import Image, ImageWriter
 from upmig.inject import Session
-from upmig.pipes import pidfd
 from upmig.records import Fd, Ghost, Vma
 from upmig.syscalls import nr
 
@@ -94,37 +93,14 @@ def make(s: Session, pid: int, g: Ghost, img: Image) -> int:
     if fd < 0:
         raise RestoreError(f"cannot recreate the deleted file {g.path} in {where}: "
                            f"{os.strerror(-fd)}")
-    with pidfd(pid) as pfd:
-        mine = nat.pidfd_getfd(pfd, fd, pid)
-    try:
-        data = memoryview(img.data)
-        for pd in img.pages:
-            if pd.target != target(g.id):
-                continue
-            _write_runs(mine, data, pd.chunks, pd.runs)
+    base = nat.buffer_address(img.data)
+    with nat.borrowed_fd(pid, fd) as mine:
+        for pd in img.pages:  # straight from the mapped image, by the C helper
+            if pd.target == target(g.id):
+                nat.fill_pages(pid, mine, pd.sources(base), pd.runs)
         if os.fstat(mine).st_size != g.size:
             os.ftruncate(mine, g.size)
-    finally:
-        os.close(mine)
     return fd
-
-
-def _write_runs(fd: int, data: memoryview, chunks: list[tuple[int, int]],
-                runs: list[tuple[int, int]]) -> None:
-    """The bytes of chunks (in the image, in order) to the file offsets of runs."""
-    stream = ((off, n) for off, n in chunks)
-    off, left = next(stream, (0, 0))
-    for start, end in runs:
-        at = start
-        while at < end:
-            if not left:
-                off, left = next(stream)
-            n = min(left, end - at)
-            view = data[off:off + n]
-            while view:
-                done = os.pwrite(fd, view, at)
-                view, at = view[done:], at + done
-            off, left = off + n, left - n
 
 
 def _named_then_unlinked(s: Session, where: str, g: Ghost) -> int:

@@ -109,6 +109,10 @@ class PageData:
     chunks: list[tuple[int, int]]  # (offset in image, length)
     target: str = ""               # as in records.Pages
 
+    def sources(self, base: int) -> list[tuple[int, int]]:
+        """Its bytes as address ranges in upmig, the image being mapped at base."""
+        return [(base + off, base + off + n) for off, n in self.chunks]
+
 
 @dataclass
 class Image:

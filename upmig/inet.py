@@ -24,7 +24,6 @@ import struct
 from upmig import _native as nat
 from upmig.errors import CantMigrate, RestoreError
 from upmig.inject import Session
-from upmig.pipes import pidfd
 from upmig.records import Fd
 from upmig.syscalls import nr
 
@@ -92,8 +91,7 @@ class Repairs:
 def capture(pid: int, fd: int, repairs: Repairs | None) -> tuple[str, dict]:
     """(fd type, extra) of an inet socket, or CantMigrate saying why it cannot move.
     An established TCP connection is taken only with repairs (--tcp-established)."""
-    with pidfd(pid) as pfd:
-        s = socket.socket(fileno=nat.pidfd_getfd(pfd, fd, pid))
+    s = socket.socket(fileno=nat.copy_fd(pid, fd))
     try:
         ftype, extra = _describe(pid, fd, s, repairs is not None)
         if ftype == "tcp" and repairs is not None:
@@ -217,12 +215,8 @@ def make(s: Session, pid: int, r: Fd) -> int:
     stype = socket.SOCK_STREAM if x["kind"] == "tcp" else socket.SOCK_DGRAM
     fd = s.call(nr.socket, x["family"], stype, 0, what="socket")
     if r.type == "tcp":
-        with pidfd(pid) as pfd:
-            mine = socket.socket(fileno=nat.pidfd_getfd(pfd, fd, pid))
-        try:
+        with socket.socket(fileno=nat.copy_fd(pid, fd)) as mine:
             _rebuild_connection(mine, r)
-        finally:
-            mine.close()
         return fd
     options = dict(OPTIONS) | TCP_OPTIONS | V6_OPTIONS
     for name, value in x["options"].items():
@@ -309,11 +303,7 @@ def go_live(pid: int, recs: list[Fd]) -> None:
     live = [r for r in recs if r.type == "tcp" and r.shared_with < 0]
     if not live:
         return
-    with pidfd(pid) as pfd:
-        for r in live:
-            s = socket.socket(fileno=nat.pidfd_getfd(pfd, r.fd, pid))
-            try:  # repair off resets SO_REUSEADDR: set it after
-                s.setsockopt(SOL_TCP, TCP_REPAIR, 0)
-                s.setsockopt(SOL_SOCKET, socket.SO_REUSEADDR, r.extra["options"]["SO_REUSEADDR"])
-            finally:
-                s.close()
+    for r in live:
+        with socket.socket(fileno=nat.copy_fd(pid, r.fd)) as s:
+            s.setsockopt(SOL_TCP, TCP_REPAIR, 0)  # which resets SO_REUSEADDR: set it after
+            s.setsockopt(SOL_SOCKET, socket.SO_REUSEADDR, r.extra["options"]["SO_REUSEADDR"])

@@ -18,7 +18,6 @@ import struct
 from upmig import _native as nat
 from upmig.errors import CantMigrate, RestoreError
 from upmig.inject import Session
-from upmig.pipes import pidfd
 from upmig.records import Fd
 from upmig.syscalls import nr
 
@@ -48,12 +47,8 @@ def capture(pid: int, fd: int, fdinfo: str) -> dict:
 
 
 def _refuse_unread(pid: int, fd: int) -> None:
-    with pidfd(pid) as pfd:
-        mine = nat.pidfd_getfd(pfd, fd, pid)
-    try:
-        queued, = struct.unpack("<i", fcntl.ioctl(mine, FIONREAD, bytes(4)))
-    finally:
-        os.close(mine)
+    with nat.borrowed_fd(pid, fd) as mine:
+        queued = _unread(mine)
     if queued:
         raise CantMigrate(f"has {queued} bytes of inotify events unread on fd {fd}; they "
                           "cannot be read without taking them from it", pid=pid)
@@ -98,13 +93,14 @@ def restore(s: Session, pid: int, rec: Fd) -> None:
     _add_all(s, rec)
     # Burnt numbers left IN_IGNORED events behind. The queue was empty at dump time,
     # and what happened to the files while the process was away is not its to see.
-    with pidfd(pid) as pfd:
-        mine = nat.pidfd_getfd(pfd, rec.fd, pid)
-    try:
-        while queued := struct.unpack("<i", fcntl.ioctl(mine, FIONREAD, bytes(4)))[0]:
+    with nat.borrowed_fd(pid, rec.fd) as mine:
+        while queued := _unread(mine):
             os.read(mine, queued)
-    finally:
-        os.close(mine)
+
+
+def _unread(fd: int) -> int:
+    """Bytes of events waiting to be read."""
+    return struct.unpack("<i", fcntl.ioctl(fd, FIONREAD, bytes(4)))[0]
 
 
 def _add_all(s: Session, rec: Fd) -> None:

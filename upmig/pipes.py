@@ -10,8 +10,6 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from upmig import _native as nat
 from upmig.errors import CantMigrate, RestoreError
@@ -33,15 +31,6 @@ def ends(flags: int) -> set[str]:
     return {"r", "w"} if flags & O_ACCMODE == O_RDWR else {end(flags)}
 
 
-@contextmanager
-def pidfd(pid: int) -> Iterator[int]:
-    fd = os.pidfd_open(pid)
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
-
 def capture(pid: int, recs: list[Fd]) -> list[Pipe]:
     """A Pipe for every pipe in recs (type "pipe", obj = inode), with its buffer."""
     read_ends = {}
@@ -49,19 +38,15 @@ def capture(pid: int, recs: list[Fd]) -> list[Pipe]:
         if r.type in ("pipe", "fifo") and r.extra["end"] == "r":
             read_ends.setdefault(r.obj, r.fd)
     out = []
-    with pidfd(pid) as pfd:
-        for ino, fd in read_ends.items():
-            mine = nat.pidfd_getfd(pfd, fd, pid)
+    for ino, fd in read_ends.items():
+        with nat.borrowed_fd(pid, fd) as mine:
+            size = fcntl.fcntl(mine, F_GETPIPE_SZ)
             try:
-                size = fcntl.fcntl(mine, F_GETPIPE_SZ)
-                try:
-                    data = nat.pipe_peek(mine, size)
-                except OSError as e:
-                    raise CantMigrate(f"the pipe on fd {fd} cannot be read without "
-                                      f"emptying it ({e.strerror})", pid=pid) from None
-            finally:
-                os.close(mine)
-            out.append(Pipe(id=ino, size=size, data=data))
+                data = nat.pipe_peek(mine, size)
+            except OSError as e:
+                raise CantMigrate(f"the pipe on fd {fd} cannot be read without "
+                                  f"emptying it ({e.strerror})", pid=pid) from None
+        out.append(Pipe(id=ino, size=size, data=data))
     return out
 
 
@@ -79,14 +64,10 @@ def make_fifo(s: Session, pid: int, path: str, pipe: Pipe) -> int:
 def _fill(s: Session, pid: int, wr: int, pipe: Pipe) -> None:
     s.call(nr.fcntl, wr, F_SETPIPE_SZ, pipe.size, what="fcntl(F_SETPIPE_SZ)")
     if pipe.data:
-        with pidfd(pid) as pfd:
-            mine = nat.pidfd_getfd(pfd, wr, pid)
-        try:
+        with nat.borrowed_fd(pid, wr) as mine:
             view = memoryview(pipe.data)
             while view:  # fits: the pipe is as big as it was
                 view = view[os.write(mine, view):]
-        finally:
-            os.close(mine)
 
 
 def create(s: Session, pid: int, pipe: Pipe) -> tuple[int, int]:

@@ -386,8 +386,7 @@ def _fill_memory(pid: int, img: image.Image) -> None:
     for pd in img.pages:
         if pd.target:  # a deleted file's contents: see upmig.ghosts
             continue
-        src = [(base + off, base + off + n) for off, n in pd.chunks]
-        nat.fill_pages(pid, -1, src, pd.runs)
+        nat.fill_pages(pid, -1, pd.sources(base), pd.runs)
 
 
 def _stage_registers(tid: int, th: Thread) -> None:

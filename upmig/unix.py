@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from upmig import _native as nat
 from upmig.errors import CantMigrate, RestoreError
 from upmig.inject import Session
-from upmig.pipes import pidfd
 from upmig.records import Fd
 from upmig.syscalls import nr
 
@@ -132,16 +131,12 @@ def classify(pid: int, fd: int, d: Diag, inside: set[int], diags: dict[int, Diag
 
 def capture_queues(pid: int, recs: list[Fd], diags: dict[int, Diag]) -> None:
     """The data waiting to be read on each end of each pair, left in place."""
-    with pidfd(pid) as pfd:
-        for r in recs:
-            if r.type != "unix_pair" or r.shared_with >= 0:
-                continue
-            mine = nat.pidfd_getfd(pfd, r.fd, pid)
-            try:
-                r.extra["queued"] = _peek_all(pid, r, mine)
-            finally:
-                os.close(mine)
-            if r.extra["type"] != "dgram":
+    for r in recs:
+        if r.type != "unix_pair" or r.shared_with >= 0:
+            continue
+        with nat.borrowed_fd(pid, r.fd) as mine:
+            r.extra["queued"] = _peek_all(pid, r, mine)
+        if r.extra["type"] != "dgram":
                 got = sum(len(m) for m in r.extra["queued"])
                 if got != diags[r.obj].rqueue:
                     raise CantMigrate(f"the unix socket on fd {r.fd} has {diags[r.obj].rqueue} "
@@ -196,9 +191,8 @@ def make_pair(s: Session, kind: str) -> tuple[int, int]:
 
 def fill(pid: int, sender: Fd, receiver: Fd) -> None:
     """Send what receiver had queued to read, from its peer `sender`."""
-    with pidfd(pid) as pfd:
-        send = socket.socket(fileno=nat.pidfd_getfd(pfd, sender.fd, pid))
-        recv = socket.socket(fileno=nat.pidfd_getfd(pfd, receiver.fd, pid))
+    send = socket.socket(fileno=nat.copy_fd(pid, sender.fd))
+    recv = socket.socket(fileno=nat.copy_fd(pid, receiver.fd))
     try:
         queued = receiver.extra["queued"]
         total = sum(len(m) for m in queued)
@@ -222,15 +216,11 @@ def fill(pid: int, sender: Fd, receiver: Fd) -> None:
 
 def shut(pid: int, ends: tuple[Fd, Fd]) -> None:
     """Each end's shutdown state, once the data is through both ways."""
-    with pidfd(pid) as pfd:
-        for rec in ends:
-            how = rec.extra.get("shutdown", 0)
-            if how:
-                sk = socket.socket(fileno=nat.pidfd_getfd(pfd, rec.fd, pid))
-                try:
-                    sk.shutdown({1: socket.SHUT_RD, 2: socket.SHUT_WR, 3: socket.SHUT_RDWR}[how])
-                finally:
-                    sk.close()
+    for rec in ends:
+        how = rec.extra.get("shutdown", 0)
+        if how:
+            with socket.socket(fileno=nat.copy_fd(pid, rec.fd)) as sk:
+                sk.shutdown({1: socket.SHUT_RD, 2: socket.SHUT_WR, 3: socket.SHUT_RDWR}[how])
 
 
 def make_socket(s: Session, r: Fd) -> int:
