@@ -71,12 +71,15 @@ def dump(pid: int, image_path: str, *, leave: str = "kill",
     known = _identify_mapped(pid)  # hashing data files is slow: do it before freezing
     tmp = _temp_path(image_path)
     commit = ExitStack()
+    fd = -1
     try:
-        # Read-write: the page copy maps the image to write into it directly.
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except OSError as e:
-        raise UpmigError(f"cannot write the image: {e.strerror}", what=image_path) from None
-    try:
+        # Inside the cleanup's reach: a signal just after the open must not leave the
+        # file behind. Read-write: the page copy maps the image to write into it.
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise UpmigError(f"cannot write the image: {e.strerror}",
+                             what=image_path) from None
         seizing = time.perf_counter()
         with freeze.frozen(pid) as fz:
             frozen_at = time.perf_counter()
