@@ -168,8 +168,8 @@ int up_inject(int pid, void *regs, long nr, const uint64_t *args, int64_t *ret,
         }
         if (status >> 16 == 128 && ++events <= 4)
             continue;           /* a job-control (group) stop, or a late interrupt trap */
-        if (status >> 16 == PTRACE_EVENT_CLONE) {
-            /* The clone we injected: the new thread's id as the tracer sees it. */
+        if (status >> 16 == PTRACE_EVENT_CLONE || status >> 16 == PTRACE_EVENT_FORK) {
+            /* The clone we injected: the new task's id as the tracer sees it. */
             unsigned long msg = 0;
             if (ptrace(PTRACE_GETEVENTMSG, pid, 0, &msg) < 0)
                 return -errno;

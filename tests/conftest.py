@@ -75,6 +75,25 @@ def reap(pid: int, timeout: float = 10) -> int | None:
     raise AssertionError(f"pid {pid} did not exit")
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below pid, as they are now."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except FileNotFoundError:
+            continue
+        for t in tids:
+            try:
+                kids = [int(c) for c in Path(f"/proc/{p}/task/{t}/children").read_text().split()]
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
 def straight_run(argv: list[str], tmp_path: Path, stdin: bytes | None = None) -> bytes:
     r = subprocess.run(argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                        cwd=tmp_path, check=True, timeout=120)
@@ -137,9 +156,12 @@ class Run:
         img = self.image()
         if not self.cmdline:
             self.cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes()
+        below = descendants(self.pid)
         run_upmig("dump", str(self.pid), "-o", str(img), *flags)
         if not {"--leave-running", "--leave-stopped"} & set(flags):
             self._reap_killed()
+            for pid in below:  # orphaned by the kill, they came to us (the subreaper)
+                reap(pid)
         return img
 
     def refused(self, *flags: str) -> subprocess.CompletedProcess:

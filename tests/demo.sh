@@ -14,7 +14,8 @@ while True:
     time.sleep(0.2)
 PY
 cd "$dir"
-python3 count.py > out.txt 2>&1 < /dev/null &
+# its own session: a job left on the terminal of make would need dump --shell-job
+setsid python3 count.py > out.txt 2>&1 < /dev/null &
 pid=$!
 sleep 1.2
 echo "== started pid $pid; its output so far:"; cat out.txt

@@ -20,6 +20,7 @@ from conftest import (
     UPMIG,
     VICTIMS,
     build_victim,
+    descendants,
     feed_after_resume,
     migrate_at_random,
     reap,
@@ -287,13 +288,17 @@ time.sleep(60)
 """
 
 
-def test_a_child_forked_by_another_thread_is_refused(run_victim):
+def test_a_child_forked_by_another_thread_moves_with_it(run_victim):
+    """The child of a thread other than the main one is part of the tree."""
     r = run_victim([sys.executable, "-c", FORKER])
     r.wait_output("READY\n")
-    res = r.refused()
-    assert "child process" in res.stderr
-    child = res.stderr.split("(")[2].split(")")[0]
-    os.kill(int(child), signal.SIGKILL)
+    child = descendants(r.pid)
+    assert len(child) == 1
+    r.hop()
+    st = Path(f"/proc/{child[0]}/stat").read_text()
+    assert int(st.rsplit(")", 1)[1].split()[1]) == r.pid  # its parent again
+    assert Path(f"/proc/{child[0]}/cmdline").read_bytes() == b"sleep\x0060\x00"
+    r.kill()
 
 
 QUITTER = """

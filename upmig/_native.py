@@ -25,6 +25,7 @@ PTRACE_PEEKSIGINFO = 0x4209
 PTRACE_GETSIGMASK = 0x420A
 PTRACE_SETSIGMASK = 0x420B
 PTRACE_O_TRACESYSGOOD = 0x1
+PTRACE_O_TRACEFORK = 0x2
 PTRACE_O_TRACECLONE = 0x8
 PTRACE_O_EXITKILL = 0x100000
 PTRACE_EVENT_STOP = 128
@@ -165,7 +166,8 @@ class Injector:
         return int(self.ret[0])
 
     def cloned(self) -> int:
-        """The id, as upmig sees it, of the thread the last injected clone made."""
+        """The id, as upmig sees it, of the thread or process the last injected clone
+        made."""
         return int(self.clone_msg[0])
 
     def call(self, nr: int, *args: int, what: str = "") -> int:
@@ -339,10 +341,11 @@ def kcmp_file(pid: int, fd1: int, fd2: int) -> bool:
     return kcmp_file_order(pid, fd1, fd2) == 0
 
 
-def kcmp_file_order(pid: int, fd1: int, fd2: int) -> int:
-    """0 if fd1 and fd2 of pid are one open file description; else 1 or 2 as the
-    first sorts before or after the second, in an order the kernel keeps stable."""
-    order = check(lib.up_kcmp(pid, pid, KCMP_FILE, fd1, fd2), "kcmp", pid)
+def kcmp_file_order(pid: int, fd1: int, fd2: int, pid2: int = 0) -> int:
+    """0 if fd1 of pid and fd2 of pid2 (default: pid) are one open file description;
+    else 1 or 2 as the first sorts before or after the second, in an order the kernel
+    keeps stable."""
+    order = check(lib.up_kcmp(pid, pid2 or pid, KCMP_FILE, fd1, fd2), "kcmp", pid)
     if order == 3:
         raise OSError(0, "kcmp gives no order here")
     return order

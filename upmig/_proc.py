@@ -127,3 +127,11 @@ def parse_auxv(data: bytes) -> list[tuple[int, int]]:
 def last_cpu(pid: int, tid: int = 0) -> int:
     """The CPU the thread (default: the leader) last ran on (stat field 39)."""
     return int(parse_stat(read_text(pid, f"task/{tid}/stat" if tid else "stat"))[39])
+
+
+def fd_numbers(pid: int) -> list[int]:
+    """The fds a process has open now."""
+    try:
+        return sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd"))
+    except FileNotFoundError:
+        raise NoSuchProcess("vanished while its fds were read", pid=pid) from None

@@ -43,11 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"upmig {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = sub.add_parser("dump", help="write a process's image (and kill it, by default)",
+    d = sub.add_parser("dump", help="write a process tree's image (and kill it, by default)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Freeze PID with ptrace, write its whole state to IMAGE, "
-                                   "then kill it (migration). If anything fails, the process "
-                                   "runs on untouched and no image is left.",
+                       description="Freeze PID and all its descendants with ptrace, write "
+                                   "their whole state to IMAGE, then kill them (migration). "
+                                   "If anything fails, they run on untouched and no image "
+                                   "is left.",
                        epilog="example:\n  upmig dump 4242 -o job.upmig\n"
                               "  upmig dump 4242 -o ckpt.upmig --leave-running\n"
                               "  upmig dump 4242 -o server.upmig --tcp-established")
@@ -66,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="take established TCP connections along (TCP repair): the peer "
                         "sees nothing, and after resume the same connection goes on. The "
                         "resumed process must keep the same IP address.")
+    d.add_argument("--shell-job", action="store_true",
+                   help="the processes were started from an interactive shell, whose "
+                        "session and terminal stay behind: resume re-attaches them to its "
+                        "own terminal")
     d.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     r = sub.add_parser("resume", help="rebuild the process of an image and run it",
@@ -149,7 +154,7 @@ def _dump(a: argparse.Namespace) -> int:
     after = {"kill": "killed", "run": "left running", "stop": "left stopped"}[leave]
     try:
         res = dump(a.pid, a.output, leave=leave, progress=progress, ghost_limit=a.ghost_limit,
-                   tcp_established=a.tcp_established)
+                   tcp_established=a.tcp_established, shell_job=a.shell_job)
     except Interrupted as e:
         if progress.step == "committed":  # too late to undo: say what was done
             e.why = f"interrupted after the image {a.output} was written; process {after}"
@@ -159,10 +164,12 @@ def _dump(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps({**res.__dict__, "process": after}))
     else:
+        tree = (f"{res.processes} processes, " if res.processes > 1 else "")
         print(f"dumped pid {res.pid} to {res.image}: {res.image_bytes / 2**20:.1f} MiB "
-              f"({res.data_bytes / 2**20:.1f} MiB of pages, {res.threads} thread"
+              f"({res.data_bytes / 2**20:.1f} MiB of pages, {tree}{res.threads} thread"
               f"{'s' if res.threads > 1 else ''}, {res.vmas} vmas, {res.fds} fds), "
-              f"frozen {res.frozen_seconds * 1000:.0f} ms; process {after}")
+              f"frozen {res.frozen_seconds * 1000:.0f} ms; "
+              f"{'processes' if res.processes > 1 else 'process'} {after}")
     return 0
 
 

@@ -26,9 +26,11 @@ from upmig import (
     inject,
     memmap,
     regs,
+    sharing,
     signals,
     task,
     threads,
+    tree,
 )
 from upmig import _native as nat
 from upmig.errors import CantMigrate, ImageError, NoSuchProcess, UpmigError, describe_oserror
@@ -48,6 +50,7 @@ class DumpResult:
     vmas: int
     fds: int
     threads: int
+    processes: int
     freeze_seconds: float   # seizing and stopping every thread
     frozen_seconds: float   # from stopped to released
     seconds: float
@@ -58,17 +61,20 @@ Progress = Callable[[str, int], None]
 
 def dump(pid: int, image_path: str, *, leave: str = "kill",
          progress: Progress | None = None, ghost_limit: int | None = None,
-         tcp_established: bool = False) -> DumpResult:
-    """Write an image of pid to image_path; then kill it (default), or leave it
-    running ("run") or stopped ("stop"). On failure the process runs on untouched.
-    ghost_limit: the most bytes a deleted-but-open file may hold (None: no limit).
-    tcp_established: take established TCP connections along (TCP repair)."""
+         tcp_established: bool = False, shell_job: bool = False) -> DumpResult:
+    """Write an image of pid and all its descendants to image_path; then kill them
+    (default), or leave them running ("run") or stopped ("stop"). On failure they run
+    on untouched. ghost_limit: the most bytes a deleted-but-open file may hold (None:
+    no limit). tcp_established: take established TCP connections along (TCP repair).
+    shell_job: the tree's session and terminal belong to a shell outside it."""
     if leave not in LEAVE:
         raise ValueError(f"leave must be one of {LEAVE}")
     began = time.perf_counter()
     note = progress or (lambda step, n: None)
     preflight(pid)
-    known = _identify_mapped(pid)  # hashing data files is slow: do it before freezing
+    known: dict[str, MappedFile] = {}
+    for p in freeze.descendants(pid):  # hashing data files is slow: do it before freezing
+        known.update(_identify_mapped(p))
     tmp = _temp_path(image_path)
     commit = ExitStack()
     fd = -1
@@ -87,8 +93,8 @@ def dump(pid: int, image_path: str, *, leave: str = "kill",
             if repairs:
                 fz.cleanups.append(repairs.release)
             try:
-                size, data, nvma, nfd = _capture_and_write(pid, fz, fd, note, known,
-                                                           ghost_limit, repairs)
+                size, data, nvma, nfd = _capture_and_write(fz, fd, note, known, ghost_limit,
+                                                           repairs, shell_job)
                 os.fsync(fd)
                 fd, closing = -1, fd
                 os.close(closing)
@@ -115,7 +121,8 @@ def dump(pid: int, image_path: str, *, leave: str = "kill",
     finally:
         commit.close()
     return DumpResult(pid, image_path, size, data, nvma, nfd, len(fz.tids),
-                      frozen_at - seizing, frozen, time.perf_counter() - began)
+                      len(fz.members) + len(fz.zombies), frozen_at - seizing, frozen,
+                      time.perf_counter() - began)
 
 
 def preflight(pid: int) -> None:
@@ -130,10 +137,6 @@ def preflight(pid: int) -> None:
         raise NoSuchProcess("is a zombie (it has exited)", pid=pid)
     if status.get("Seccomp", "0") != "0":
         raise CantMigrate("runs under a seccomp filter, which is not supported yet", pid=pid)
-    children = _children(pid)
-    if children:
-        raise CantMigrate(f"has {len(children)} child process(es) ({', '.join(children[:5])}); "
-                          "process trees are not supported yet", pid=pid)
     if _proc.read_text(pid, "timers").strip():
         raise CantMigrate("has POSIX timers (timer_create), which are not supported yet",
                           pid=pid)
@@ -147,22 +150,6 @@ def preflight(pid: int) -> None:
             if nat.lib.up_kcmp(pid, ppid, kind, 0, 0) == 0:
                 raise CantMigrate(f"shares {what} with its parent pid {ppid} (vfork or "
                                   "clone); this is not supported yet", pid=pid)
-
-
-def _children(pid: int) -> list[str]:
-    """Children forked by any of its threads (each thread lists its own)."""
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        raise NoSuchProcess("no such process", pid=pid) from None
-    out = []
-    for tid in tids:
-        try:
-            out += _proc.read_text(pid, f"task/{tid}/children").split()
-        except NoSuchProcess:
-            if tid == str(pid):
-                raise  # a thread may end meanwhile; the process may not
-    return out
 
 
 def _identify_mapped(pid: int) -> dict[str, MappedFile]:
@@ -187,10 +174,39 @@ def _verify(path: str, pid: int) -> None:
                          "was left running", pid=pid) from None
 
 
-def _capture_and_write(pid: int, fz: freeze.Frozen, fd: int, note: Progress,
+def _capture_and_write(fz: freeze.Tree, fd: int, note: Progress,
                        known: dict[str, MappedFile], ghost_limit: int | None,
-                       repairs: inet.Repairs | None) -> tuple[int, int, int, int]:
-    preflight(pid)  # again, now that it is frozen: it may have forked meanwhile
+                       repairs: inet.Repairs | None, shell_job: bool
+                       ) -> tuple[int, int, int, int]:
+    for m in fz.members:
+        preflight(m.pid)  # again, now that they are frozen
+    procs = [tree.record(m.pid) for m in fz.members]
+    procs += [tree.zombie_record(z) for z in fz.zombies]
+    tree.check(procs, shell_job)
+    shared = sharing.scan(fz.members)
+    w = ImageWriter(fd, progress=lambda n: note("pages", n))
+    uts = os.uname()
+    w.record(Header(arch=uts.machine, kernel=uts.release, upmig_version=__version__,
+                    created=time.time(), hostname=uts.nodename,
+                    page_size=os.sysconf("SC_PAGE_SIZE"), pid=fz.pid))
+    nvma = nfd = 0
+    for m, rec in zip(fz.members, procs, strict=False):
+        w.record(rec)
+        v, f = _capture_process(w, m, note, known, ghost_limit, repairs, shared)
+        nvma, nfd = nvma + v, nfd + f
+    for rec in procs[len(fz.members):]:
+        w.record(rec)  # a zombie is all in its Process record
+    w.finish()
+    note("done", 0)
+    return os.fstat(fd).st_size, w.data_bytes, nvma, nfd
+
+
+def _capture_process(w: ImageWriter, fz: freeze.Frozen, note: Progress,
+                     known: dict[str, MappedFile], ghost_limit: int | None,
+                     repairs: inet.Repairs | None, shared: sharing.TreeFds
+                     ) -> tuple[int, int]:
+    """One live process's records and page data; (vmas, fds) written."""
+    pid = fz.pid
     others = [t for t in fz.tids if t != pid]
     threads.check_creds(pid, others)
     note("registers", 0)
@@ -213,18 +229,12 @@ def _capture_and_write(pid: int, fz: freeze.Frozen, fd: int, note: Progress,
         sig.pending_shared = nat.peek_siginfo(pid, shared=True)
         mm = memmap.capture_mm(pid, brk)
         vmas = memmap.list_vmas(pid)      # again: the scratch page is gone now
-        fds, pipe_recs = files.capture(pid, fz.tids, repairs)
+        fds, pipe_recs = files.capture(pid, fz.tids, repairs, shared)
         ghost_recs = ghosts.capture(pid, fds, vmas, ghost_limit)
         mapped = sorted({v.path for v in vmas if v.role == "file"} | {tsk.exe})
         identities = [fileid.still(known.get(p)) or fileid.identify(p) for p in mapped]
         note("pages", 0)
         runs = memmap.page_runs(pid, vmas)
-
-        w = ImageWriter(fd, progress=lambda n: note("pages", n))
-        uts = os.uname()
-        w.record(Header(arch=uts.machine, kernel=uts.release, upmig_version=__version__,
-                        created=time.time(), hostname=uts.nodename,
-                        page_size=os.sysconf("SC_PAGE_SIZE"), pid=pid))
         for rec in (tsk, mm, sig, *thread_recs, *identities, *vmas):
             w.record(rec)
         readable = [r for v in vmas if memmap.is_readable(v) for r in runs.get(v.start, [])]
@@ -236,9 +246,7 @@ def _capture_and_write(pid: int, fz: freeze.Frozen, fd: int, note: Progress,
         for rec in (*fds, *pipe_recs, *ghost_recs):
             w.record(rec)
         ghosts.write_contents(w, pid, ghost_recs, fds, vmas)
-        w.finish()
-        note("done", 0)
-        return os.fstat(fd).st_size, w.data_bytes, len(vmas), len(fds)
+        return len(vmas), len(fds)
     finally:
         os.close(mem_fd)
 

@@ -11,9 +11,21 @@ import stat
 from dataclasses import dataclass
 
 from upmig import _native as nat
-from upmig import _proc, evfds, fdowner, fileid, ghosts, inet, inotify, locks, pipes, unix
+from upmig import (
+    _proc,
+    evfds,
+    fdowner,
+    fileid,
+    ghosts,
+    inet,
+    inotify,
+    locks,
+    pipes,
+    sharing,
+    unix,
+)
 from upmig.errors import CantMigrate, RestoreError
-from upmig.image import Image
+from upmig.image import Records
 from upmig.inject import Session
 from upmig.records import Fd, Pipe
 from upmig.syscalls import nr
@@ -115,12 +127,8 @@ def _classify(pid: int, e: _Seen, pipe_ends: dict[int, set[str]]) -> tuple[str, 
 
 
 def _look(pid: int) -> list[_Seen]:
-    try:
-        fds = sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd"))
-    except FileNotFoundError:
-        raise CantMigrate("vanished while its fds were read", pid=pid) from None
     out = []
-    for fd in fds:
+    for fd in _proc.fd_numbers(pid):
         target = _proc.readlink(pid, f"fd/{fd}")
         try:
             st = os.stat(f"/proc/{pid}/fd/{fd}")
@@ -131,9 +139,10 @@ def _look(pid: int) -> list[_Seen]:
     return out
 
 
-def capture(pid: int, tids: list[int], repairs: inet.Repairs | None = None
-            ) -> tuple[list[Fd], list[Pipe]]:
-    """The fd records, and the pipes they share. tids: the process's threads."""
+def capture(pid: int, tids: list[int], repairs: inet.Repairs | None = None,
+            tree: sharing.TreeFds | None = None) -> tuple[list[Fd], list[Pipe]]:
+    """The fd records, and the pipes they share. tids: the process's threads; tree:
+    the descriptions of the whole tree, for what it shares with other processes."""
     seen = _look(pid)
     sockets = {e.st.st_ino for e in seen if e.target.startswith("socket:") and e.st}
     if sockets and _proc.readlink(pid, "ns/net") != os.readlink("/proc/self/ns/net"):
@@ -145,6 +154,9 @@ def capture(pid: int, tids: list[int], repairs: inet.Repairs | None = None
         if e.st is not None and stat.S_ISFIFO(e.st.st_mode):  # pipes, and FIFOs by path
             pipe_ends.setdefault(fileid.object_id(e.st), set()).update(
                 pipes.ends(int(e.info["flags"], 8)))
+    if tree:  # a pipe's ends may be in other processes of the tree
+        pipe_ends.update({obj: tree.pipe_ends[obj] for obj in pipe_ends
+                          if obj in tree.pipe_ends})
     inodes = {e.fd: e.st.st_ino for e in seen if e.st is not None}
     locked: set[tuple] = set()  # the locks seen so far
     out = []
@@ -183,6 +195,7 @@ def capture(pid: int, tids: list[int], repairs: inet.Repairs | None = None
             rec.extra = inotify.capture(pid, e.fd, e.info_text)
         if ftype != "inherit" and e.st is not None:
             _link_shared(pid, rec, by_inode.setdefault((e.st.st_dev, e.st.st_ino), []))
+            rec.desc = tree.desc.get((pid, e.fd), 0) if tree else 0
         if "lock" in e.info:
             _add_locks(pid, rec, e, locked)
         if flags & fdowner.O_ASYNC and ftype != "inherit" and rec.shared_with < 0:
@@ -190,7 +203,7 @@ def capture(pid: int, tids: list[int], repairs: inet.Repairs | None = None
         out.append(rec)
     _one_description_per_end(pid, out)
     unix.capture_queues(pid, out, diags)
-    return out, pipes.capture(pid, out)
+    return out, pipes.capture(pid, out, tree)
 
 
 def _add_locks(pid: int, rec: Fd, e: _Seen, locked: set[tuple]) -> None:
@@ -243,14 +256,17 @@ def _open_flags(rec: Fd) -> int:
     return rec.flags & ~(O_CREAT | O_EXCL | O_TRUNC) | O_NOCTTY
 
 
-def spare_fd(img: Image) -> int:
+def spare_fd(img: Records) -> int:
     """A number above every fd of the process, where upmig's own can wait."""
     return max((r.fd for r in img.of(Fd)), default=2) + 1
 
 
-def restore(s: Session, pid: int, img: Image, ghost_fds: dict[int, int]) -> None:
+def restore(s: Session, pid: int, img: Records, ghost_fds: dict[int, int],
+            reg: sharing.Registry, inner: int) -> None:
     """Put every fd at its number. Inherited fds are the stub's own 0-2 already.
-    ghost_fds: the deleted files, recreated (upmig.ghosts.make_all); closed here."""
+    ghost_fds: the deleted files, recreated (upmig.ghosts.make_all); closed here.
+    reg: the descriptions earlier processes of the tree made (taken, not made
+    again), to which this one's are added; inner: the process's PID as it sees it."""
     recs: list[Fd] = img.of(Fd)
     pipe_recs: list[Pipe] = img.of(Pipe)
     fifo_fds: dict[int, int] = {}   # FIFO inode -> an fd holding both its ends meanwhile
@@ -264,12 +280,16 @@ def restore(s: Session, pid: int, img: Image, ghost_fds: dict[int, int]) -> None
     recs = sorted(recs, key=lambda r: r.type != "tcp")
     made: set[int] = set()  # pipes and socket pairs made so far
     sockets = {r.obj: r for r in recs if r.type == "unix_pair" and r.shared_with < 0}
+    taken = {r.fd for r in recs if r.shared_with < 0 and r.desc in reg.made}
     for r in recs:
         if r.type == "inherit":
             continue
         if r.shared_with >= 0:  # a dup: one open file description with an earlier fd
             s.call(nr.dup3, r.shared_with, r.fd, O_CLOEXEC if r.cloexec else 0,
                    what=f"dup3({r.shared_with}, {r.fd})")
+            continue
+        if r.fd in taken:  # made by an earlier process of the tree: share it
+            _place(s, reg.take(s, r.desc), r)
             continue
         if r.type == "unix_pair":
             if r.obj not in made:
@@ -306,8 +326,10 @@ def restore(s: Session, pid: int, img: Image, ghost_fds: dict[int, int]) -> None
         if r.type == "pipe":
             if r.obj not in made:  # both ends at once, at their first fd
                 made.add(r.obj)
-                _make_pipe(s, pid, pipes_by_id[r.obj], primary[(r.obj, "r")],
-                           primary[(r.obj, "w")], spare)
+                pipe = pipes_by_id[r.obj]
+                ends = [primary.get((r.obj, e)) for e in "rw"]
+                _make_pipe(s, pid, pipe, ends, spare, lambda e, fd, p=pipe:
+                           reg.park(pid, inner, p.ends[e], fd))
             continue
         if r.type in evfds.TYPES:
             _place(s, evfds.create(s, r), r)
@@ -325,21 +347,35 @@ def restore(s: Session, pid: int, img: Image, ghost_fds: dict[int, int]) -> None
     for fd in range(3):  # stdio the process had closed (before locks: closing drops them)
         if fd not in wanted:
             s.raw(nr.close, fd)
+    for r in recs:  # for the later processes of the tree
+        if r.shared_with < 0 and r.type != "inherit":
+            reg.add(r.desc, inner, r.fd)
     for r in recs:  # the process's locks, once it is the only one they can belong to
         locks.take(s, r)
     for r in recs:  # signal-driven I/O last: no signal for the making of the others
         if "async" in r.extra:
             fdowner.restore(s, r)
     for r in recs:  # every fd an epoll instance watched is in place now
-        if r.type == "epoll" and r.shared_with < 0:
+        if r.type == "epoll" and r.shared_with < 0 and r.fd not in taken:
             evfds.add_watches(s, r)
-        if r.type == "inotify" and r.shared_with < 0:
+        if r.type == "inotify" and r.shared_with < 0 and r.fd not in taken:
             inotify.restore(s, pid, r)
 
 
-def _make_pipe(s: Session, pid: int, pipe: Pipe, rd_rec: Fd, wr_rec: Fd, spare: int) -> None:
+def _make_pipe(s: Session, pid: int, pipe: Pipe, ends: list[Fd | None], spare: int,
+               park) -> None:
+    """A pipe whose ends go to ends' fds ([read, write]); an end this process does not
+    hold (another process of the tree does) is parked above the fds: park(end, fd)."""
     rd, wr = pipes.create(s, pid, pipe)
-    _place_two(s, rd, rd_rec, wr, wr_rec, spare)
+    rd_rec, wr_rec = ends
+    if rd_rec and wr_rec:
+        _place_two(s, rd, rd_rec, wr, wr_rec, spare)
+        return
+    (keep, rec), (away, end) = ((rd, rd_rec), (wr, "w")) if rd_rec else ((wr, wr_rec), (rd, "r"))
+    parked = s.call(nr.fcntl, away, F_DUPFD, spare, what="fcntl(F_DUPFD)")
+    s.call(nr.close, away, what="close")
+    park(end, parked)
+    _place(s, keep, rec)
 
 
 def _place_two(s: Session, a: int, a_rec: Fd, b: int, b_rec: Fd, spare: int) -> None:

@@ -1,9 +1,15 @@
-"""Freeze a process without SIGSTOP: PTRACE_SEIZE + PTRACE_INTERRUPT on every thread.
+"""Freeze a process tree without SIGSTOP: PTRACE_SEIZE + PTRACE_INTERRUPT on every
+thread of the process and of all its descendants.
 
 `frozen(pid)` is a context manager whose release cannot be skipped: however the
 body ends, every thread is detached (running again as before), or, if the caller
 asked for it after a complete image, stopped or killed. If upmig itself dies, the
-kernel detaches the threads and the process simply runs on."""
+kernel detaches the threads and the processes simply run on.
+
+The tree is frozen from the top: once every thread of a process is stopped it can
+fork no more, so its children, read then, are all it has; each is frozen in turn.
+Children that have exited but are not reaped (zombies) cannot be seized; they are
+listed with their exit status."""
 
 from __future__ import annotations
 
@@ -24,13 +30,41 @@ RESCANS = 20  # rounds of /proc/PID/task rescans before the thread set must have
 
 @dataclass
 class Frozen:
+    """One process of the tree, every thread of it stopped."""
+
     pid: int
     tids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Zombie:
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    status: int   # as waitpid(2) would report it
+    comm: str
+
+
+@dataclass
+class Tree:
+    """The frozen processes, root first and every parent before its children."""
+
+    pid: int
+    members: list[Frozen] = field(default_factory=list)
+    zombies: list[Zombie] = field(default_factory=list)
     # What release() does: "run" (detach), "stop" (detach into a group stop), "kill".
     on_release: str = "run"
     # Called at release with killed=True/False: what the dump changed that must be
-    # undone for a process that runs on (before it is let go), or let go of after a kill.
+    # undone for processes that run on (before they are let go), or let go of after a kill.
     cleanups: list[Callable[[bool], None]] = field(default_factory=list)
+
+    @property
+    def tids(self) -> list[int]:
+        return [t for m in self.members for t in m.tids]
+
+    def pids(self) -> set[int]:
+        return {m.pid for m in self.members} | {z.pid for z in self.zombies}
 
 
 def list_tids(pid: int) -> list[int]:
@@ -113,66 +147,143 @@ def _parent(pid: int) -> int:
         return -1
 
 
-def _release(fz: Frozen) -> None:
+def _release(tree: Tree) -> None:
     try:
-        _let_go(fz)
+        _let_go(tree)
     finally:
-        for cleanup in fz.cleanups:
-            if fz.on_release == "kill":
+        for cleanup in tree.cleanups:
+            if tree.on_release == "kill":
                 cleanup(True)
 
 
-def _let_go(fz: Frozen) -> None:
-    if fz.on_release != "kill":
-        for cleanup in fz.cleanups:
+def _let_go(tree: Tree) -> None:
+    if tree.on_release != "kill":
+        for cleanup in tree.cleanups:
             cleanup(False)
-    if fz.on_release == "kill":
-        try:
-            os.kill(fz.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        # Wait until it is gone. If we are also its parent, leave the zombie for our
-        # caller to reap (WNOWAIT); otherwise our wait hands it over to its parent.
-        ours = _parent(fz.pid) == os.getpid()
-        # The leader is reported only once its traced threads are reaped: them first.
-        for tid in sorted(fz.tids, key=lambda t: t == fz.pid):
+    if tree.on_release == "kill":
+        _kill_all(tree)
+        return
+    for m in tree.members:
+        if tree.on_release == "stop":
+            # From an interrupt stop PTRACE_DETACH ignores its signal: queue a SIGSTOP,
+            # which the process takes as soon as it runs.
             try:
-                if ours and tid == fz.pid:
+                os.kill(m.pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                continue
+        for tid in m.tids:
+            try:
+                nat.ptrace(nat.PTRACE_DETACH, tid, 0, 0)
+            except OSError:
+                pass  # a thread that is gone needs no release
+
+
+def _kill_all(tree: Tree) -> None:
+    """Kill every process (none runs again, none sees another die), then wait until
+    each is gone. Our own child (the root, if we started it) is left for our caller
+    to reap (WNOWAIT); for the others our wait hands them over to their parent."""
+    for m in tree.members:
+        try:
+            os.kill(m.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for m in tree.members:
+        ours = _parent(m.pid) == os.getpid()
+        # A leader is reported only once its traced threads are reaped: them first.
+        for tid in sorted(m.tids, key=lambda t: t == m.pid):
+            try:
+                if ours and tid == m.pid:
                     os.waitid(os.P_PID, tid, os.WEXITED | os.WNOWAIT | WALL)
                 else:
                     nat.waitpid(tid)
             except OSError:
                 pass
-        return
-    if fz.on_release == "stop":
-        # From an interrupt stop PTRACE_DETACH ignores its signal: queue a SIGSTOP,
-        # which the process takes as soon as it runs.
-        os.kill(fz.pid, signal.SIGSTOP)
-    for tid in fz.tids:
+
+
+def _freeze_process(tree: Tree, pid: int) -> None:
+    """Seize and stop every thread of pid, rescanning until no new thread appears."""
+    fz = Frozen(pid)
+    tree.members.append(fz)
+    for _ in range(RESCANS):
+        new = [t for t in list_tids(pid) if t not in fz.tids]
+        if not new:
+            return
+        for tid in new:
+            try:
+                _seize(fz, pid, tid)
+                _wait_stopped(pid, tid)
+            except _ThreadGone:
+                if tid in fz.tids:
+                    fz.tids.remove(tid)
+    raise UpmigError(f"threads kept appearing after {RESCANS} rescans", pid=pid)
+
+
+def children(pid: int) -> list[int]:
+    """Children forked by any of its threads (each thread lists its own)."""
+    out = []
+    for tid in list_tids(pid):
         try:
-            nat.ptrace(nat.PTRACE_DETACH, tid, 0, 0)
-        except OSError:
-            pass  # a thread that is gone needs no release
+            out += [int(c) for c in _proc.read_text(pid, f"task/{tid}/children").split()]
+        except NoSuchProcess:
+            if tid == pid:
+                raise  # a thread may end meanwhile; the process may not
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """pid and every process below it as they are now (not frozen: a best guess)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            todo += children(p)
+        except UpmigError:
+            pass
+    return out
+
+
+def zombie(pid: int) -> Zombie | None:
+    """pid as a zombie, or None if it is alive (or gone altogether)."""
+    try:
+        st = _proc.parse_stat(_proc.read_text(pid, "stat"))
+    except UpmigError:
+        return None
+    if st[3] not in "ZX":
+        return None
+    return Zombie(pid, int(st[4]), int(st[5]), int(st[6]), int(st[52]), st[2])
 
 
 @contextmanager
-def frozen(pid: int) -> Iterator[Frozen]:
-    """Seize and stop every thread of pid, rescanning until no new thread appears."""
-    fz = Frozen(pid)
+def frozen(pid: int) -> Iterator[Tree]:
+    """Seize and stop pid and all its descendants, every thread of each."""
+    tree = Tree(pid)
     try:
-        for _ in range(RESCANS):
-            new = [t for t in list_tids(pid) if t not in fz.tids]
-            if not new:
-                break
-            for tid in new:
-                try:
-                    _seize(fz, pid, tid)
-                    _wait_stopped(pid, tid)
-                except _ThreadGone:
-                    if tid in fz.tids:
-                        fz.tids.remove(tid)
-        else:
-            raise UpmigError(f"threads kept appearing after {RESCANS} rescans", pid=pid)
-        yield fz
+        todo = [pid]
+        while todo:
+            child = todo.pop(0)
+            if child != pid:
+                z = zombie(child)
+                if z:
+                    tree.zombies.append(z)
+                    continue
+            try:
+                _freeze_process(tree, child)
+            except NoSuchProcess:
+                if child == pid:
+                    raise
+                # It exited just now. As its tracer we hold its exit until we wait for
+                # it; then its parent is told, and it is a zombie of the tree.
+                for tid in tree.members.pop().tids:
+                    try:
+                        os.waitpid(tid, os.WNOHANG | WALL)
+                    except ChildProcessError:
+                        pass
+                z = zombie(child)
+                if z:
+                    tree.zombies.append(z)
+                continue
+            todo += children(child)
+        yield tree
     finally:
-        _release(fz)
+        _release(tree)

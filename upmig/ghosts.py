@@ -14,7 +14,7 @@ import os
 from upmig import _native as nat
 from upmig import memmap
 from upmig.errors import CantMigrate, RestoreError
-from upmig.image import Image, ImageWriter
+from upmig.image import ImageWriter, Records
 from upmig.inject import Session
 from upmig.records import Fd, Ghost, Vma
 from upmig.syscalls import nr
@@ -72,7 +72,7 @@ def write_contents(w: ImageWriter, pid: int, ghosts: list[Ghost], recs: list[Fd]
             os.close(fd)
 
 
-def make_all(s: Session, pid: int, img: Image, spare: int) -> dict[int, int]:
+def make_all(s: Session, pid: int, img: Records, spare: int) -> dict[int, int]:
     """Every deleted file recreated, at fds from spare up, out of the way of the
     process's own: Ghost id -> fd. They are needed before the memory is mapped."""
     out = {}
@@ -83,7 +83,7 @@ def make_all(s: Session, pid: int, img: Image, spare: int) -> dict[int, int]:
     return out
 
 
-def make(s: Session, pid: int, g: Ghost, img: Image) -> int:
+def make(s: Session, pid: int, g: Ghost, img: Records) -> int:
     """The file again, unlinked, filled: its fd in the process (any number)."""
     where = os.path.dirname(g.path) or "/"
     s.write(s.scratch, os.fsencode(where) + b"\0")

@@ -9,6 +9,10 @@ Grammar (little-endian):
              | 2 DATA    payload is page bytes belonging to the last "pages" record
              | 3 TRAILER payload is a RECORD body of kind "trailer"; always last
 
+Records come in order: the header, then one section per process of the tree, each
+opened by its "process" record (the root first, a parent before its children) and
+holding that process's records and page data.
+
 Each frame's tail is its own hash (XXH64 over head and payload) chained onto the
 previous tail (XXH64 of the frame hash seeded with it; the first is seeded with
 XXH64 of the header). Frames can be hashed in parallel while dumping; every frame
@@ -31,10 +35,10 @@ import msgpack
 
 from upmig import _native
 from upmig.errors import Corrupt, ImageError, Truncated, VersionTooNew
-from upmig.records import Pages, Trailer, from_wire, to_wire
+from upmig.records import Pages, Process, Trailer, from_wire, to_wire
 
 MAGIC = b"UPMIG\x00\x89\n"
-VERSION = 2  # 2: per-thread state moved from Signals and Task into Thread
+VERSION = 3  # 2: per-thread state in Thread; 3: process trees (Process sections)
 HEADER = struct.Struct("<8sII")
 FRAME_HEAD = struct.Struct("<II")
 FRAME_TAIL = struct.Struct("<Q")
@@ -115,11 +119,10 @@ class PageData:
 
 
 @dataclass
-class Image:
-    """A verified image: its records in order, page data left in the mapping."""
+class Records:
+    """Records in image order and their page data, the image being mapped at data."""
 
     path: str
-    size: int
     records: list[Any]
     pages: list[PageData]
     data: mmap.mmap | None = field(repr=False, default=None)
@@ -132,6 +135,24 @@ class Image:
         if len(found) != 1:
             raise Corrupt(f"expected one {cls.kind} record, found {len(found)}", what=self.path)
         return found[0]
+
+
+@dataclass
+class Section(Records):
+    """One process of the tree: its Process record and every record up to the next."""
+
+    process: Process | None = None
+
+
+@dataclass
+class Image(Records):
+    """A verified image: all its records, and each process's share of them."""
+
+    size: int = 0
+    sections: list[Section] = field(default_factory=list)
+
+    def processes(self) -> list[Section]:
+        return self.sections
 
     def close(self) -> None:
         if self.data is not None:
@@ -194,6 +215,7 @@ def _verify_failed(path: str, rc: int, off: int, size: int) -> None:
 def _records(path: str, data: mmap.mmap) -> Image:
     records: list[Any] = []
     pages: list[PageData] = []
+    sections: list[Section] = []
     off = HEADER.size
     want = 0  # data bytes still owed to the last pages record
     while True:
@@ -208,7 +230,7 @@ def _records(path: str, data: mmap.mmap) -> Image:
         if ftype == DATA:
             if not pages or length > want:
                 raise Corrupt(f"unexpected page data at byte {off}", what=path)
-            pages[-1].chunks.append((body, length))
+            pages[-1].chunks.append((body, length))  # shared with its section's list
             want -= length
         else:
             if want:
@@ -219,11 +241,19 @@ def _records(path: str, data: mmap.mmap) -> Image:
                     raise Corrupt("trailer does not match the records", what=path)
                 if body + length + FRAME_TAIL.size != len(data):
                     raise Corrupt("image has bytes after its trailer", what=path)
-                return Image(path, len(data), records, pages, data)
+                for sec in sections:
+                    sec.data = data
+                return Image(path, records, pages, data, len(data), sections)
             records.append(rec)
+            if isinstance(rec, Process):
+                sections.append(Section(path, [], [], None, rec))
+            if sections:
+                sections[-1].records.append(rec)
             if isinstance(rec, Pages):
                 runs = _runs(path, rec, off)
                 pages.append(PageData(runs, [], rec.target))
+                if sections:
+                    sections[-1].pages.append(pages[-1])
                 want = rec.nbytes
         off = body + length + FRAME_TAIL.size
 

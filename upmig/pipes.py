@@ -10,12 +10,16 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+from typing import TYPE_CHECKING
 
 from upmig import _native as nat
 from upmig.errors import CantMigrate, RestoreError
 from upmig.inject import Session
 from upmig.records import Fd, Pipe
 from upmig.syscalls import nr
+
+if TYPE_CHECKING:
+    from upmig.sharing import TreeFds
 
 O_ACCMODE, O_WRONLY, O_RDWR, O_NONBLOCK = 0o3, 0o1, 0o2, 0o4000
 AT_FDCWD = -100
@@ -31,22 +35,30 @@ def ends(flags: int) -> set[str]:
     return {"r", "w"} if flags & O_ACCMODE == O_RDWR else {end(flags)}
 
 
-def capture(pid: int, recs: list[Fd]) -> list[Pipe]:
-    """A Pipe for every pipe in recs (type "pipe", obj = inode), with its buffer."""
+def capture(pid: int, recs: list[Fd], tree: TreeFds | None = None) -> list[Pipe]:
+    """A Pipe for every pipe and FIFO of recs (type "pipe"/"fifo", obj = inode) this
+    process is the first of the tree to hold, with its buffer, read through a read
+    end wherever in the tree one is."""
     read_ends = {}
     for r in recs:
         if r.type in ("pipe", "fifo") and r.extra["end"] == "r":
-            read_ends.setdefault(r.obj, r.fd)
+            read_ends.setdefault(r.obj, (pid, r.fd))
+    if tree:
+        for r in recs:
+            if r.type == "pipe" and tree.pipe_first.get(r.obj) == pid:
+                read_ends.setdefault(r.obj, tree.read_end[r.obj])
+            elif r.type == "pipe":
+                read_ends.pop(r.obj, None)  # an earlier process holds it: its record
     out = []
-    for ino, fd in read_ends.items():
-        with nat.borrowed_fd(pid, fd) as mine:
+    for ino, (holder, fd) in read_ends.items():
+        with nat.borrowed_fd(holder, fd) as mine:
             size = fcntl.fcntl(mine, F_GETPIPE_SZ)
             try:
                 data = nat.pipe_peek(mine, size)
             except OSError as e:
                 raise CantMigrate(f"the pipe on fd {fd} cannot be read without "
-                                  f"emptying it ({e.strerror})", pid=pid) from None
-        out.append(Pipe(id=ino, size=size, data=data))
+                                  f"emptying it ({e.strerror})", pid=holder) from None
+        out.append(Pipe(id=ino, size=size, data=data, ends=tree.ends_of(ino) if tree else {}))
     return out
 
 

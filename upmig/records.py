@@ -22,6 +22,22 @@ class Header:
 
 
 @dataclass
+class Process:
+    """Opens one process's records: all that follow, up to the next Process, are its
+    own. The root comes first; a parent always comes before its children."""
+
+    kind: ClassVar[str] = "process"
+    pid: int
+    ppid: int                # its parent; for the root, the parent outside the tree
+    pgid: int                # its process group and session, as ids on the source
+    sid: int
+    zombie: bool = False     # exited, not yet reaped: only this record, no others
+    exit_status: int = 0     # a zombie's wait status, as waitpid(2) gives it
+    comm: str = ""
+    tty: int = 0             # its controlling terminal (tty_nr), or 0
+
+
+@dataclass
 class Task:
     """Per-process kernel state other than memory, signals and files."""
 
@@ -113,6 +129,8 @@ class Fd:
     note: str = ""           # for inspect: what an inherited fd was
     obj: int = 0             # pipe: the Pipe's id
     extra: dict = field(default_factory=dict)  # per type: see upmig.pipes, upmig.evfds
+    desc: int = 0            # its open file description, the same id in every process
+                             # of the tree that holds it (see upmig.sharing); 0: inherit
 
 
 @dataclass
@@ -129,12 +147,14 @@ class Ghost:
 
 @dataclass
 class Pipe:
-    """A pipe with both ends inside the process, and the bytes buffered in it."""
+    """A pipe with both ends inside the tree, and the bytes buffered in it; in the
+    records of the first process holding either end."""
 
     kind: ClassVar[str] = "pipe"
     id: int                  # its inode number on the source
     size: int                # capacity (F_GETPIPE_SZ)
     data: bytes
+    ends: dict = field(default_factory=dict)  # "r"/"w" -> the end's description id
 
 
 @dataclass
@@ -175,7 +195,7 @@ class Trailer:
 
 
 RECORD_TYPES: dict[str, type] = {
-    cls.kind: cls for cls in (Header, Task, MM, Vma, MappedFile, Pages, Fd, Pipe, Ghost,
+    cls.kind: cls for cls in (Header, Process, Task, MM, Vma, MappedFile, Pages, Fd, Pipe, Ghost,
                               Signals, Thread, Trailer)
 }
 
@@ -192,5 +212,5 @@ def from_wire(kind: str, body: dict) -> Any:
     return cls(**{f.name: body[f.name] for f in fields(cls) if f.name in body})
 
 
-__all__ = ["Header", "Task", "MM", "Vma", "MappedFile", "Pages", "Fd", "Pipe", "Ghost", "Signals",
-           "Thread", "Trailer", "RECORD_TYPES", "to_wire", "from_wire"]
+__all__ = ["Header", "Process", "Task", "MM", "Vma", "MappedFile", "Pages", "Fd", "Pipe", "Ghost",
+           "Signals", "Thread", "Trailer", "RECORD_TYPES", "to_wire", "from_wire"]

@@ -21,6 +21,7 @@ from upmig import (
     _proc,
     fileid,
     files,
+    freeze,
     ghosts,
     image,
     inet,
@@ -28,11 +29,13 @@ from upmig import (
     memmap,
     pidns,
     regs,
+    sharing,
     signals,
     task,
     threads,
+    tree,
 )
-from upmig.errors import Mismatch, RestoreError, UpmigError, describe_oserror
+from upmig.errors import Corrupt, Mismatch, RestoreError, UpmigError, describe_oserror
 from upmig.inject import SCRATCH, Session
 from upmig.records import MM, Fd, Header, MappedFile, Signals, Task, Thread, Vma
 from upmig.syscalls import nr
@@ -48,6 +51,7 @@ class ResumeResult:
     pid_inside: int         # as the process sees itself
     same_pid: bool          # pid_inside is the original PID (and so are the TIDs)
     threads: int
+    processes: int
     pidns_init: int         # PID 1 of its new PID namespace (--pidns), or 0
     seconds: float
 
@@ -82,10 +86,16 @@ def resume(image_path: str, *, pids: str = "same", notice: Notice | None = None,
     ns: pidns.Namespace | None = None
     try:
         head: Header = img.one(Header)
-        _check_machine(img, head)
-        want = img.one(Task).pid
+        sections = img.processes()
+        if not sections or sections[0].process.zombie:
+            raise Corrupt("the image holds no live process", what=image_path)
+        live = [sec for sec in sections if not sec.process.zombie]
+        _check_machine(img, head, live)
+        want = sections[0].process.pid
         if pids == "same":
-            _wait_ids_free(want, [t.tid for t in img.of(Thread)], say)
+            ids = [t.tid for sec in live for t in sec.of(Thread)]
+            _wait_ids_free(want, ids + [sec.process.pid for sec in sections
+                                        if sec.process.zombie], say)
         if pids == "pidns":
             ns = pidns.Namespace()
 
@@ -98,10 +108,11 @@ def resume(image_path: str, *, pids: str = "same", notice: Notice | None = None,
         pid = 0
         try:
             pid = _spawn_stub(0 if pids == "new" else want, ns)
-            team = _rebuild(pid, img, pids != "new", ready)
+            teams = _rebuild_tree(pid, sections, pids != "new")
+            _let_go(pid, teams, ready)
         except BaseException as e:
             if pid:
-                _kill(pid)
+                _kill_tree(pid)
             if isinstance(e, UpmigError):
                 raise
             if isinstance(e, OSError):
@@ -113,12 +124,13 @@ def resume(image_path: str, *, pids: str = "same", notice: Notice | None = None,
         if ns:
             ns.abandon()
         img.close()
-    if pids == "new" and team[0].inner != want:
-        say(f"pid {want} is now pid {team[0].inner}")
+    root = teams[0][0]
+    if pids == "new" and root.inner != want:
+        say(f"pid {want} is now pid {root.inner}")
     elif init:
         say(f"pid {want} runs in a new PID namespace; from here it is pid {pid}")
-    return ResumeResult(pid, team[0].inner, team[0].inner == want, len(team), init,
-                        time.perf_counter() - began)
+    return ResumeResult(pid, root.inner, root.inner == want, sum(map(len, teams)),
+                        len(sections), init, time.perf_counter() - began)
 
 
 def forward_signals(pid: int) -> None:
@@ -152,7 +164,7 @@ def wait(pid: int) -> int:
 
 # ---- before any process exists
 
-def _check_machine(img: image.Image, head: Header) -> None:
+def _check_machine(img: image.Image, head: Header, live: list[image.Section]) -> None:
     machine = os.uname().machine
     if head.arch != machine:
         raise Mismatch(f"image is for {head.arch}, this machine is {machine}")
@@ -161,8 +173,8 @@ def _check_machine(img: image.Image, head: Header) -> None:
     for rec in img.of(MappedFile):
         fileid.check(rec)
     mine = memmap.VdsoBlock.of_pid(os.getpid())
-    theirs = memmap.VdsoBlock.of(img.of(Vma))
-    mine.check_same_shape(theirs)
+    for sec in live:
+        mine.check_same_shape(memmap.VdsoBlock.of(sec.of(Vma)))
     if not STUB.exists():
         raise RestoreError(f"the stub loader {STUB} is missing (run make)")
 
@@ -225,7 +237,8 @@ def _spawn_stub(want: int, ns: pidns.Namespace | None) -> int:
         if not (os.WIFSTOPPED(status) and os.WSTOPSIG(status) == signal.SIGTRAP):
             raise RestoreError(f"the stub {STUB} did not start (status {status:#x})")
         nat.ptrace(nat.PTRACE_SETOPTIONS, pid, 0, nat.PTRACE_O_EXITKILL
-                   | nat.PTRACE_O_TRACESYSGOOD | nat.PTRACE_O_TRACECLONE)
+                   | nat.PTRACE_O_TRACESYSGOOD | nat.PTRACE_O_TRACECLONE
+                   | nat.PTRACE_O_TRACEFORK)
     except BaseException:
         _kill(pid)
         raise
@@ -263,13 +276,41 @@ def _kill(pid: int) -> None:
         pass
 
 
+def _kill_tree(root: int) -> None:
+    """Kill a half-built tree: every process made so far, each reaped by us (we
+    trace them all, and made the root)."""
+    made = freeze.descendants(root)
+    for p in made:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for p in reversed(made):
+        _kill(p)
+
+
 # ---- the stages
 
-def _rebuild(pid: int, img: image.Image, set_tid: bool,
-             on_ready: Callable[[int], None] | None) -> list[Member]:
+def _rebuild_tree(root: int, sections: list[image.Section], set_tid: bool
+                  ) -> list[list[Member]]:
+    """Every process made from the stub `root`, then rebuilt one by one; all left
+    stopped under ptrace. The root's team comes first."""
+    by_pid = {sec.process.pid: sec for sec in sections}
+    born = tree.create(root, [sec.process for sec in sections], set_tid)
+    reg = sharing.Registry()
+    teams = [_rebuild(b, by_pid[b.rec.pid], set_tid, reg) for b in born]
+    for team in teams:  # every process has taken what it shares from the others
+        reg.close_parked(team[0].outer, team[0].s.inj.gadget)
+    return teams
+
+
+def _rebuild(b: tree.Born, img: image.Section, set_tid: bool, reg: sharing.Registry
+             ) -> list[Member]:
+    """One process, from a bare stub into what its section of the image holds."""
+    pid = b.outer
     stub_regs = nat.get_regs(pid)
     nat.set_sigmask(pid, (1 << 64) - 1)  # nothing is delivered while we work
-    inj = nat.Injector(pid, stub_regs, regs.decode(stub_regs).rip)
+    inj = nat.Injector(pid, stub_regs, b.gadget)
     mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
     # The stub and upmig share a CPU during the bursts of injected syscalls (threads
     # cloned from it inherit that); the bulk page copy in between runs unpinned.
@@ -292,9 +333,8 @@ def _rebuild(pid: int, img: image.Image, set_tid: bool,
         with inject.pinned_with(pid, cpu):
             memmap.finish_vmas(s, vmas)
             memmap.restore_mm(s, img.one(MM), tsk.exe)
-            tgid = pidns.inner_pid(pid)
-            _stage_process(s, pid, tgid, img, ghost_fds)
-            team = _stage_threads(s, pid, tgid, img.of(Thread), set_tid)
+            _stage_process(s, pid, b.inner, img, ghost_fds, reg)
+            team = _stage_threads(s, pid, b.inner, img.of(Thread), set_tid)
             for m in team:  # credentials last: they may drop our rights over it
                 task.restore_creds(m.s, pid, m.outer, tsk)
             inj.call(nr.munmap, scratch, SCRATCH, what="munmap(scratch)")
@@ -305,36 +345,41 @@ def _rebuild(pid: int, img: image.Image, set_tid: bool,
         inet.go_live(pid, img.of(Fd))
     finally:
         os.close(mem_fd)
-    if on_ready:
-        on_ready(pid)
-    for m in team:  # all set: let them all go
-        try:
-            nat.ptrace(nat.PTRACE_DETACH, m.outer, 0, 0)
-        except OSError as e:
-            if e.errno != errno.ESRCH:
-                raise
-            # A thread let go before has ended the process (or exec'd): it ran, and
-            # what it did is its own business, not a failed resume. This thread dies
-            # still traced by us: reap it, or its leader is never reported.
-            if m.outer != pid:
-                try:
-                    nat.waitpid(m.outer)
-                except OSError:
-                    pass
-    for sig in {sig for m in team for sig in m.s.inj.held_signals}:  # a SIGSTOP meanwhile
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
     return team
 
 
-def _stage_process(s: Session, pid: int, tgid: int, img: image.Image,
-                   ghost_fds: dict[int, int]) -> None:
+def _let_go(root: int, teams: list[list[Member]], on_ready: Callable[[int], None]) -> None:
+    """All set: let every thread go, the root's last."""
+    on_ready(root)
+    for team in reversed(teams):
+        pid = team[0].outer
+        for m in team:
+            try:
+                nat.ptrace(nat.PTRACE_DETACH, m.outer, 0, 0)
+            except OSError as e:
+                if e.errno != errno.ESRCH:
+                    raise
+                # A thread let go before has ended the process (or exec'd): it ran, and
+                # what it did is its own business, not a failed resume. This thread dies
+                # still traced by us: reap it, or its leader is never reported.
+                if m.outer != pid:
+                    try:
+                        nat.waitpid(m.outer)
+                    except OSError:
+                        pass
+        for sig in {sig for m in team for sig in m.s.inj.held_signals}:  # a SIGSTOP meanwhile
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def _stage_process(s: Session, pid: int, tgid: int, img: image.Records,
+                   ghost_fds: dict[int, int], reg: sharing.Registry) -> None:
     """What the threads share: limits, cwd and ids, files, signal dispositions."""
     tsk: Task = img.one(Task)
     task.restore_early(s, tsk)
-    files.restore(s, pid, img, ghost_fds)
+    files.restore(s, pid, img, ghost_fds, reg, tgid)
     task.restore_limits(s, pid, tsk)  # after the fds: upmig's own wait above the process's
     signals.restore(s, tgid, img.one(Signals))
 
@@ -380,7 +425,7 @@ def _clear_stub(pid: int, inj: nat.Injector, mem_fd: int, vmas: list[Vma]) -> No
             inj.call(nr.munmap, m.start, m.end - m.start, what="munmap(stub)")
 
 
-def _fill_memory(pid: int, img: image.Image) -> None:
+def _fill_memory(pid: int, img: image.Records) -> None:
     """Page contents straight from the mapped image into the target."""
     base = nat.buffer_address(img.data)
     for pd in img.pages:

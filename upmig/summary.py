@@ -6,7 +6,19 @@ import errno
 import time
 
 from upmig import image, inet, regs, signals
-from upmig.records import MM, Fd, Ghost, Header, MappedFile, Pipe, Signals, Task, Thread, Vma
+from upmig.records import (
+    MM,
+    Fd,
+    Ghost,
+    Header,
+    MappedFile,
+    Pipe,
+    Process,
+    Signals,
+    Task,
+    Thread,
+    Vma,
+)
 
 try:
     from ptrace.syscall.linux.x86_64 import SYSCALL_NAMES
@@ -27,17 +39,29 @@ def summary(path: str) -> dict:
 
 def _summary(img: image.Image) -> dict:
     head: Header = img.one(Header)
-    tsk: Task = img.one(Task)
-    mm: MM = img.one(MM)
-    vmas: list[Vma] = img.of(Vma)
-    pipes = {p.id: p for p in img.of(Pipe)}
-    ghosts = {g.id: g for g in img.of(Ghost)}
+    procs = [_process(sec) for sec in img.processes() if not sec.process.zombie]
     return {
         "image": img.path,
         "image_bytes": img.size,
         "created": head.created,
         "source": {"host": head.hostname, "kernel": head.kernel, "arch": head.arch,
                    "upmig": head.upmig_version},
+        "tree": [{"pid": p.pid, "ppid": p.ppid, "pgid": p.pgid, "sid": p.sid, "comm": p.comm,
+                  **({"zombie": True, "exit_status": p.exit_status} if p.zombie else {})}
+                 for p in img.of(Process)],
+        **procs[0],           # the root's, at the top for a single process
+        "processes": procs,   # every live process's, root first
+        "records": len(img.records),
+    }
+
+
+def _process(img: image.Records) -> dict:
+    tsk: Task = img.one(Task)
+    mm: MM = img.one(MM)
+    vmas: list[Vma] = img.of(Vma)
+    pipes = {p.id: p for p in img.of(Pipe)}
+    ghosts = {g.id: g for g in img.of(Ghost)}
+    return {
         "process": {"pid": tsk.pid, "comm": tsk.comm, "cmdline": tsk.cmdline, "exe": tsk.exe,
                     "cwd": tsk.cwd, "uid": tsk.uids[0], "gid": tsk.gids[0],
                     "umask": f"{tsk.umask:04o}", "session_leader": tsk.session_leader,
@@ -128,11 +152,26 @@ def _size(n: int) -> str:
 
 
 def render(s: dict) -> str:
-    p, src = s["process"], s["source"]
+    src = s["source"]
     created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["created"]))
     out = [f"image     {s['image']} ({_size(s['image_bytes'])}, made {created} on {src['host']}, "
-           f"kernel {src['kernel']}, upmig {src['upmig']})",
-           f"process   pid {p['pid']} {p['comm']!r}: {' '.join(p['cmdline'])}",
+           f"kernel {src['kernel']}, upmig {src['upmig']})"]
+    if len(s["tree"]) > 1:
+        out.append(f"tree      {len(s['tree'])} processes")
+        depth = {}
+        for t in s["tree"]:
+            depth[t["pid"]] = depth.get(t["ppid"], -1) + 1
+            dead = f"  zombie, exit status {t['exit_status']:#x}" if t.get("zombie") else ""
+            out.append(f"          {'  ' * depth[t['pid']]}pid {t['pid']} {t['comm']!r}  "
+                       f"pgid {t['pgid']} sid {t['sid']}{dead}")
+    for p in s["processes"]:
+        out += _render_process(p)
+    return "\n".join(out)
+
+
+def _render_process(s: dict) -> list[str]:
+    p = s["process"]
+    out = [f"process   pid {p['pid']} {p['comm']!r}: {' '.join(p['cmdline'])}",
            f"          exe {p['exe']}  cwd {p['cwd']}  uid {p['uid']} gid {p['gid']}  "
            f"umask {p['umask']}"]
     out.append(f"threads   {len(s['threads'])}")
@@ -166,4 +205,4 @@ def render(s: dict) -> str:
     out.append(f"signals   handled {sorted(sig['handled'])}  pending (shared) {sig['pending']}")
     if sig["itimers"]:
         out.append(f"          itimers {sig['itimers']}")
-    return "\n".join(out)
+    return out

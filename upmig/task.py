@@ -69,10 +69,6 @@ def restore_early(s: Session, rec: Task) -> None:
     """What needs the stub's privileges or must precede the files: cwd, umask, ids."""
     s.call(nr.chdir, _str(s, rec.cwd), what=f"chdir({rec.cwd})")
     s.call(nr.umask, rec.umask, what="umask")
-    if rec.session_leader:
-        s.call(nr.setsid, what="setsid")
-    elif rec.group_leader:
-        s.call(nr.setpgid, 0, 0, what="setpgid")
     s.call(nr.personality, rec.personality, what="personality")
 
 

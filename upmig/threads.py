@@ -85,28 +85,35 @@ def affinity(tid: int) -> list[int] | None:
 def clone(s: Session, th: Thread, set_tid: bool) -> tuple[int, int]:
     """Clone a thread for th from the leader that s drives, stopped before its first
     instruction: (its TID inside the process, its TID as upmig sees it)."""
-    args = s.scratch + CLONE_ARGS_AT
-    tid_at = args + CLONE_ARGS.size
-    s.write(tid_at, struct.pack("<i", th.tid))
-    s.write(args, CLONE_ARGS.pack(THREAD_FLAGS, 0, 0, 0, 0, 0, 0, 0,
-                                  tid_at if set_tid else 0, 1 if set_tid else 0, 0))
-    inner = s.inj.raw(nr.clone3, args, CLONE_ARGS.size)
+    return clone3(s.inj, s.write, s.scratch + CLONE_ARGS_AT, THREAD_FLAGS, 0,
+                  th.tid if set_tid else 0, f"thread id {th.tid}")
+
+
+def clone3(inj: nat.Injector, write, at: int, flags: int, exit_signal: int, want: int,
+           what: str) -> tuple[int, int]:
+    """clone3 injected through inj, its arguments written at `at` by write(addr, data);
+    with the id `want` if not 0. The new task is traced, stopped before its first
+    instruction: (its id as it sees itself, its id as upmig sees it)."""
+    id_at = at + CLONE_ARGS.size
+    write(id_at, struct.pack("<i", want))
+    write(at, CLONE_ARGS.pack(flags, 0, 0, 0, exit_signal, 0, 0, 0, id_at if want else 0,
+                              1 if want else 0, 0))
+    inner = inj.raw(nr.clone3, at, CLONE_ARGS.size)
     if inner == -errno.EEXIST:
-        raise Mismatch(f"thread id {th.tid} was taken meanwhile; try again, or resume with "
-                       "--pidns")
-    if inner in (-errno.EPERM, -errno.EINVAL) and set_tid:
-        raise Mismatch(f"thread id {th.tid} cannot be chosen here ({os.strerror(-inner)}); "
+        raise Mismatch(f"{what} was taken meanwhile; try again, or resume with --pidns")
+    if inner in (-errno.EPERM, -errno.EINVAL) and want:
+        raise Mismatch(f"{what} cannot be chosen here ({os.strerror(-inner)}); "
                        "resume with --new-pids to take new ids")
     if inner < 0:
-        raise OSError(-inner, f"clone3(thread {th.tid}): {os.strerror(-inner)}")
-    outer = s.inj.cloned()
+        raise OSError(-inner, f"clone3({what}): {os.strerror(-inner)}")
+    outer = inj.cloned()
     if not outer:
-        raise RestoreError(f"clone3(thread {th.tid}) made no ptrace clone event")
-    _wait_first_stop(outer)
+        raise RestoreError(f"clone3({what}) made no ptrace event")
+    wait_first_stop(outer)
     return inner, outer
 
 
-def _wait_first_stop(tid: int) -> None:
+def wait_first_stop(tid: int) -> None:
     """A thread cloned under ptrace starts in a stop (SIGSTOP, or an event stop)."""
     _, status = nat.waitpid(tid)
     if not os.WIFSTOPPED(status) or (os.WSTOPSIG(status) != signal.SIGSTOP
