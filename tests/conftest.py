@@ -7,11 +7,13 @@ seconds on these machines, which would keep PIDs taken)."""
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import random
 import signal
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -124,6 +126,22 @@ def feed_after_resume(r, data: bytes) -> None:
     os.close(wr)
 
 
+def no_terminal() -> None:
+    """Give up the controlling terminal (of whoever ran the tests from a terminal):
+    a job on a shell's terminal is dumped only with --shell-job, which its own
+    tests ask for."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        return  # none to give up
+    try:
+        fcntl.ioctl(fd, termios.TIOCNOTTY)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class Run:
     """One victim's life: started here, then any number of dump/resume hops.
 
@@ -134,10 +152,15 @@ class Run:
                  pass_fds=()):
         self.cwd = cwd
         self.out_path = cwd / "stdout.txt"
+        def setup() -> None:
+            no_terminal()
+            if preexec_fn:
+                preexec_fn()
+
         self.proc = subprocess.Popen(argv, cwd=cwd, stdin=stdin,
                                      stdout=open(self.out_path, "wb"),
                                      stderr=subprocess.STDOUT, close_fds=True,
-                                     preexec_fn=preexec_fn, pass_fds=pass_fds)
+                                     preexec_fn=setup, pass_fds=pass_fds)
         self.pid = self.proc.pid
         self.cmdline = b""  # read once it has exec'd: how we recognise it when rebuilt
         self.resumer: subprocess.Popen | None = None  # `upmig resume` in wait mode

@@ -363,3 +363,25 @@ def test_a_half_closed_tcp_connection_is_refused(run_victim):
     res = r.refused("--tcp-established")
     assert "in state CLOSE_WAIT" in res.stderr
     assert r.proc.poll() is None
+
+
+TMPFILE = """
+import os, signal, sys, time
+fd = os.open(".", os.O_TMPFILE | os.O_RDWR, 0o600)  # never had a name
+os.write(fd, b"nameless" * 1000)
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+print("READY", flush=True)
+signal.sigwait([signal.SIGTERM])
+ok = os.pread(fd, 8000, 0) == b"nameless" * 1000 and os.lseek(fd, 0, os.SEEK_CUR) == 8000
+print("PASS" if ok else "FAIL", flush=True)
+"""
+
+
+def test_a_file_made_with_o_tmpfile_moves(run_victim):
+    """Such an fd keeps O_TMPFILE (with O_DIRECTORY) in its flags: reopening the
+    recreated file with them failed with ENOTDIR."""
+    r = run_victim([sys.executable, "-c", TMPFILE])
+    r.wait_output("READY\n")
+    r.hop()
+    assert r.finish() == 0, r.output()
+    assert r.output() == "READY\nPASS\n"

@@ -4,14 +4,20 @@ processes share (open files, pipes), moved together as one image."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import (
+    VICTIMS,
     build_victim,
     descendants,
     migrate_at_random,
+    reap,
     run_upmig,
     straight_run,
     wait_for,
@@ -64,3 +70,49 @@ def test_relations_are_rebuilt_exactly(run_victim):
     r.resume(img)
     assert _normal(_relations(r.pid), r.pid) == _normal(before, r.pid)
     r.kill()
+
+
+PIPELINE = "seq 1 50000000 | gzip -1 | sha256sum > out.txt"
+
+
+@pytest.mark.parametrize("seed", [3])
+def test_a_shell_pipeline_moves(run_victim, tmp_path, seed):
+    """sh with three children joined by pipes full of bytes: the checksum it writes
+    after the moves is the one an unmoved run writes."""
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    subprocess.run(["sh", "-c", PIPELINE], cwd=straight, check=True, timeout=120)
+    r = run_victim(["sh", "-c", PIPELINE])
+    wait_for(lambda: len(descendants(r.pid)) == 3, 10, "the pipeline")
+    migrate_at_random(r, hops=2, seed=seed, spread=1.2)
+    assert r.hops >= 1, "the pipeline finished too soon"
+    assert r.finish(sig=0, timeout=120) == 0
+    assert (r.cwd / "out.txt").read_text() == (straight / "out.txt").read_text()
+
+
+def test_a_job_on_a_shells_terminal_needs_shell_job(tmp_path):
+    """A job whose controlling terminal is its shell's: refused with the reason,
+    then moved with --shell-job (its stdin re-attached to upmig resume's)."""
+    out = tmp_path / "count.txt"
+    shell = subprocess.Popen([sys.executable, str(VICTIMS / "shelljob.py"), str(out)],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        job = int(shell.stdout.readline())
+        wait_for(lambda: out.exists() and out.read_text().count("\n") > 5, 10, "counting")
+        img = tmp_path / "job.upmig"
+        res = run_upmig("dump", str(job), "-o", str(img), check=False)
+        assert res.returncode == 5 and "--shell-job" in res.stderr, res.stderr
+        run_upmig("dump", str(job), "-o", str(img), "--shell-job")
+        wait_for(lambda: not os.path.exists(f"/proc/{job}"), 10, "the job reaped by its shell")
+        counted = out.read_text().count("\n")
+        pid = int(run_upmig("resume", "--detach", str(img)).stdout)
+        assert pid == job
+        wait_for(lambda: out.read_text().count("\n") > counted + 5, 10, "counting on")
+        os.kill(pid, signal.SIGKILL)
+        reap(pid)
+        numbers = [int(n) for n in out.read_text().split()]
+        assert numbers == list(range(len(numbers)))  # on from where it was, none twice
+    finally:
+        os.killpg(shell.pid, signal.SIGKILL)
+        shell.wait()

@@ -32,6 +32,7 @@ from upmig.syscalls import nr
 
 O_CLOEXEC = 0o2000000
 O_CREAT, O_EXCL, O_NOCTTY, O_TRUNC, O_PATH = 0o100, 0o200, 0o400, 0o1000, 0o10000000
+O_TMPFILE = 0o20200000  # __O_TMPFILE | O_DIRECTORY
 O_NONBLOCK = 0o4000
 AT_FDCWD = -100
 F_DUPFD, F_SETFD, F_SETFL = 0, 2, 4
@@ -253,7 +254,10 @@ def _link_shared(pid: int, rec: Fd, descriptions: list[Fd]) -> None:
 
 
 def _open_flags(rec: Fd) -> int:
-    return rec.flags & ~(O_CREAT | O_EXCL | O_TRUNC) | O_NOCTTY
+    # A file made nameless with O_TMPFILE keeps that flag, O_DIRECTORY included: it
+    # would make opening the recreated file fail with ENOTDIR.
+    tmpfile = O_TMPFILE if rec.flags & O_TMPFILE == O_TMPFILE else 0
+    return rec.flags & ~(O_CREAT | O_EXCL | O_TRUNC | tmpfile) | O_NOCTTY
 
 
 def spare_fd(img: Records) -> int:

@@ -1,0 +1,35 @@
+"""A stand-in for an interactive shell: it leads a session of its own with a new
+terminal (a pty) as its controlling terminal, and starts a job on it, which
+inherits that terminal as stdin and as its controlling terminal. The job counts
+into the file given, one number per line; the shell prints the job's PID."""
+
+import fcntl
+import os
+import pty
+import sys
+import termios
+import time
+
+master, slave = pty.openpty()
+shell = os.fork()
+if shell == 0:
+    os.setsid()
+    fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+    job = os.fork()
+    if job == 0:
+        out = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(slave, 0)
+        os.dup2(out, 1)
+        os.closerange(3, 1024)
+        n = 0
+        while True:
+            print(n, flush=True)
+            n += 1
+            time.sleep(0.02)
+    print(job, flush=True)
+    while True:  # keep the terminal, as a shell would; reap the job if it dies
+        try:
+            os.wait()
+        except ChildProcessError:
+            time.sleep(1)
+os.waitpid(shell, 0)
