@@ -116,3 +116,26 @@ def test_a_job_on_a_shells_terminal_needs_shell_job(tmp_path):
     finally:
         os.killpg(shell.pid, signal.SIGKILL)
         shell.wait()
+
+
+SHARED_COUNTER = """
+import mmap, os, time
+counter = mmap.mmap(-1, 4096)  # MAP_SHARED | MAP_ANONYMOUS, inherited across fork
+if os.fork() == 0:
+    time.sleep(60)             # never touches it: no page of it is mapped here yet
+    os._exit(0)
+counter[0] = 1
+print("READY", flush=True)
+time.sleep(60)
+"""
+
+
+def test_memory_shared_between_processes_is_refused_naming_both(run_victim):
+    """Restored as two copies, a counter shared after fork would split silently."""
+    r = run_victim([sys.executable, "-c", SHARED_COUNTER])
+    r.wait_output("READY\n")
+    child = descendants(r.pid)[0]
+    res = r.refused()
+    assert "shares memory (anonymous memory, MAP_SHARED at" in res.stderr
+    assert str(r.pid) in res.stderr and str(child) in res.stderr
+    assert os.path.exists(f"/proc/{child}"), "left running"

@@ -183,6 +183,7 @@ def _capture_and_write(fz: freeze.Tree, fd: int, note: Progress,
     procs = [tree.record(m.pid) for m in fz.members]
     procs += [tree.zombie_record(z) for z in fz.zombies]
     tree.check(procs, shell_job)
+    sharing.refuse_shared_memory(fz.members)
     shared = sharing.scan(fz.members)
     w = ImageWriter(fd, progress=lambda n: note("pages", n))
     uts = os.uname()

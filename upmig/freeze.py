@@ -249,7 +249,7 @@ def zombie(pid: int) -> Zombie | None:
         st = _proc.parse_stat(_proc.read_text(pid, "stat"))
     except UpmigError:
         return None
-    if st[3] not in "ZX":
+    if st[3] not in "ZX" or int(st[20]) > 1:  # (a main thread gone, others running)
         return None
     return Zombie(pid, int(st[4]), int(st[5]), int(st[6]), int(st[52]), st[2])
 
@@ -269,8 +269,9 @@ def frozen(pid: int) -> Iterator[Tree]:
                     continue
             try:
                 _freeze_process(tree, child)
-            except NoSuchProcess:
-                if child == pid:
+            except (NoSuchProcess, AccessDenied):
+                # Seizing a process that has just exited fails with EPERM (or ESRCH).
+                if child == pid or not zombie(child):
                     raise
                 # It exited just now. As its tracer we hold its exit until we wait for
                 # it; then its parent is told, and it is a zombie of the tree.

@@ -79,6 +79,27 @@ def scan(members: list[Frozen]) -> TreeFds:
     return tree
 
 
+def refuse_shared_memory(members: list[Frozen]) -> None:
+    """Memory two processes of the tree map shared (MAP_SHARED anonymous memory
+    inherited across fork, a deleted file's shared mapping) would be restored as two
+    copies: refuse it, naming both, until it is restored as one."""
+    mapped: dict[tuple[str, int], tuple[int, str]] = {}
+    for m in members:
+        for line in _proc.parse_maps(_proc.read_text(m.pid, "maps")):
+            if line.perms[3] != "s" or not line.inode:
+                continue
+            if not (line.path.endswith(" (deleted)") or line.path.startswith(
+                    ("/SYSV", "[anon_shmem:")) or line.path == ""):
+                continue  # a file on disk: both map the file itself
+            first = mapped.setdefault((line.dev, line.inode), (m.pid, line.path))
+            if first[0] != m.pid:
+                what = line.path.removesuffix(" (deleted)")
+                what = "anonymous memory" if what in ("", "/dev/zero") else what
+                raise CantMigrate(f"shares memory ({what}, MAP_SHARED at {line.start:#x}) "
+                                  f"with pid {first[0]} of the same tree; memory shared "
+                                  "between processes is not supported yet", pid=m.pid)
+
+
 def _fds(pid: int) -> list[_Held]:
     out = []
     for fd in _proc.fd_numbers(pid):
