@@ -22,12 +22,7 @@ static void on_term(int sig) { (void)sig; stop = 1; }
 int main(void)
 {
     setvbuf(stdout, NULL, _IONBF, 0); /* stdout is a file: no buffered lines */
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_term;
-    sigemptyset(&sa.sa_mask);
-    if (sigaction(SIGTERM, &sa, NULL) != 0)
-        fail("sigaction: %s", strerror(errno));
+    catch_sigterm(on_term);
 
     int fd = open("counter.log", O_WRONLY | O_CREAT | O_TRUNC, 0644);
     if (fd < 0)

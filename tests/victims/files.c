@@ -57,11 +57,7 @@ static void chardev(int f, unsigned mn, const char *what)
 int main(void)
 {
     setvbuf(stdout, NULL, _IONBF, 0);
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_term;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
+    catch_sigterm(on_term);
     fd[LOG] = open("app.log", O_WRONLY | O_APPEND | O_CREAT | O_TRUNC, 0644);
     fd[DATA] = open("data.rw", O_RDWR | O_CREAT | O_TRUNC, 0644);
     fd[DUP] = dup(fd[DATA]);

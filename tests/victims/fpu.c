@@ -41,11 +41,7 @@ int main(void)
     setvbuf(stdout, NULL, _IONBF, 0);
     if (!__builtin_cpu_supports("avx2"))
         fail("CPU has no AVX2");
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_term;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
+    catch_sigterm(on_term);
     /* Large odd constants, so lanes wrap mod 2^64 quickly and all bits matter. */
     for (int i = 0; i < 15; i++)
         for (int l = 0; l < 4; l++)

@@ -59,11 +59,7 @@ int main(void)
 {
     static unsigned char buf[SIZE + 1], expect[SIZE];
     setvbuf(stdout, NULL, _IONBF, 0);
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_term;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
+    catch_sigterm(on_term);
 
     for (size_t i = 0; i < SIZE; i++)
         buf[i] = file_byte(i);

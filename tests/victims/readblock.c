@@ -23,11 +23,7 @@ int main(void)
 {
     static const char want[] = "hello upmig\n";
     setvbuf(stdout, NULL, _IONBF, 0);
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_term;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
+    catch_sigterm(on_term);
     printf("READY\n");
 
     char buf[256];

@@ -41,11 +41,7 @@ __asm__(
 int main(void)
 {
     setvbuf(stdout, NULL, _IONBF, 0);
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_term;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
+    catch_sigterm(on_term);
     if (__rseq_size == 0)
         fail("glibc registered no rseq area for this thread");
     char *tp;

@@ -47,11 +47,7 @@ static void check_clocks(void)
 int main(void)
 {
     setvbuf(stdout, NULL, _IONBF, 0);
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_term;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
+    catch_sigterm(on_term);
     printf("READY\n");
 
     struct timespec t0, t1, req = {3, 0}, rem = {0, 0};
