@@ -118,24 +118,71 @@ def test_a_job_on_a_shells_terminal_needs_shell_job(tmp_path):
         shell.wait()
 
 
+@pytest.mark.parametrize("seed", [4, 5])
+def test_shared_memory_of_every_kind_stays_shared(run_victim, tmp_path, seed):
+    """Anonymous MAP_SHARED memory, a memfd, a POSIX shm object and a POSIX named
+    semaphore shared by a parent and two workers: after moves they still hand the
+    rounds back and forth, and the report equals an unmoved run's."""
+    victim = str(build_victim("sharedmem"))
+    expected = straight_run([victim], tmp_path)
+    assert expected.endswith(b"seals 0x6\nDONE\n"), expected[-200:]
+    r = run_victim("sharedmem")
+    r.wait_output("READY\n")
+    migrate_at_random(r, hops=2, seed=seed, spread=1.0)
+    assert r.hops >= 1
+    r.ends_as(expected)
+
+
+def test_shared_memory_is_stored_once_and_travels(run_victim, tmp_path):
+    """Three processes map one 1 MiB shared region: its bytes are in the image once.
+    The POSIX shm object travels too: resumed where /dev/shm lacks it (as on another
+    machine), it is made again with its bytes and the job ends as an unmoved run."""
+    victim = str(build_victim("sharedmem"))
+    expected = straight_run([victim, "1200"], tmp_path)
+    r = run_victim("sharedmem", "1200")
+    r.wait_output("READY\n")
+    tree = sorted([r.pid, *descendants(r.pid)])
+    img = r.dump()
+    info = json.loads(run_upmig("inspect", "--json", str(img)).stdout)
+    mapped = [v for p in info["processes"] for v in p["vmas"]
+              if v["what"] == "[shared anonymous]" and v["size"] == 1 << 20]
+    assert len(mapped) == 3 and all(v["stored"] == 0 for v in mapped)
+    shmem = [g for g in info["ghosts"] if g["type"] == "shmem"]
+    assert len(shmem) == 1 and sorted(shmem[0]["held_by"]) == tree
+    assert 256 << 10 <= shmem[0]["stored"] < 1 << 20  # the quarter the parent filled, once
+    posix = [g for g in info["ghosts"] if g["type"] == "posix"]
+    assert [g["path"] for g in posix] == [f"/dev/shm/upmig-victim-shm-{r.pid}"]
+    os.unlink(posix[0]["path"])
+    r.resume(img)
+    r.ends_as(expected)
+    assert not os.path.exists(posix[0]["path"])  # the job unlinked the one made again
+
+
 SHARED_COUNTER = """
-import mmap, os, time
-counter = mmap.mmap(-1, 4096)  # MAP_SHARED | MAP_ANONYMOUS, inherited across fork
-if os.fork() == 0:
-    time.sleep(60)             # never touches it: no page of it is mapped here yet
-    os._exit(0)
-counter[0] = 1
+import mmap, os, sys, time
+counter = mmap.mmap(-1, 4096)  # MAP_SHARED | MAP_ANONYMOUS
 print("READY", flush=True)
 time.sleep(60)
 """
 
 
-def test_memory_shared_between_processes_is_refused_naming_both(run_victim):
-    """Restored as two copies, a counter shared after fork would split silently."""
+def test_memory_shared_with_a_process_outside_the_tree_is_refused(run_victim, tmp_path):
+    """The outsider would keep one half: refused, naming both, and left running."""
     r = run_victim([sys.executable, "-c", SHARED_COUNTER])
     r.wait_output("READY\n")
-    child = descendants(r.pid)[0]
-    res = r.refused()
-    assert "shares memory (anonymous memory, MAP_SHARED at" in res.stderr
-    assert str(r.pid) in res.stderr and str(child) in res.stderr
-    assert os.path.exists(f"/proc/{child}"), "left running"
+    maps = Path(f"/proc/{r.pid}/maps").read_text().splitlines()
+    region = next(m.split()[0] for m in maps if "/dev/zero" in m)
+    outsider = subprocess.Popen(  # maps the same shmem file through map_files
+        [sys.executable, "-c", "import mmap, os, sys, time; "
+         "fd = os.open(sys.argv[1], os.O_RDWR); m = mmap.mmap(fd, 4096); "
+         "print('MAPPED', flush=True); time.sleep(60)", f"/proc/{r.pid}/map_files/{region}"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert outsider.stdout.readline() == "MAPPED\n"
+        res = r.refused()
+        assert "shares memory (anonymous shared memory) with pid" in res.stderr, res.stderr
+        assert str(r.pid) in res.stderr and str(outsider.pid) in res.stderr
+        assert os.path.exists(f"/proc/{r.pid}"), "left running"
+    finally:
+        outsider.kill()
+        outsider.wait()

@@ -183,7 +183,7 @@ def _capture_and_write(fz: freeze.Tree, fd: int, note: Progress,
     procs = [tree.record(m.pid) for m in fz.members]
     procs += [tree.zombie_record(z) for z in fz.zombies]
     tree.check(procs, shell_job)
-    sharing.refuse_shared_memory(fz.members)
+    ghosts.refuse_outsiders(fz.members)
     shared = sharing.scan(fz.members)
     w = ImageWriter(fd, progress=lambda n: note("pages", n))
     uts = os.uname()
@@ -191,9 +191,10 @@ def _capture_and_write(fz: freeze.Tree, fd: int, note: Progress,
                     created=time.time(), hostname=uts.nodename,
                     page_size=os.sysconf("SC_PAGE_SIZE"), pid=fz.pid))
     nvma = nfd = 0
+    written: set[int] = set()  # ghosts whose bytes are in the image already
     for m, rec in zip(fz.members, procs, strict=False):
         w.record(rec)
-        v, f = _capture_process(w, m, note, known, ghost_limit, repairs, shared)
+        v, f = _capture_process(w, m, note, known, ghost_limit, repairs, shared, written)
         nvma, nfd = nvma + v, nfd + f
     for rec in procs[len(fz.members):]:
         w.record(rec)  # a zombie is all in its Process record
@@ -204,9 +205,10 @@ def _capture_and_write(fz: freeze.Tree, fd: int, note: Progress,
 
 def _capture_process(w: ImageWriter, fz: freeze.Frozen, note: Progress,
                      known: dict[str, MappedFile], ghost_limit: int | None,
-                     repairs: inet.Repairs | None, shared: sharing.TreeFds
-                     ) -> tuple[int, int]:
-    """One live process's records and page data; (vmas, fds) written."""
+                     repairs: inet.Repairs | None, shared: sharing.TreeFds,
+                     written: set[int]) -> tuple[int, int]:
+    """One live process's records and page data; (vmas, fds) written. written: the
+    ghosts whose bytes an earlier process of the tree has written."""
     pid = fz.pid
     others = [t for t in fz.tids if t != pid]
     threads.check_creds(pid, others)
@@ -246,7 +248,7 @@ def _capture_process(w: ImageWriter, fz: freeze.Frozen, note: Progress,
             w.pages(pid, mem_fd, hidden)  # /proc/PID/mem reads what mprotect hides
         for rec in (*fds, *pipe_recs, *ghost_recs):
             w.record(rec)
-        ghosts.write_contents(w, pid, ghost_recs, fds, vmas)
+        ghosts.write_contents(w, pid, ghost_recs, fds, vmas, written)
         return len(vmas), len(fds)
     finally:
         os.close(mem_fd)

@@ -107,7 +107,7 @@ def _classify(pid: int, e: _Seen, pipe_ends: dict[int, set[str]]) -> tuple[str, 
             return MOVABLE_ANON[kind], ""
         what = ANON_KINDS.get(kind, f"the kernel object {kind}")
         raise CantMigrate(f"holds {what} on fd {fd}, which is not supported yet", pid=pid)
-    if target.endswith(" (deleted)"):
+    if target.endswith(" (deleted)") or target.startswith(ghosts.IN_MEMORY):
         if st is not None and stat.S_ISREG(st.st_mode):
             return "ghost", ""
         raise CantMigrate(f"holds the deleted {target[:-10]} on fd {fd}, which is not a "
@@ -173,7 +173,7 @@ def capture(pid: int, tids: list[int], repairs: inet.Repairs | None = None,
             ftype, note = _classify(pid, e, pipe_ends)
             extra = {}
         flags = int(e.info["flags"], 8)
-        path = e.target[:-10] if ftype == "ghost" else e.target
+        path = e.target.removesuffix(" (deleted)") if ftype == "ghost" else e.target
         rec = Fd(fd=e.fd, type=ftype, path=path if ftype in PATH_TYPES else "",
                  flags=flags & ~O_CLOEXEC, cloexec=bool(flags & O_CLOEXEC),
                  pos=int(e.info["pos"]), note=note or (e.target if ftype not in PATH_TYPES
@@ -268,7 +268,7 @@ def spare_fd(img: Records) -> int:
 def restore(s: Session, pid: int, img: Records, ghost_fds: dict[int, int],
             reg: sharing.Registry, inner: int) -> None:
     """Put every fd at its number. Inherited fds are the stub's own 0-2 already.
-    ghost_fds: the deleted files, recreated (upmig.ghosts.make_all); closed here.
+    ghost_fds: the ghost files, recreated (upmig.ghosts.make_all; parked in reg).
     reg: the descriptions earlier processes of the tree made (taken, not made
     again), to which this one's are added; inner: the process's PID as it sees it."""
     recs: list[Fd] = img.of(Fd)
@@ -346,7 +346,7 @@ def restore(s: Session, pid: int, img: Records, ghost_fds: dict[int, int],
         _place(s, src, r)
         if r.pos and r.type != "chardev" and not r.flags & O_PATH:
             s.call(nr.lseek, r.fd, r.pos, 0, what=f"lseek(fd {r.fd})")
-    for fd in (*ghost_fds.values(), *fifo_fds.values()):
+    for fd in fifo_fds.values():
         s.call(nr.close, fd, what="close")
     for fd in range(3):  # stdio the process had closed (before locks: closing drops them)
         if fd not in wanted:

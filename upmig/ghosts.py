@@ -1,20 +1,30 @@
-"""Files deleted while the process holds them open ("ghost" files).
+"""Files whose bytes travel in the image ("ghosts"): what a process holds or maps
+whose contents a resume could find nowhere else.
 
-Their contents travel in the image as data frames, copied by the C helper straight
-from the deleted file (reached through /proc/PID/fd). Resume recreates each as an
-unlinked file in its old directory (O_TMPFILE; a named file unlinked at once where
-the filesystem lacks it), writes the contents back, and opens every fd onto it with
-that fd's own flags and offset."""
+- a regular file deleted while held open;
+- a memfd;
+- MAP_SHARED anonymous memory (one shmem file per mmap, inherited by fork);
+- a POSIX shared memory object in /dev/shm (named, or unlinked like the ones
+  behind POSIX semaphores).
+
+Dump writes each once per tree, copied by the C helper straight from the file
+(reached through /proc/PID/fd or /proc/PID/map_files), holes left out. Resume makes
+each in the first process of the tree that holds it and writes the bytes back;
+every later holder takes that fd (pidfd_getfd). Each process then maps the one file
+where it mapped it and opens its fds onto it with their own flags and offsets:
+memory shared between processes is shared again, not copied."""
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 
 from upmig import _native as nat
-from upmig import memmap
+from upmig import _proc, fileid, memmap
 from upmig.errors import CantMigrate, RestoreError
-from upmig.image import ImageWriter, Records
+from upmig.freeze import Frozen
+from upmig.image import ImageWriter, PageData, Records
 from upmig.inject import Session
 from upmig.records import Fd, Ghost, Vma
 from upmig.syscalls import nr
@@ -22,29 +32,63 @@ from upmig.syscalls import nr
 O_RDWR, O_CREAT, O_EXCL, O_TMPFILE = 0o2, 0o100, 0o200, 0o20200000
 AT_FDCWD = -100
 F_DUPFD_CLOEXEC = 1030
+MFD_CLOEXEC, MFD_ALLOW_SEALING = 1, 2
+F_SEAL_SEAL = 1
+PROT_RW, MAP_SHARED_ANON = 3, 0x01 | 0x20
+IN_MEMORY = ("/memfd:", "/dev/shm/")  # file paths whose contents live only in memory
 
 
 def target(ghost_id: int) -> str:
     return f"ghost:{ghost_id}"
 
 
+def key(ghost_id: int) -> tuple[str, int]:
+    """Its name in a sharing.Registry."""
+    return ("ghost", ghost_id)
+
+
+# ---- dump
+
+def type_of(path: str, st: os.stat_result) -> str:
+    """What a ghost is, from its path (without " (deleted)") and its stat."""
+    if path in ("", "/dev/zero") or path.startswith("[anon_shmem:"):
+        return "shmem"
+    if path.startswith("/memfd:"):
+        return "memfd"
+    if path.startswith("/dev/shm/") and st.st_nlink:
+        return "posix"
+    return "file"
+
+
 def capture(pid: int, recs: list[Fd], vmas: list[Vma], limit: int | None) -> list[Ghost]:
-    """A Ghost for each deleted file the process holds open (recs) or maps (vmas)."""
+    """A Ghost for each such file the process holds open (recs) or maps (vmas)."""
     out: dict[int, Ghost] = {}
     for ghost_id, path, source, where in _holders(pid, recs, vmas):
         if ghost_id in out:
             continue
         st = os.stat(source)
-        if limit is not None and st.st_size > limit:
+        kind = type_of(path, st)
+        if kind == "file" and limit is not None and st.st_size > limit:
             raise CantMigrate(f"holds the deleted file {path} ({st.st_size} bytes) {where}, "
                               f"more than --ghost-limit ({limit} bytes)", pid=pid)
-        out[ghost_id] = Ghost(id=ghost_id, path=path, size=st.st_size, mode=st.st_mode)
+        out[ghost_id] = Ghost(id=ghost_id, path="" if kind == "shmem" else path,
+                              size=st.st_size, mode=st.st_mode, type=kind,
+                              seals=_seals(source) if kind == "memfd" else 0,
+                              uid=st.st_uid, gid=st.st_gid)
     return list(out.values())
+
+
+def _seals(source: str) -> int:
+    fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    finally:
+        os.close(fd)
 
 
 def _holders(pid: int, recs: list[Fd], vmas: list[Vma]):
     """(ghost id, path, a /proc path that opens it, where it is held) for every fd and
-    mapping of a deleted file."""
+    mapping of a ghost."""
     for r in recs:
         if r.type == "ghost":
             yield r.obj, r.path, f"/proc/{pid}/fd/{r.fd}", f"on fd {r.fd}"
@@ -55,36 +99,110 @@ def _holders(pid: int, recs: list[Fd], vmas: list[Vma]):
 
 
 def write_contents(w: ImageWriter, pid: int, ghosts: list[Ghost], recs: list[Fd],
-                   vmas: list[Vma]) -> None:
+                   vmas: list[Vma], written: set[int]) -> None:
+    """The bytes of every ghost not written yet by an earlier process (written)."""
     sources = {}
     for ghost_id, _, source, _ in _holders(pid, recs, vmas):
         sources.setdefault(ghost_id, source)
     for g in ghosts:
-        if not g.size:
+        if g.id in written:
             continue
+        written.add(g.id)
         fd = os.open(sources[g.id], os.O_RDONLY | os.O_CLOEXEC)
         try:
             if os.fstat(fd).st_size != g.size:
-                raise CantMigrate(f"the deleted file {g.path} changed size during the dump",
-                                  pid=pid)
-            w.pages(pid, fd, [(0, g.size)], target=target(g.id))
+                raise CantMigrate(f"the file {g.path or 'of shared memory'} changed size "
+                                  "during the dump", pid=pid)
+            runs = memmap.data_extents(fd, g.size)
+            if runs:
+                w.pages(pid, fd, runs, target=target(g.id))
         finally:
             os.close(fd)
 
 
-def make_all(s: Session, pid: int, img: Records, spare: int) -> dict[int, int]:
-    """Every deleted file recreated, at fds from spare up, out of the way of the
-    process's own: Ghost id -> fd. They are needed before the memory is mapped."""
+def refuse_outsiders(members: list[Frozen]) -> None:
+    """Memory the tree maps shared must not also be mapped by a process outside it:
+    moving one side would split it. Refused, naming both."""
+    mine = {m.pid for m in members}
+    held: dict[tuple[int, int], tuple[int, str]] = {}
+    for m in members:
+        for line in _proc.parse_maps(_proc.read_text(m.pid, "maps")):
+            if line.perms[3] == "s" and line.inode and _travels(line.path):
+                held.setdefault((line.dev, line.inode), (m.pid, line.path))
+    if not held:
+        return
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in mine or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/maps") as f:
+                lines = _proc.parse_maps(f.read())
+        except OSError:
+            continue  # gone, or a kernel thread
+        for line in lines:
+            found = held.get((line.dev, line.inode)) if line.perms[3] == "s" else None
+            if found:
+                what = _shown(found[1])
+                raise CantMigrate(f"shares memory ({what}) with pid {name}, which is outside "
+                                  "the tree; dump the process tree that holds both",
+                                  pid=found[0])
+
+
+def _travels(path: str) -> bool:
+    bare = path.removesuffix(" (deleted)")
+    return bare in ("", "/dev/zero") or bare.startswith(("[anon_shmem:", *IN_MEMORY)) \
+        or (path != bare and not path.startswith(("/dev/", "/SYSV")))
+
+
+def _shown(path: str) -> str:
+    bare = path.removesuffix(" (deleted)")
+    return "anonymous shared memory" if bare in ("", "/dev/zero") else bare
+
+
+# ---- resume
+
+def make_all(s: Session, pid: int, inner: int, img: Records, spare: int, reg,
+             contents: dict[str, list[PageData]]) -> dict[int, int]:
+    """Every ghost of the process, at fds from spare up, out of the way of its own:
+    Ghost id -> fd. Made here if no earlier process of the tree made it (reg, a
+    sharing.Registry), else taken from that one. All are parked in reg, to be closed
+    once every process has taken what it needs. They are needed before the memory is
+    mapped. contents: the image's ghost pages, by target."""
     out = {}
     for g in img.of(Ghost):
-        made = make(s, pid, g, img)
+        if key(g.id) in reg.made:
+            made = reg.take(s, key(g.id))
+        else:
+            made = make(s, pid, g, img.data, contents.get(target(g.id), []))
         out[g.id] = s.call(nr.fcntl, made, F_DUPFD_CLOEXEC, spare, what="fcntl(F_DUPFD)")
         s.call(nr.close, made, what="close")
+        first = key(g.id) not in reg.made
+        reg.park(pid, inner, key(g.id), out[g.id])
+        if first and g.type == "memfd" and g.seals not in (0, F_SEAL_SEAL):
+            reg.seal_later(pid, key(g.id), g.seals)
     return out
 
 
-def make(s: Session, pid: int, g: Ghost, img: Records) -> int:
-    """The file again, unlinked, filled: its fd in the process (any number)."""
+def make(s: Session, pid: int, g: Ghost, data, pages: list[PageData]) -> int:
+    """The file again, filled: its fd in the process (any number)."""
+    fd = {"memfd": _make_memfd, "shmem": _make_shmem, "posix": _open_posix}.get(
+        g.type, _make_deleted)(s, pid, g)
+    base = nat.buffer_address(data)
+    with nat.borrowed_fd(pid, fd) as mine:
+        if g.type == "posix":
+            _check_same_object(mine, g)
+            os.ftruncate(mine, 0)  # the image's bytes, not what this one held since
+            os.fchmod(mine, g.mode & 0o7777)
+            os.fchown(mine, g.uid, g.gid)
+        for pd in pages:  # straight from the mapped image, by the C helper
+            nat.fill_pages(pid, mine, pd.sources(base), pd.runs)
+        if os.fstat(mine).st_size != g.size:
+            os.ftruncate(mine, g.size)
+    return fd
+
+
+def _make_deleted(s: Session, pid: int, g: Ghost) -> int:
+    """Unlinked, in its old directory."""
     where = os.path.dirname(g.path) or "/"
     s.write(s.scratch, os.fsencode(where) + b"\0")
     fd = s.raw(nr.openat, AT_FDCWD, s.scratch, O_TMPFILE | O_RDWR, g.mode & 0o7777)
@@ -93,14 +211,45 @@ def make(s: Session, pid: int, g: Ghost, img: Records) -> int:
     if fd < 0:
         raise RestoreError(f"cannot recreate the deleted file {g.path} in {where}: "
                            f"{os.strerror(-fd)}")
-    base = nat.buffer_address(img.data)
-    with nat.borrowed_fd(pid, fd) as mine:
-        for pd in img.pages:  # straight from the mapped image, by the C helper
-            if pd.target == target(g.id):
-                nat.fill_pages(pid, mine, pd.sources(base), pd.runs)
-        if os.fstat(mine).st_size != g.size:
-            os.ftruncate(mine, g.size)
     return fd
+
+
+def _make_memfd(s: Session, pid: int, g: Ghost) -> int:
+    """Sealable unless it was not; its seals go on once every process has mapped it
+    (F_SEAL_FUTURE_WRITE forbids new writable mappings)."""
+    s.write(s.scratch, os.fsencode(g.path[len("/memfd:"):]) + b"\0")
+    flags = MFD_CLOEXEC | (0 if g.seals == F_SEAL_SEAL else MFD_ALLOW_SEALING)
+    return s.call(nr.memfd_create, s.scratch, flags, what=f"memfd_create({g.path})")
+
+
+def _make_shmem(s: Session, pid: int, g: Ghost) -> int:
+    """MAP_SHARED anonymous memory is a shmem file of its first mmap's size: mmap one,
+    keep its file (through map_files), let the mapping go."""
+    at = s.call(nr.mmap, 0, g.size, PROT_RW, MAP_SHARED_ANON, -1, 0,
+                what="mmap(shared anonymous memory)")
+    try:
+        s.write(s.scratch, f"/proc/self/map_files/{at:x}-{at + g.size:x}".encode() + b"\0")
+        return s.call(nr.openat, AT_FDCWD, s.scratch, O_RDWR, 0,
+                      what="open(/proc/self/map_files)")
+    finally:
+        s.call(nr.munmap, at, g.size, what="munmap")
+
+
+def _open_posix(s: Session, pid: int, g: Ghost) -> int:
+    """Made where it was; or, when it is still there (the same machine), that one."""
+    s.write(s.scratch, os.fsencode(g.path) + b"\0")
+    fd = s.raw(nr.openat, AT_FDCWD, s.scratch, O_RDWR | O_CREAT, g.mode & 0o7777)
+    if fd < 0:
+        raise RestoreError(f"cannot make the POSIX shared memory object {g.path}: "
+                           f"{os.strerror(-fd)}")
+    return fd
+
+
+def _check_same_object(mine: int, g: Ghost) -> None:
+    st = os.fstat(mine)
+    if st.st_size and fileid.object_id(st) != g.id:
+        raise RestoreError(f"{g.path} exists here and is not the shared memory object "
+                           "the image holds; remove it (or resume where it is not used)")
 
 
 def _named_then_unlinked(s: Session, where: str, g: Ghost) -> int:
@@ -117,5 +266,5 @@ def reopen(s: Session, tmp: int, flags: int) -> int:
     s.write(s.scratch, f"/proc/self/fd/{tmp}".encode() + b"\0")
     fd = s.raw(nr.openat, AT_FDCWD, s.scratch, flags, 0)
     if fd < 0:
-        raise RestoreError(f"cannot reopen a recreated deleted file: {os.strerror(-fd)}")
+        raise RestoreError(f"cannot reopen a recreated file: {os.strerror(-fd)}")
     return fd

@@ -38,7 +38,8 @@ from upmig.errors import Corrupt, ImageError, Truncated, VersionTooNew
 from upmig.records import Pages, Process, Trailer, from_wire, to_wire
 
 MAGIC = b"UPMIG\x00\x89\n"
-VERSION = 3  # 2: per-thread state in Thread; 3: process trees (Process sections)
+VERSION = 4  # 2: per-thread state in Thread; 3: process trees (Process sections);
+#             4: shared memory as Ghost files (no more "shmem" VMAs), CowPages
 HEADER = struct.Struct("<8sII")
 FRAME_HEAD = struct.Struct("<II")
 FRAME_TAIL = struct.Struct("<Q")

@@ -33,11 +33,13 @@ def role_of(m: _proc.MapsLine) -> str:
         return path[1:-1]
     shared = m.perms[3] == "s"
     if path == "/dev/zero (deleted)" and shared:
-        return "shmem"
+        return "ghost"  # shared anonymous memory: its shmem file travels (upmig.ghosts)
     if path == "" or path.startswith(("[anon:", "[anon_shmem:")):
-        return "shmem" if shared else "anon"
-    if path.endswith(" (deleted)") and not path.startswith(("/dev/", "/memfd:", "/SYSV")):
-        return "ghost"  # a regular file deleted since: see upmig.ghosts
+        return "ghost" if shared else "anon"
+    if path.startswith(("/memfd:", "/dev/shm/")):
+        return "ghost"  # memory-backed: its bytes are nowhere else
+    if path.endswith(" (deleted)") and not path.startswith(("/dev/", "/SYSV")):
+        return "ghost"  # a regular file deleted since
     return "file"
 
 
@@ -46,13 +48,10 @@ def _refusal(m: _proc.MapsLine, role: str) -> str | None:
     if path.startswith("/SYSV"):
         return f"maps SysV shared memory ({path}); SysV shm is not supported yet"
     if path.startswith("[") and role not in ("heap", "stack", "vdso", "vvar", "vvar_vclock",
-                                             "anon", "shmem"):
+                                             "anon", "ghost"):
         return f"has the mapping {path}, which upmig cannot move"
-    if role == "file":
-        if path.startswith("/dev/") or path.startswith("anon_inode:"):
-            return f"maps the device {path}; mapped devices are not supported"
-        if path.startswith("/memfd:"):
-            return f"maps the memfd {path}; memfd mappings are not supported yet"
+    if role == "file" and (path.startswith("/dev/") or path.startswith("anon_inode:")):
+        return f"maps the device {path}; mapped devices are not supported"
     return None
 
 
@@ -68,30 +67,15 @@ def list_vmas(pid: int) -> list[Vma]:
         why = _refusal(m, role)
         if why:
             raise CantMigrate(why, pid=pid)
+        ghost = role == "ghost"
+        path = m.path.removesuffix(" (deleted)") if ghost else m.path
         vmas.append(Vma(start=m.start, end=m.end, perms=m.perms, offset=m.offset,
-                        path=m.path if role == "file" or m.path.startswith("[anon") else
-                        m.path[:-10] if role == "ghost" else "",
+                        path="" if ghost and path in ("", "/dev/zero") else path
+                        if role in ("file", "ghost") or path.startswith("[anon") else "",
                         role=role, vmflags=vmflags.get(m.start, []),
                         ghost=fileid.object_id(os.stat(map_file(pid, m.start, m.end)))
-                        if role == "ghost" else 0))
-    _refuse_shared_anon(pid, smaps, vmas)
+                        if ghost else 0))
     return vmas
-
-
-def _refuse_shared_anon(pid: int, smaps: str, vmas: list[Vma]) -> None:
-    """MAP_SHARED anonymous memory is ordinary state unless another process maps it."""
-    shmem = {v.start for v in vmas if v.role == "shmem"}
-    if not shmem:
-        return
-    start = None
-    for line in _proc.lines(smaps):
-        head = line.split(None, 1)[0] if line else ""
-        if "-" in head and not head.endswith(":"):
-            start = int(head.split("-")[0], 16)
-        elif start in shmem and head in ("Shared_Clean:", "Shared_Dirty:"):
-            if int(line.split()[1]) > 0:
-                raise CantMigrate(f"shares memory with another process (MAP_SHARED at "
-                                  f"{start:#x}); shared memory is not supported yet", pid=pid)
 
 
 def is_readable(v: Vma) -> bool:
@@ -109,15 +93,10 @@ def page_runs(pid: int, vmas: list[Vma]) -> dict[int, list[tuple[int, int]]]:
     pm = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     try:
         for v in vmas:
-            if v.role in VDSO_ROLES:
-                continue
-            if v.role == "shmem":
-                found = _shmem_runs(pid, v)
-            elif v.perms[3] == "s":
-                continue  # shared file mapping: its file holds the contents
-            else:
-                found = nat.pagemap_scan(pm, v.start, v.end, _NOT_FILE_NOT_ZERO,
-                                         _NOT_FILE_NOT_ZERO, _IN_MEMORY)
+            if v.role in VDSO_ROLES or v.perms[3] == "s":
+                continue  # a shared mapping's file (or its Ghost) holds the contents
+            found = nat.pagemap_scan(pm, v.start, v.end, _NOT_FILE_NOT_ZERO,
+                                     _NOT_FILE_NOT_ZERO, _IN_MEMORY)
             if found:
                 runs[v.start] = found
                 v.data_bytes = sum(e - s for s, e in found)
@@ -126,25 +105,23 @@ def page_runs(pid: int, vmas: list[Vma]) -> dict[int, list[tuple[int, int]]]:
     return runs
 
 
-def _shmem_runs(pid: int, v: Vma) -> list[tuple[int, int]]:
-    """The data extents of a shared anonymous mapping, from its shmem file's holes.
-    (Pagemap would miss pages that are in the page cache but not mapped.)"""
-    fd = os.open(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        runs, pos, end = [], v.offset, v.offset + (v.end - v.start)
-        while pos < end:
-            try:
-                data = os.lseek(fd, pos, SEEK_DATA)
-            except OSError:
-                break  # ENXIO: no data past pos
-            if data >= end:
-                break
-            hole = min(os.lseek(fd, data, SEEK_HOLE), end)
-            runs.append((v.start + data - v.offset, v.start + hole - v.offset))
-            pos = hole
-        return runs
-    finally:
-        os.close(fd)
+def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """Where a file has data (offsets), from its holes: a sparse shmem or tmpfs file
+    travels without its holes. (Pagemap would miss pages in the page cache that no
+    one maps.)"""
+    runs: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(fd, pos, SEEK_DATA)
+        except OSError:
+            break  # ENXIO: no data past pos
+        if data >= size:
+            break
+        hole = min(os.lseek(fd, data, SEEK_HOLE), size)
+        runs.append((data, hole))
+        pos = hole
+    return runs
 
 
 def capture_mm(pid: int, brk: int) -> MM:
@@ -279,15 +256,16 @@ def map_vmas(s, vmas: list[Vma], ghost_fds: dict[int, int]) -> None:
             if "gd" in v.vmflags:
                 flags |= MAP_GROWSDOWN
             fd, off = -1, 0
-            if v.role in ("file", "ghost"):
+            if v.role == "ghost":  # made read-write: it may be mapped writable anywhere
+                fd, off = ghost_fds[v.ghost], v.offset
+            elif v.role == "file":
                 mode = O_RDWR if shared and "mw" in v.vmflags else O_RDONLY
-                path = f"/proc/self/fd/{ghost_fds[v.ghost]}" if v.role == "ghost" else v.path
-                fd, off = files.fd(path, mode), v.offset
+                fd, off = files.fd(v.path, mode), v.offset
             else:
                 flags |= MAP_ANONYMOUS
             s.call(nr.mmap, v.start, v.end - v.start, prot, flags, fd, off,
                    what=f"mmap({v.start:#x}, {v.path or v.role})")
-            if v.path.startswith("[anon"):  # a name given with PR_SET_VMA_ANON_NAME
+            if v.role == "anon" and v.path:  # a name given with PR_SET_VMA_ANON_NAME
                 name = v.path[v.path.index(":") + 1:-1]
                 s.write(s.scratch, os.fsencode(name) + b"\0")
                 s.call(nr.prctl, PR_SET_VMA, PR_SET_VMA_ANON_NAME, v.start, v.end - v.start,

@@ -88,10 +88,10 @@ class Vma:
     perms: str               # as in /proc/PID/maps: "rw-p"
     offset: int
     path: str                # backing file, [heap]/[stack]/[vdso]..., or ""
-    role: str                # anon | file | ghost | shmem | heap | stack | vdso | vvar...
+    role: str                # anon | file | ghost | heap | stack | vdso | vvar...
     vmflags: list[str]       # two-letter VmFlags from smaps
     data_bytes: int = 0      # bytes of page contents stored in the image
-    ghost: int = 0           # role "ghost": the Ghost (deleted file) it maps
+    ghost: int = 0           # role "ghost": the Ghost (a file that travels in the image) it maps
 
 
 @dataclass
@@ -135,14 +135,20 @@ class Fd:
 
 @dataclass
 class Ghost:
-    """A regular file deleted while the process held it open; its bytes follow in
-    pages records whose target is "ghost:ID"."""
+    """A file whose bytes travel in the image, in pages records whose target is
+    "ghost:ID" (written once per tree, by the first process holding it): a regular
+    file deleted while held open, a memfd, shared anonymous memory, a POSIX shared
+    memory object in /dev/shm."""
 
     kind: ClassVar[str] = "ghost"
-    id: int                  # its inode number on the source
-    path: str                # where it was, without " (deleted)"
+    id: int                  # fileid.object_id on the source, the same in every holder
+    path: str                # where it was, without " (deleted)"; a memfd's "/memfd:NAME"
     size: int
     mode: int
+    type: str = "file"       # file (deleted) | memfd | shmem (MAP_SHARED anonymous) | posix
+    seals: int = 0           # a memfd's F_GET_SEALS
+    uid: int = 0             # owner (a POSIX shm object is made again with it)
+    gid: int = 0
 
 
 @dataclass

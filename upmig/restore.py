@@ -37,7 +37,7 @@ from upmig import (
 )
 from upmig.errors import Corrupt, Mismatch, RestoreError, UpmigError, describe_oserror
 from upmig.inject import SCRATCH, Session
-from upmig.records import MM, Fd, Header, MappedFile, Signals, Task, Thread, Vma
+from upmig.records import MM, Fd, Ghost, Header, MappedFile, Signals, Task, Thread, Vma
 from upmig.syscalls import nr
 
 STUB = Path(__file__).resolve().parent / "upmig-stub"
@@ -298,14 +298,19 @@ def _rebuild_tree(root: int, sections: list[image.Section], set_tid: bool
     by_pid = {sec.process.pid: sec for sec in sections}
     born = tree.create(root, [sec.process for sec in sections], set_tid)
     reg = sharing.Registry()
-    teams = [_rebuild(b, by_pid[b.rec.pid], set_tid, reg) for b in born]
+    contents: dict[str, list[image.PageData]] = {}  # a ghost's bytes, for whoever makes it
+    for sec in sections:
+        for pd in sec.pages:
+            if pd.target:
+                contents.setdefault(pd.target, []).append(pd)
+    teams = [_rebuild(b, by_pid[b.rec.pid], set_tid, reg, contents) for b in born]
     for team in teams:  # every process has taken what it shares from the others
         reg.close_parked(team[0].outer, team[0].s.inj.gadget)
     return teams
 
 
-def _rebuild(b: tree.Born, img: image.Section, set_tid: bool, reg: sharing.Registry
-             ) -> list[Member]:
+def _rebuild(b: tree.Born, img: image.Section, set_tid: bool, reg: sharing.Registry,
+             contents: dict[str, list[image.PageData]]) -> list[Member]:
     """One process, from a bare stub into what its section of the image holds."""
     pid = b.outer
     stub_regs = nat.get_regs(pid)
@@ -326,8 +331,9 @@ def _rebuild(b: tree.Born, img: image.Section, set_tid: bool, reg: sharing.Regis
                      what="mmap(scratch)")
             inj.set_stack(scratch + SCRATCH - 64)
             s = Session(inj, scratch, mem_fd)
-            task.open_fd_limit(pid, tsk, files.spare_fd(img) + 64)
-            ghost_fds = ghosts.make_all(s, pid, img, files.spare_fd(img))
+            task.open_fd_limit(pid, tsk, files.spare_fd(img) + 64 + len(img.of(Ghost)))
+            ghost_fds = ghosts.make_all(s, pid, b.inner, img, files.spare_fd(img), reg,
+                                        contents)
             memmap.map_vmas(s, vmas, ghost_fds)
         _fill_memory(pid, img)
         with inject.pinned_with(pid, cpu):
@@ -429,7 +435,7 @@ def _fill_memory(pid: int, img: image.Records) -> None:
     """Page contents straight from the mapped image into the target."""
     base = nat.buffer_address(img.data)
     for pd in img.pages:
-        if pd.target:  # a deleted file's contents: see upmig.ghosts
+        if pd.target:  # a ghost file's contents: see upmig.ghosts
             continue
         nat.fill_pages(pid, -1, pd.sources(base), pd.runs)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from upmig import _native as nat
@@ -24,6 +25,8 @@ from upmig.errors import CantMigrate
 from upmig.freeze import Frozen
 from upmig.inject import Session
 from upmig.syscalls import nr
+
+F_ADD_SEALS = 1033
 
 # ---- dump
 
@@ -79,27 +82,6 @@ def scan(members: list[Frozen]) -> TreeFds:
     return tree
 
 
-def refuse_shared_memory(members: list[Frozen]) -> None:
-    """Memory two processes of the tree map shared (MAP_SHARED anonymous memory
-    inherited across fork, a deleted file's shared mapping) would be restored as two
-    copies: refuse it, naming both, until it is restored as one."""
-    mapped: dict[tuple[str, int], tuple[int, str]] = {}
-    for m in members:
-        for line in _proc.parse_maps(_proc.read_text(m.pid, "maps")):
-            if line.perms[3] != "s" or not line.inode:
-                continue
-            if not (line.path.endswith(" (deleted)") or line.path.startswith(
-                    ("/SYSV", "[anon_shmem:")) or line.path == ""):
-                continue  # a file on disk: both map the file itself
-            first = mapped.setdefault((line.dev, line.inode), (m.pid, line.path))
-            if first[0] != m.pid:
-                what = line.path.removesuffix(" (deleted)")
-                what = "anonymous memory" if what in ("", "/dev/zero") else what
-                raise CantMigrate(f"shares memory ({what}, MAP_SHARED at {line.start:#x}) "
-                                  f"with pid {first[0]} of the same tree; memory shared "
-                                  "between processes is not supported yet", pid=m.pid)
-
-
 def _fds(pid: int) -> list[_Held]:
     out = []
     for fd in _proc.fd_numbers(pid):
@@ -138,18 +120,24 @@ class Registry:
     """The descriptions made so far on resume, and the pipe ends parked for others."""
 
     def __init__(self) -> None:
-        self.made: dict[int, tuple[int, int]] = {}   # id -> (holder's own PID, its fd)
+        # A description's id (or an upmig.ghosts key) -> (holder's own PID, its fd).
+        self.made: dict[Hashable, tuple[int, int]] = {}
         self.parked: dict[int, list[int]] = {}       # holder as we see it -> fds
+        self.seals: dict[int, list[tuple[int, int]]] = {}  # holder -> (fd, memfd seals)
 
-    def add(self, desc: int, inner: int, fd: int) -> None:
+    def add(self, desc: Hashable, inner: int, fd: int) -> None:
         if desc:
             self.made.setdefault(desc, (inner, fd))
 
-    def park(self, outer: int, inner: int, desc: int, fd: int) -> None:
+    def park(self, outer: int, inner: int, desc: Hashable, fd: int) -> None:
         self.parked.setdefault(outer, []).append(fd)
         self.add(desc, inner, fd)
 
-    def take(self, s: Session, desc: int) -> int:
+    def seal_later(self, outer: int, desc: Hashable, seals: int) -> None:
+        """Seals for a memfd once every process has mapped it (parked by then)."""
+        self.seals.setdefault(outer, []).append((self.made[desc][1], seals))
+
+    def take(self, s: Session, desc: Hashable) -> int:
         """A copy, in the process s drives, of the description made earlier: an fd
         at whatever number the kernel gives (close-on-exec)."""
         holder, fd = self.made[desc]
@@ -160,14 +148,17 @@ class Registry:
             s.raw(nr.close, pidfd)
 
     def close_parked(self, outer: int, gadget: int) -> None:
-        """Close a process's parked fds, its registers and mask already final."""
-        fds = self.parked.pop(outer, [])
+        """Seal a process's memfds and close its parked fds, its registers and mask
+        already final."""
+        fds, seals = self.parked.pop(outer, []), self.seals.pop(outer, [])
         if not fds:
             return
         regs, mask = nat.get_regs(outer), nat.get_sigmask(outer)
         nat.set_sigmask(outer, (1 << 64) - 1)
         try:
             inj = nat.Injector(outer, regs, gadget)
+            for fd, bits in seals:
+                inj.call(nr.fcntl, fd, F_ADD_SEALS, bits, what=f"fcntl(F_ADD_SEALS, {bits:#x})")
             for fd in fds:
                 inj.call(nr.close, fd, what=f"close(parked fd {fd})")
         finally:

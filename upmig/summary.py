@@ -51,8 +51,25 @@ def _summary(img: image.Image) -> dict:
                  for p in img.of(Process)],
         **procs[0],           # the root's, at the top for a single process
         "processes": procs,   # every live process's, root first
+        "ghosts": _ghosts(img),
         "records": len(img.records),
     }
+
+
+def _ghosts(img: image.Image) -> list[dict]:
+    """Every file whose bytes travel in the image, once, with who holds it."""
+    stored: dict[str, int] = {}
+    for pd in img.pages:
+        if pd.target:
+            stored[pd.target] = stored.get(pd.target, 0) + sum(n for _, n in pd.chunks)
+    out: dict[int, dict] = {}
+    for sec in img.processes():
+        for g in sec.of(Ghost):
+            entry = out.setdefault(g.id, {
+                "type": g.type, "path": g.path or "(shared anonymous memory)", "size": g.size,
+                "stored": stored.get(f"ghost:{g.id}", 0), "held_by": []})
+            entry["held_by"].append(sec.process.pid)
+    return list(out.values())
 
 
 def _process(img: image.Records) -> dict:
@@ -68,7 +85,7 @@ def _process(img: image.Records) -> dict:
                     "brk": mm.brk},
         "threads": [_thread(th) for th in img.of(Thread)],
         "vmas": [{"start": v.start, "end": v.end, "perms": v.perms, "size": v.end - v.start,
-                  "stored": v.data_bytes, "what": v.path or f"[{v.role}]"} for v in vmas],
+                  "stored": v.data_bytes, "what": v.path or _unnamed(v)} for v in vmas],
         "mapped_files": [{"path": f.path, "size": f.size,
                           "build_id": f.build_id or None} for f in img.of(MappedFile)],
         "fds": [{"fd": f.fd, "type": f.type, "path": f.path or f.note, "flags": f"{f.flags:o}",
@@ -81,6 +98,10 @@ def _process(img: image.Records) -> dict:
                    "stored_bytes": sum(v.data_bytes for v in vmas),
                    "records": len(img.records)},
     }
+
+
+def _unnamed(v: Vma) -> str:
+    return "[shared anonymous]" if v.role == "ghost" else f"[{v.role}]"
 
 
 def _thread(th: Thread) -> dict:
