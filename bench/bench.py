@@ -3,7 +3,8 @@ touched random memory, prove every resumed copy intact, and set the figures
 against what this machine itself can move (bench/limits.c); then the cost of
 threads: a 64 MiB process with 1, 16 and 256 threads; then descriptors: a process
 with 10,000 open fds of mixed kinds, and a server with 1,000 established TCP
-connections moved with --tcp-established (each client answered afterwards).
+connections moved with --tcp-established (each client answered afterwards); then a
+tree of 100 processes of 8 MiB, half of each copy-on-write shared since fork.
 
     .venv/bin/python bench/bench.py [--sizes 64,512,2048] [--quick]
 
@@ -41,7 +42,9 @@ THREAD_MIB = 64
 PER_THREAD_TARGET = 0.001  # seconds per extra thread, on each side
 FD_COUNT, TCP_COUNT = 10_000, 1_000
 FD_TARGET = 1.0  # seconds, dump and resume each, for either
-ECHO_SERVER = ROOT / "tests" / "victims" / "asyncecho.py"
+VICTIMS = ROOT / "tests" / "victims"
+ECHO_SERVER = VICTIMS / "asyncecho.py"
+TREE_PROCS, TREE_MIB, TREE_TARGET = 100, 8, 2.0
 DUMP_RATIO_TARGET = 0.6  # of process_vm_readv, for 2 GiB
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -59,8 +62,8 @@ class Trip:
     resume_wall: float
 
 
-def build(name: str) -> Path:
-    src, out = BENCH / f"{name}.c", BUILD / name
+def build(name: str, where: Path = BENCH) -> Path:
+    src, out = where / f"{name}.c", BUILD / name
     if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
         BUILD.mkdir(exist_ok=True)
         subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-pthread", "-o", str(out), str(src)],
@@ -223,24 +226,38 @@ def thread_rows(hog: Path, work: Path, reps: int) -> list[str]:
 
 def fd_trip(work: Path) -> tuple[dict, dict]:
     """A fdhog with FD_COUNT fds: dumped, resumed, and every fd checked by itself."""
-    out, img = work / "fdhog.out", work / "fdhog.upmig"
+    return checked_trip(work, [str(build("fdhog")), str(FD_COUNT)], signal.SIGUSR1,
+                        ("OK", "BAD"), f"OK {FD_COUNT}")
+
+
+def checked_trip(work: Path, argv: list[str], ask: int, answers: tuple[str, str], good: str
+                 ) -> tuple[dict, dict]:
+    """Run argv until it says READY; dump it, resume it (once its whole tree is gone
+    and reaped), send it `ask` and wait for one of its answers, which must be good."""
+    name = Path(argv[0]).name
+    out, img = work / f"{name}.out", work / f"{name}.upmig"
     resumed = None
     with open(out, "wb") as f:
-        hog = subprocess.Popen([str(build("fdhog")), str(FD_COUNT)], stdin=subprocess.DEVNULL,
-                               stdout=f, stderr=subprocess.STDOUT, cwd=work)
+        root = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f,
+                                stderr=subprocess.STDOUT, cwd=work)
     try:
-        wait_line(out, ("READY",), 0, lambda: hog.poll() is None)
-        dumped, _ = upmig("dump", str(hog.pid), "-o", str(img), "--json")
-        hog.wait(timeout=30)
+        wait_line(out, ("READY",), 0, lambda: root.poll() is None)
+        kids = Path(f"/proc/{root.pid}/task/{root.pid}/children").read_text().split()
+        dumped, _ = upmig("dump", str(root.pid), "-o", str(img), "--json")
+        root.wait(timeout=30)
+        while any(os.path.exists(f"/proc/{k}") for k in kids):
+            reap_orphans()  # they come to us: their PIDs are wanted back
+            time.sleep(0.001)
         back, _ = upmig("resume", "-d", "--json", str(img))
         resumed = back["pid"]
-        os.kill(resumed, signal.SIGUSR1)
-        said = wait_line(out, ("OK", "BAD"), 1, lambda: is_running(resumed))
-        if said != f"OK {FD_COUNT}":
-            raise Broken(f"fdhog after resume: {said!r}")
+        os.kill(resumed, ask)
+        said = wait_line(out, answers, 1, lambda: is_running(resumed))
+        if said != good:
+            raise Broken(f"{name} after resume: {said!r}")
         return dumped, back
     finally:
-        clean_up(hog, resumed, img)
+        clean_up(root, resumed, img)
+        reap_orphans()
 
 
 def tcp_trip(work: Path) -> tuple[dict, dict]:
@@ -303,6 +320,44 @@ def fd_rows(work: Path) -> list[str]:
                    "every client gets its answer on the same connection after resume."]
 
 
+def tree_trip(work: Path) -> tuple[dict, dict]:
+    """TREE_PROCS processes of TREE_MIB MiB each, the second half of each worker's
+    written since fork, the first still shared copy-on-write with the parent:
+    dumped, resumed, and every process's memory checked by itself."""
+    return checked_trip(work, [str(build("cowtree", VICTIMS)), str(TREE_PROCS), str(TREE_MIB)],
+                        signal.SIGTERM, ("PASS", "FAIL"), f"PASS {TREE_PROCS}")
+
+
+def reap_orphans() -> None:
+    """Reap every process reparented to us (we are a subreaper) that has ended."""
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                return
+        except ChildProcessError:
+            return
+
+
+def tree_rows(work: Path) -> list[str]:
+    note(f"a tree of {TREE_PROCS} processes x {TREE_MIB} MiB...")
+    dumped, back = tree_trip(work)
+    total = dumped["seconds"] + back["seconds"]
+    touched = TREE_PROCS * TREE_MIB * MIB
+    unshared = (TREE_MIB + (TREE_PROCS - 1) * TREE_MIB / 2) * MIB
+    return ["| tree | dump | frozen | resume | total | image | image / unshared memory |",
+            "|:---|---:|---:|---:|---:|---:|---:|",
+            f"| {TREE_PROCS} processes × {TREE_MIB} MiB | {dumped['seconds']:.3f} s "
+            f"| {dumped['frozen_seconds']:.3f} s | {back['seconds']:.3f} s "
+            f"| {total:.3f} s {mark(total < TREE_TARGET)} | {dumped['image_bytes'] / MIB:.0f} MiB "
+            f"of {touched / MIB:.0f} MiB | {dumped['image_bytes'] / unshared:.3f} "
+            f"{mark(dumped['image_bytes'] < unshared * 1.05)} |",
+            "", f"tests/victims/cowtree.c: a parent fills {TREE_MIB} MiB, forks "
+            f"{TREE_PROCS - 1} workers that each rewrite the second half of theirs; the first "
+            "half stays copy-on-write shared and must be stored once (image ≈ "
+            f"{unshared / MIB:.0f} MiB). Every process checks all its memory after resume. "
+            f"total: dump + resume, upmig's own timings; target < {TREE_TARGET:.0f} s."]
+
+
 def run(args: argparse.Namespace, work: Path) -> tuple[list[str], list[str]]:
     """Every measurement; (report lines, failures)."""
     hog = build("hog")
@@ -338,6 +393,12 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[str], list[str]]:
         failures.append(f"descriptors: {e}")
         fds = [f"descriptors: FAILED ({e})"]
 
+    try:
+        trees = tree_rows(work)
+    except (Broken, subprocess.TimeoutExpired) as e:
+        failures.append(f"tree: {e}")
+        trees = [f"tree: FAILED ({e})"]
+
     reps = f"median of {args.reps}" if args.reps > 1 else "one run"
     out = [
         f"upmig {upmig_version()} on {machine()}",
@@ -369,6 +430,8 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[str], list[str]]:
         *threads,
         "",
         *fds,
+        "",
+        *trees,
     ]
     if 2048 in figs:
         x = figs[2048]["dump_x"]

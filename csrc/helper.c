@@ -215,6 +215,101 @@ long up_pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end, uint64_t requ
     return n;
 }
 
+#define PM_PRESENT (1ULL << 63)
+#define PM_PFN ((1ULL << 55) - 1)
+#define PM_BATCH 4096           /* pagemap entries read at once (32 KiB) */
+
+/* pread or pwrite all of len bytes at off. */
+static int rw_all(int fd, char *buf, size_t len, off_t off, int writing)
+{
+    size_t done = 0;
+    while (done < len) {
+        ssize_t r = writing ? pwrite(fd, buf + done, len - done, off + done)
+                            : pread(fd, buf + done, len - done, off + done);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return r < 0 ? -errno : -EIO;
+        done += r;
+    }
+    return 0;
+}
+
+long up_same_pages(int pagemap_a, int pagemap_b, const struct up_range *runs, size_t nruns,
+                   struct up_range *out, size_t max)
+{
+    static __thread uint64_t a[PM_BATCH], b[PM_BATCH];
+    long page = sysconf(_SC_PAGESIZE);
+    size_t n = 0;
+    for (size_t i = 0; i < nruns; i++) {
+        for (uint64_t at = runs[i].start; at < runs[i].end;) {
+            size_t pages = (runs[i].end - at) / page;
+            if (pages > PM_BATCH)
+                pages = PM_BATCH;
+            off_t off = at / page * sizeof(uint64_t);
+            int rc = rw_all(pagemap_a, (char *)a, pages * sizeof(uint64_t), off, 0);
+            if (!rc)
+                rc = rw_all(pagemap_b, (char *)b, pages * sizeof(uint64_t), off, 0);
+            if (rc)
+                return rc;
+            for (size_t p = 0; p < pages; p++, at += page) {
+                if (!(a[p] & PM_PRESENT) || !(b[p] & PM_PRESENT) || !(a[p] & PM_PFN) ||
+                    (a[p] & PM_PFN) != (b[p] & PM_PFN))
+                    continue;
+                if (n && out[n - 1].end == at) {
+                    out[n - 1].end = at + page;
+                    continue;
+                }
+                if (n == max)
+                    return -ENOSPC;
+                out[n].start = at;
+                out[n].end = at + page;
+                out[n].flags = 0;
+                n++;
+            }
+        }
+    }
+    return n;
+}
+
+/* One piece through a buffer: process_vm_readv/writev, or /proc/PID/mem where a
+ * protection stops those (EFAULT: PROT_NONE, read-only). */
+static int copy_piece(int src_pid, int src_mem_fd, int dst_pid, int dst_mem_fd, char *buf,
+                      uint64_t at, size_t len)
+{
+    struct iovec local = { buf, len }, remote = { (void *)(uintptr_t)at, len };
+    ssize_t r = process_vm_readv(src_pid, &local, 1, &remote, 1, 0);
+    int rc = r == (ssize_t)len ? 0 : rw_all(src_mem_fd, buf, len, at, 0);
+    if (rc)
+        return rc;
+    r = process_vm_writev(dst_pid, &local, 1, &remote, 1, 0);
+    return r == (ssize_t)len ? 0 : rw_all(dst_mem_fd, buf, len, at, 1);
+}
+
+long up_copy_same_addresses(int src_pid, int src_mem_fd, int dst_pid, int dst_mem_fd,
+                            const struct up_range *runs, size_t nruns)
+{
+    enum { CHUNK = 4 << 20 };
+    char *buf = malloc(CHUNK);
+    long total = 0;
+    if (!buf)
+        return -ENOMEM;
+    for (size_t i = 0; i < nruns; i++) {
+        for (uint64_t at = runs[i].start; at < runs[i].end;) {
+            size_t len = runs[i].end - at < CHUNK ? runs[i].end - at : CHUNK;
+            int rc = copy_piece(src_pid, src_mem_fd, dst_pid, dst_mem_fd, buf, at, len);
+            if (rc) {
+                free(buf);
+                return rc;
+            }
+            at += len;
+            total += len;
+        }
+    }
+    free(buf);
+    return total;
+}
+
 /* ---- bulk copies ---- */
 
 /* A position in the byte stream formed by a list of ranges laid end to end. */
@@ -647,6 +742,12 @@ int up_spawn(int set_tid, const char *path, int traceme, uint64_t flags, int pas
     char *argv[] = { (char *)path, NULL }, *envp[] = { NULL };
     if (traceme)
         syscall(SYS_ptrace, PTRACE_TRACEME, 0, 0, 0);
+    /* Ignored signals stay ignored across exec: the stub starts with none (upmig's
+     * own SIGPIPE, say), so what resume does not set is the default. */
+    uint64_t dfl[4] = { 0, 0, 0, 0 };  /* the kernel's sigaction: SIG_DFL, no flags */
+    for (int sig = 1; sig <= 64; sig++)
+        if (sig != SIGKILL && sig != SIGSTOP)
+            syscall(SYS_rt_sigaction, sig, dfl, NULL, 8);
     /* dup2 clears close-on-exec on its copy; an fd already at 3 is cleared by hand. */
     if (pass_fd >= 0 && (pass_fd == 3 ? syscall(SYS_fcntl, 3, F_SETFD, 0) == 0
                                       : syscall(SYS_dup2, pass_fd, 3) == 3))

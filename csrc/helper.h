@@ -72,6 +72,17 @@ long up_pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end, uint64_t requ
                      uint64_t inverted, uint64_t anyof, uint64_t returned,
                      struct up_range *out, size_t max, uint64_t *walk_end);
 
+/* The pages of runs[] that two processes hold as one physical page (the same PFN in
+ * both opened /proc/PID/pagemap files, present in both: copy-on-write sharing since
+ * fork), as ranges in out[] (at most max; -ENOSPC past it). Needs CAP_SYS_ADMIN. */
+long up_same_pages(int pagemap_a, int pagemap_b, const struct up_range *runs, size_t nruns,
+                   struct up_range *out, size_t max);
+
+/* Copy runs[] from one process's memory to the same addresses of another; through
+ * their opened /proc/PID/mem files where protections stop process_vm_readv/writev. */
+long up_copy_same_addresses(int src_pid, int src_mem_fd, int dst_pid, int dst_mem_fd,
+                            const struct up_range *runs, size_t nruns);
+
 /* Copy the target's bytes in runs[] into out_fd (a file, from its current offset) as
  * data frames of chunk (<= 4 MiB) bytes, by nthreads threads (<= 8), chaining the
  * hash from stats->hash; leaves the offset at the end. Reads with process_vm_readv,

@@ -158,6 +158,24 @@ def test_shared_memory_is_stored_once_and_travels(run_victim, tmp_path):
     assert not os.path.exists(posix[0]["path"])  # the job unlinked the one made again
 
 
+def test_copy_on_write_pages_are_stored_once(run_victim):
+    """Eight processes of 4 MiB each, half of it still shared with the parent since
+    fork: that half is in the image once, and every process's memory checks out
+    after the move."""
+    r = run_victim("cowtree", "8", "4")
+    r.wait_output("READY\n")
+    img = r.dump()
+    info = json.loads(run_upmig("inspect", "--json", str(img)).stdout)
+    workers = info["processes"][1:]
+    assert len(workers) == 7
+    for p in workers:
+        assert p["totals"]["same_as_parent_bytes"] >= 2 << 20, p["process"]
+    assert info["image_bytes"] < (4 + 7 * 2 + 4) << 20  # not 8 x 4 MiB
+    r.resume(img)
+    assert r.finish() == 0
+    assert r.output().endswith("PASS 8\n"), r.output()
+
+
 SHARED_COUNTER = """
 import mmap, os, sys, time
 counter = mmap.mmap(-1, 4096)  # MAP_SHARED | MAP_ANONYMOUS

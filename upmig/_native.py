@@ -215,6 +215,26 @@ def pagemap_scan(fd: int, start: int, end: int, required: int, inverted: int, an
     return out
 
 
+def same_pages(pagemap_a: int, pagemap_b: int, runs: list[tuple[int, int]]
+               ) -> list[tuple[int, int]]:
+    """The parts of runs that two processes hold as one physical page."""
+    pages = sum(e - s for s, e in runs) // PAGE
+    cap = pages // 2 + len(runs) + 1  # ranges cannot outnumber this
+    out = ffi.new("struct up_range[]", cap)
+    n = check(lib.up_same_pages(pagemap_a, pagemap_b, new_ranges(runs), len(runs), out, cap),
+              "comparing two processes' pagemaps")
+    return [(int(out[i].start), int(out[i].end)) for i in range(n)]
+
+
+def copy_same_addresses(src: int, src_mem_fd: int, dst: int, dst_mem_fd: int,
+                        runs: list[tuple[int, int]]) -> int:
+    """Copy runs from one process to another, at the same addresses (mem_fds: their
+    /proc/PID/mem, for pages a protection hides)."""
+    return check(lib.up_copy_same_addresses(src, src_mem_fd, dst, dst_mem_fd,
+                                            new_ranges(runs), len(runs)),
+                 "copying pages from the parent process", dst)
+
+
 def copy_threads(nbytes: int) -> int:
     """Threads for a bulk copy: one per CPU we may use (fresh pages fault in per CPU,
     so two CPUs fill memory about twice as fast), but one for small copies."""

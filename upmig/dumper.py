@@ -34,8 +34,8 @@ from upmig import (
 )
 from upmig import _native as nat
 from upmig.errors import CantMigrate, ImageError, NoSuchProcess, UpmigError, describe_oserror
-from upmig.image import ImageWriter
-from upmig.records import Header, MappedFile, Thread
+from upmig.image import RUNS_PER_RECORD, ImageWriter
+from upmig.records import CowPages, Header, MappedFile, Thread
 from upmig.syscalls import nr
 
 LEAVE = ("kill", "run", "stop")
@@ -192,9 +192,13 @@ def _capture_and_write(fz: freeze.Tree, fd: int, note: Progress,
                     page_size=os.sysconf("SC_PAGE_SIZE"), pid=fz.pid))
     nvma = nfd = 0
     written: set[int] = set()  # ghosts whose bytes are in the image already
+    live = {m.pid for m in fz.members}
+    parents = {rec.pid: rec.ppid for rec in procs if rec.ppid in live and rec.pid in live}
+    cow = {pid: memmap.same_as_parent(pid, ppid) for pid, ppid in parents.items()}
     for m, rec in zip(fz.members, procs, strict=False):
         w.record(rec)
-        v, f = _capture_process(w, m, note, known, ghost_limit, repairs, shared, written)
+        v, f = _capture_process(w, m, note, known, ghost_limit, repairs, shared, written,
+                                parents.get(m.pid, 0), cow.get(m.pid, []))
         nvma, nfd = nvma + v, nfd + f
     for rec in procs[len(fz.members):]:
         w.record(rec)  # a zombie is all in its Process record
@@ -206,9 +210,12 @@ def _capture_and_write(fz: freeze.Tree, fd: int, note: Progress,
 def _capture_process(w: ImageWriter, fz: freeze.Frozen, note: Progress,
                      known: dict[str, MappedFile], ghost_limit: int | None,
                      repairs: inet.Repairs | None, shared: sharing.TreeFds,
-                     written: set[int]) -> tuple[int, int]:
+                     written: set[int], parent: int, cow: list[tuple[int, int]]
+                     ) -> tuple[int, int]:
     """One live process's records and page data; (vmas, fds) written. written: the
-    ghosts whose bytes an earlier process of the tree has written."""
+    ghosts whose bytes an earlier process of the tree has written; parent: its
+    parent's PID if that is in the tree (and so in the image before it), else 0;
+    cow: the pages it shares with that parent (memmap.same_as_parent)."""
     pid = fz.pid
     others = [t for t in fz.tids if t != pid]
     threads.check_creds(pid, others)
@@ -238,6 +245,7 @@ def _capture_process(w: ImageWriter, fz: freeze.Frozen, note: Progress,
         identities = [fileid.still(known.get(p)) or fileid.identify(p) for p in mapped]
         note("pages", 0)
         runs = memmap.page_runs(pid, vmas)
+        same = memmap.split_cow(vmas, runs, cow)
         for rec in (tsk, mm, sig, *thread_recs, *identities, *vmas):
             w.record(rec)
         readable = [r for v in vmas if memmap.is_readable(v) for r in runs.get(v.start, [])]
@@ -246,6 +254,9 @@ def _capture_process(w: ImageWriter, fz: freeze.Frozen, note: Progress,
             w.pages(pid, -1, readable)
         if hidden:
             w.pages(pid, mem_fd, hidden)  # /proc/PID/mem reads what mprotect hides
+        for at in range(0, len(same), RUNS_PER_RECORD):  # records of bounded size
+            part = same[at:at + RUNS_PER_RECORD]
+            w.record(CowPages(source=parent, runs=[x for run in part for x in run]))
         for rec in (*fds, *pipe_recs, *ghost_recs):
             w.record(rec)
         ghosts.write_contents(w, pid, ghost_recs, fds, vmas, written)

@@ -7,6 +7,7 @@ functions below `# ---- restore`."""
 
 from __future__ import annotations
 
+import bisect
 import os
 import struct
 from dataclasses import dataclass
@@ -103,6 +104,69 @@ def page_runs(pid: int, vmas: list[Vma]) -> dict[int, list[tuple[int, int]]]:
     finally:
         os.close(pm)
     return runs
+
+
+def same_as_parent(pid: int, parent: int) -> list[tuple[int, int]]:
+    """The private pages pid still shares with its parent since fork: one physical
+    page at the same address in both. Both frozen; to be asked before any page of
+    either is read, since reading (process_vm_readv pins pages) unshares them."""
+    private = [(m.start, m.end) for m in _proc.parse_maps(_proc.read_text(pid, "maps"))
+               if m.perms[3] == "p" and m.path not in ("[vsyscall]", "[vvar]", "[vdso]",
+                                                       "[vvar_vclock]")]
+    mine = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    theirs = os.open(f"/proc/{parent}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return nat.same_pages(mine, theirs, private)
+    finally:
+        os.close(mine)
+        os.close(theirs)
+
+
+def split_cow(vmas: list[Vma], runs: dict[int, list[tuple[int, int]]],
+              same: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Take out of runs the pages that are the same as the parent's (same, from
+    same_as_parent); return them."""
+    out: list[tuple[int, int]] = []
+    for v in vmas:
+        if v.start not in runs:
+            continue
+        common = _common(runs[v.start], same)
+        if common:
+            runs[v.start] = _without(runs[v.start], common)
+            v.cow_bytes = sum(e - s for s, e in common)
+            v.data_bytes -= v.cow_bytes
+            out += common
+    return out
+
+
+def _common(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The intersection of two sorted lists of disjoint ranges."""
+    out, i, j = [], 0, bisect.bisect_right(b, (a[0][0], 0)) - 1 if a else 0
+    j = max(j, 0)
+    while i < len(a) and j < len(b):
+        s, e = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if s < e:
+            out.append((s, e))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def _without(runs: list[tuple[int, int]], taken: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """runs less taken (sorted ranges, each of taken inside one of runs)."""
+    out, i = [], 0
+    for s, e in runs:
+        at = s
+        while i < len(taken) and taken[i][0] < e:
+            if taken[i][0] > at:
+                out.append((at, taken[i][0]))
+            at = taken[i][1]
+            i += 1
+        if at < e:
+            out.append((at, e))
+    return out
 
 
 def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
@@ -250,7 +314,7 @@ def map_vmas(s, vmas: list[Vma], ghost_fds: dict[int, int]) -> None:
                 continue
             shared = v.perms[3] == "s"
             prot = prot_of(v.perms)
-            if v.data_bytes:
+            if v.data_bytes or v.cow_bytes:
                 prot |= PROT_READ | PROT_WRITE
             flags = MAP_FIXED | (MAP_SHARED if shared else MAP_PRIVATE)
             if "gd" in v.vmflags:
@@ -279,7 +343,8 @@ def finish_vmas(s, vmas: list[Vma]) -> None:
     for v in vmas:
         if v.role in VDSO_ROLES:
             continue
-        if v.data_bytes and prot_of(v.perms) != prot_of(v.perms) | PROT_READ | PROT_WRITE:
+        if (v.data_bytes or v.cow_bytes) and \
+                prot_of(v.perms) != prot_of(v.perms) | PROT_READ | PROT_WRITE:
             s.call(nr.mprotect, v.start, v.end - v.start, prot_of(v.perms), what="mprotect")
         for flag in v.vmflags:
             if flag in MADVISE:

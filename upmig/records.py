@@ -92,6 +92,7 @@ class Vma:
     vmflags: list[str]       # two-letter VmFlags from smaps
     data_bytes: int = 0      # bytes of page contents stored in the image
     ghost: int = 0           # role "ghost": the Ghost (a file that travels in the image) it maps
+    cow_bytes: int = 0       # bytes of pages the same as the parent's (CowPages)
 
 
 @dataclass
@@ -114,6 +115,17 @@ class Pages:
     runs: list[int]          # flat [start0, end0, start1, end1, ...]
     nbytes: int
     target: str = ""         # "": process memory; "ghost:ID": offsets in that Ghost file
+
+
+@dataclass
+class CowPages:
+    """Runs of private pages that were one physical page with the parent's at the same
+    addresses (copy-on-write since fork): their bytes are the parent's, not stored
+    again. The parent's section comes first; resume copies them from it."""
+
+    kind: ClassVar[str] = "cow_pages"
+    source: int              # the parent's PID (as in its Process record)
+    runs: list[int]          # flat [start0, end0, start1, end1, ...]
 
 
 @dataclass
@@ -201,8 +213,8 @@ class Trailer:
 
 
 RECORD_TYPES: dict[str, type] = {
-    cls.kind: cls for cls in (Header, Process, Task, MM, Vma, MappedFile, Pages, Fd, Pipe, Ghost,
-                              Signals, Thread, Trailer)
+    cls.kind: cls for cls in (Header, Process, Task, MM, Vma, MappedFile, Pages, CowPages, Fd,
+                              Pipe, Ghost, Signals, Thread, Trailer)
 }
 
 
@@ -218,5 +230,6 @@ def from_wire(kind: str, body: dict) -> Any:
     return cls(**{f.name: body[f.name] for f in fields(cls) if f.name in body})
 
 
-__all__ = ["Header", "Process", "Task", "MM", "Vma", "MappedFile", "Pages", "Fd", "Pipe", "Ghost",
+__all__ = ["Header", "Process", "Task", "MM", "Vma", "MappedFile", "Pages", "CowPages", "Fd",
+           "Pipe", "Ghost",
            "Signals", "Thread", "Trailer", "RECORD_TYPES", "to_wire", "from_wire"]

@@ -37,7 +37,7 @@ from upmig import (
 )
 from upmig.errors import Corrupt, Mismatch, RestoreError, UpmigError, describe_oserror
 from upmig.inject import SCRATCH, Session
-from upmig.records import MM, Fd, Ghost, Header, MappedFile, Signals, Task, Thread, Vma
+from upmig.records import MM, CowPages, Fd, Ghost, Header, MappedFile, Signals, Task, Thread, Vma
 from upmig.syscalls import nr
 
 STUB = Path(__file__).resolve().parent / "upmig-stub"
@@ -297,20 +297,27 @@ def _rebuild_tree(root: int, sections: list[image.Section], set_tid: bool
     stopped under ptrace. The root's team comes first."""
     by_pid = {sec.process.pid: sec for sec in sections}
     born = tree.create(root, [sec.process for sec in sections], set_tid)
-    reg = sharing.Registry()
-    contents: dict[str, list[image.PageData]] = {}  # a ghost's bytes, for whoever makes it
+    t = _Tree(sharing.Registry(), {}, {b.rec.pid: b.outer for b in born})
     for sec in sections:
         for pd in sec.pages:
             if pd.target:
-                contents.setdefault(pd.target, []).append(pd)
-    teams = [_rebuild(b, by_pid[b.rec.pid], set_tid, reg, contents) for b in born]
+                t.contents.setdefault(pd.target, []).append(pd)
+    teams = [_rebuild(b, by_pid[b.rec.pid], set_tid, t) for b in born]
     for team in teams:  # every process has taken what it shares from the others
-        reg.close_parked(team[0].outer, team[0].s.inj.gadget)
+        t.reg.close_parked(team[0].outer, team[0].s.inj.gadget)
     return teams
 
 
-def _rebuild(b: tree.Born, img: image.Section, set_tid: bool, reg: sharing.Registry,
-             contents: dict[str, list[image.PageData]]) -> list[Member]:
+@dataclass
+class _Tree:
+    """What the processes of a tree draw on from each other while they are rebuilt."""
+
+    reg: sharing.Registry                   # descriptions and ghosts made so far
+    contents: dict[str, list[image.PageData]]  # each ghost's bytes, by pages target
+    outer: dict[int, int]                   # a process's PID in the image -> here
+
+
+def _rebuild(b: tree.Born, img: image.Section, set_tid: bool, t: _Tree) -> list[Member]:
     """One process, from a bare stub into what its section of the image holds."""
     pid = b.outer
     stub_regs = nat.get_regs(pid)
@@ -332,14 +339,15 @@ def _rebuild(b: tree.Born, img: image.Section, set_tid: bool, reg: sharing.Regis
             inj.set_stack(scratch + SCRATCH - 64)
             s = Session(inj, scratch, mem_fd)
             task.open_fd_limit(pid, tsk, files.spare_fd(img) + 64 + len(img.of(Ghost)))
-            ghost_fds = ghosts.make_all(s, pid, b.inner, img, files.spare_fd(img), reg,
-                                        contents)
+            ghost_fds = ghosts.make_all(s, pid, b.inner, img, files.spare_fd(img), t.reg,
+                                        t.contents)
             memmap.map_vmas(s, vmas, ghost_fds)
         _fill_memory(pid, img)
+        _copy_cow(pid, mem_fd, img, t.outer)
         with inject.pinned_with(pid, cpu):
             memmap.finish_vmas(s, vmas)
             memmap.restore_mm(s, img.one(MM), tsk.exe)
-            _stage_process(s, pid, b.inner, img, ghost_fds, reg)
+            _stage_process(s, pid, b.inner, img, ghost_fds, t.reg)
             team = _stage_threads(s, pid, b.inner, img.of(Thread), set_tid)
             for m in team:  # credentials last: they may drop our rights over it
                 task.restore_creds(m.s, pid, m.outer, tsk)
@@ -438,6 +446,21 @@ def _fill_memory(pid: int, img: image.Records) -> None:
         if pd.target:  # a ghost file's contents: see upmig.ghosts
             continue
         nat.fill_pages(pid, -1, pd.sources(base), pd.runs)
+
+
+def _copy_cow(pid: int, mem_fd: int, img: image.Records, outer: dict[int, int]) -> None:
+    """Pages the process shared with its parent at dump: from the parent, rebuilt
+    before it (and not running yet)."""
+    for rec in img.of(CowPages):
+        runs = list(zip(rec.runs[0::2], rec.runs[1::2], strict=True))
+        if rec.source not in outer or any(a >= b or (a | b) % nat.PAGE for a, b in runs):
+            raise Corrupt(f"a cow_pages record of pid {img.process.pid} is malformed",
+                          what=img.path)
+        src = os.open(f"/proc/{outer[rec.source]}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            nat.copy_same_addresses(outer[rec.source], src, pid, mem_fd, runs)
+        finally:
+            os.close(src)
 
 
 def _stage_registers(tid: int, th: Thread) -> None:

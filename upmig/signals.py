@@ -9,11 +9,12 @@ from __future__ import annotations
 import struct
 
 from upmig import _native as nat
+from upmig import _proc
 from upmig.inject import Session
 from upmig.records import Signals
 from upmig.syscalls import nr
 
-SIGKILL, SIGSTOP, NSIG = 9, 19, 64
+SIGKILL, SIGCHLD, SIGSTOP, NSIG = 9, 17, 19, 64
 KSIGACTION = struct.Struct("<QQQQ")   # handler, flags, restorer, mask
 STACK_T = struct.Struct("<QiiQ")      # ss_sp, ss_flags, pad, ss_size
 ITIMERVAL = struct.Struct("<qqqq")    # interval {sec, usec}, value {sec, usec}
@@ -22,13 +23,19 @@ SS_DISABLE, SS_ONSTACK = 2, 1
 
 
 def capture(s: Session, pid: int) -> Signals:
+    """Only the signals /proc says are caught or ignored are asked for (and SIGCHLD,
+    whose SA_NOCLDSTOP counts even at SIG_DFL): a default disposition's flags and
+    mask do nothing, and every query is a round trip into the process."""
     buf = s.scratch
-    for sig in range(1, NSIG + 1):
+    status = _proc.parse_status(_proc.read_text(pid, "status"))
+    chosen = int(status["SigCgt"], 16) | int(status["SigIgn"], 16) | 1 << (SIGCHLD - 1)
+    sigs = [sig for sig in range(1, NSIG + 1) if chosen >> (sig - 1) & 1]
+    for sig in sigs:
         s.call(nr.rt_sigaction, sig, 0, buf + (sig - 1) * KSIGACTION.size, 8,
                what=f"rt_sigaction({sig})")
     raw = s.read(buf, NSIG * KSIGACTION.size)
     actions = [[sig, *KSIGACTION.unpack_from(raw, (sig - 1) * KSIGACTION.size)]
-               for sig in range(1, NSIG + 1)]
+               for sig in sigs]
     itimers = []
     for which in ITIMERS:
         s.call(nr.getitimer, which, buf, what="getitimer")
@@ -39,10 +46,11 @@ def capture(s: Session, pid: int) -> Signals:
 
 
 def restore(s: Session, tgid: int, rec: Signals) -> None:
-    """From inside the leader; tgid is the process's id as it sees itself."""
+    """From inside the leader; tgid is the process's id as it sees itself. A signal
+    not in the record keeps the new process's default."""
     buf = s.scratch
     for sig, handler, flags, restorer, mask in rec.actions:
-        if sig in (SIGKILL, SIGSTOP):
+        if sig in (SIGKILL, SIGSTOP) or not (handler or flags or mask):
             continue
         s.write(buf, KSIGACTION.pack(handler, flags, restorer, mask))
         s.call(nr.rt_sigaction, sig, buf, 0, 8, what=f"rt_sigaction({sig})")

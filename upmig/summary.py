@@ -96,6 +96,7 @@ def _process(img: image.Records) -> dict:
         "signals": signals.describe(img.one(Signals)),
         "totals": {"vmas": len(vmas), "mapped_bytes": sum(v.end - v.start for v in vmas),
                    "stored_bytes": sum(v.data_bytes for v in vmas),
+                   "same_as_parent_bytes": sum(v.cow_bytes for v in vmas),
                    "records": len(img.records)},
     }
 
