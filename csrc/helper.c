@@ -310,6 +310,12 @@ long up_copy_same_addresses(int src_pid, int src_mem_fd, int dst_pid, int dst_me
     return total;
 }
 
+long up_syscall4(long nr, long a, long b, long c, uint64_t d)
+{
+    long r = syscall(nr, a, b, c, d);
+    return r < 0 ? -errno : r;
+}
+
 /* ---- bulk copies ---- */
 
 /* A position in the byte stream formed by a list of ranges laid end to end. */

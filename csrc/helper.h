@@ -83,6 +83,10 @@ long up_same_pages(int pagemap_a, int pagemap_b, const struct up_range *runs, si
 long up_copy_same_addresses(int src_pid, int src_mem_fd, int dst_pid, int dst_mem_fd,
                             const struct up_range *runs, size_t nruns);
 
+/* syscall(nr, a, b, c, d) from upmig itself, for calls Python lacks (SysV IPC);
+ * its result, or -errno. */
+long up_syscall4(long nr, long a, long b, long c, uint64_t d);
+
 /* Copy the target's bytes in runs[] into out_fd (a file, from its current offset) as
  * data frames of chunk (<= 4 MiB) bytes, by nthreads threads (<= 8), chaining the
  * hash from stats->hash; leaves the offset at the end. Reads with process_vm_readv,

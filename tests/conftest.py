@@ -106,9 +106,17 @@ def migrate_at_random(run, hops: int, seed: int, spread: float) -> None:
     rnd = random.Random(seed)
     for _ in range(hops):
         time.sleep(rnd.uniform(0.05, spread))
-        if (run.resumer or run.proc).poll() is not None:
+        if (run.resumer or run.proc).poll() is not None or not _running(run.pid):
             return  # it finished before we got to it: the comparison still holds
         run.hop()
+
+
+def _running(pid: int) -> bool:
+    """Not ended (a zombie waits for its parent, upmig resume say, to notice)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except OSError:
+        return False
 
 
 def feed_after_resume(r, data: bytes) -> None:
@@ -239,6 +247,12 @@ class Run:
         assert self.out_path.read_bytes() == expected
 
     def kill(self) -> None:
+        kids = descendants(self.pid)  # a tree's other processes too
+        for child in kids:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         for p in (self.proc, self.resumer):
             if p is not None and p.poll() is None:
                 try:
@@ -246,6 +260,14 @@ class Run:
                 except ProcessLookupError:
                     pass
                 p.wait(timeout=10)
+        for child in kids:  # orphaned: they come to us, the subreaper
+            end = time.monotonic() + 5
+            while os.path.exists(f"/proc/{child}") and time.monotonic() < end:
+                try:
+                    os.waitpid(child, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+                time.sleep(0.005)
 
 
 @pytest.fixture

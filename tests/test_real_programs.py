@@ -28,6 +28,20 @@ def test_python_output_equals_straight_run(run_victim, tmp_path, seed):
     r.ends_as(expected)
 
 
+@pytest.mark.parametrize("seed", [5])
+def test_multiprocessing_pool_output_equals_straight_run(run_victim, tmp_path, seed):
+    """python3's multiprocessing.Pool with fork: parent, threads, three workers, their
+    pipes and shared semaphores move together."""
+    job = [sys.executable, str(VICTIMS / "mppool.py"), "50"]
+    expected = straight_run(job, tmp_path)
+    assert expected.endswith(b"DONE\n")
+    r = run_victim(job)
+    r.wait_output("READY\n")
+    migrate_at_random(r, hops=2, seed=seed, spread=0.8)
+    assert r.hops >= 1
+    r.ends_as(expected)
+
+
 def test_python_chain_of_five(run_victim, tmp_path):
     expected = straight_run(python_job(), tmp_path)
     r = run_victim(python_job())

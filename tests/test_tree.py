@@ -97,8 +97,10 @@ def test_a_job_on_a_shells_terminal_needs_shell_job(tmp_path):
     shell = subprocess.Popen([sys.executable, str(VICTIMS / "shelljob.py"), str(out)],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                              start_new_session=True)
+    inner = 0  # the stand-in shell, in a session of its own
     try:
         job = int(shell.stdout.readline())
+        inner = int(Path(f"/proc/{job}/stat").read_text().rsplit(")", 1)[1].split()[1])
         wait_for(lambda: out.exists() and out.read_text().count("\n") > 5, 10, "counting")
         img = tmp_path / "job.upmig"
         res = run_upmig("dump", str(job), "-o", str(img), check=False)
@@ -114,19 +116,31 @@ def test_a_job_on_a_shells_terminal_needs_shell_job(tmp_path):
         numbers = [int(n) for n in out.read_text().split()]
         assert numbers == list(range(len(numbers)))  # on from where it was, none twice
     finally:
+        if inner:
+            os.kill(inner, signal.SIGKILL)
         os.killpg(shell.pid, signal.SIGKILL)
         shell.wait()
 
 
-@pytest.mark.parametrize("seed", [4, 5])
-def test_shared_memory_of_every_kind_stays_shared(run_victim, tmp_path, seed):
-    """Anonymous MAP_SHARED memory, a memfd, a POSIX shm object and a POSIX named
-    semaphore shared by a parent and two workers: after moves they still hand the
-    rounds back and forth, and the report equals an unmoved run's."""
-    victim = str(build_victim("sharedmem"))
-    expected = straight_run([victim], tmp_path)
-    assert expected.endswith(b"seals 0x6\nDONE\n"), expected[-200:]
-    r = run_victim("sharedmem")
+SHARING_VICTIMS = {
+    # Anonymous MAP_SHARED memory, a memfd, a POSIX shm object and a POSIX named
+    # semaphore shared by a parent and two workers.
+    "sharedmem": b"seals 0x6\nDONE\n",
+    # shmget + fork, both sides writing and reading, turns taken through a SysV
+    # semaphore set; a segment removed but attached; ids, key, mode checked at the end.
+    "sysvshm": b"segment A ok\nDONE\n",
+}
+
+
+@pytest.mark.parametrize(("name", "seed"), [("sharedmem", 4), ("sharedmem", 5), ("sysvshm", 6),
+                                            ("sysvshm", 7)])
+def test_shared_memory_stays_shared(run_victim, tmp_path, name, seed):
+    """Processes that can only go on together if their memory is still shared: after
+    moves they still hand the rounds back and forth, and the report equals an
+    unmoved run's."""
+    expected = straight_run([str(build_victim(name))], tmp_path)
+    assert expected.endswith(SHARING_VICTIMS[name]), expected[-200:]
+    r = run_victim(name)
     r.wait_output("READY\n")
     migrate_at_random(r, hops=2, seed=seed, spread=1.0)
     assert r.hops >= 1
@@ -174,6 +188,43 @@ def test_copy_on_write_pages_are_stored_once(run_victim):
     r.resume(img)
     assert r.finish() == 0
     assert r.output().endswith("PASS 8\n"), r.output()
+
+
+def test_sysv_objects_are_made_again_under_their_ids(run_victim):
+    """Dumped, then every SysV object removed (as on another machine): resume makes
+    them again with the same ids, key and mode."""
+    others = _sysv_rows(0)["sem"]
+    r = run_victim("sysvshm", "100000")
+    r.wait_output("READY\n")
+    before = _sysv_rows(r.pid, others)
+    assert len(before["shm"]) == 2 and len(before["sem"]) == 1
+    img = r.dump()
+    for shmid in before["shm"]:
+        subprocess.run(["ipcrm", "-m", str(shmid)], check=False)
+    for semid in before["sem"]:
+        subprocess.run(["ipcrm", "-s", str(semid)], check=True)
+    r.resume(img)
+    after = _sysv_rows(r.pid, others)
+    assert after == before
+    r.kill()
+    for shmid in after["shm"]:
+        subprocess.run(["ipcrm", "-m", str(shmid)], check=False)
+    subprocess.run(["ipcrm", "-s", str(*after["sem"])], check=False)
+
+
+def _sysv_rows(pid: int, others=()) -> dict[str, dict[int, tuple]]:
+    """The segments the tree of pid attaches, and the key-less semaphore sets but
+    others: id -> (key, mode, size or nsems)."""
+    attached = {int(line.split()[4]) for p in ([pid, *descendants(pid)] if pid else [])
+                for line in Path(f"/proc/{p}/maps").read_text().splitlines() if "/SYSV" in line}
+    rows: dict[str, dict[int, tuple]] = {"shm": {}, "sem": {}}
+    for kind in rows:
+        for line in Path(f"/proc/sysvipc/{kind}").read_text().splitlines()[1:]:
+            key, ipc_id, mode, size = line.split()[:4]
+            if kind == "shm" and int(ipc_id) in attached or \
+                    kind == "sem" and int(key) == 0 and int(ipc_id) not in others:
+                rows[kind][int(ipc_id)] = (int(key), mode, int(size))
+    return rows
 
 
 SHARED_COUNTER = """

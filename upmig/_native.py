@@ -235,6 +235,12 @@ def copy_same_addresses(src: int, src_mem_fd: int, dst: int, dst_mem_fd: int,
                  "copying pages from the parent process", dst)
 
 
+def syscall(nr: int, a: int = 0, b: int = 0, c: int = 0, d: int = 0, *, what: str) -> int:
+    """A syscall made by upmig itself (SysV IPC, which Python lacks); pointers as
+    ints (ffi.cast("uintptr_t", buf)). Raises OSError naming what."""
+    return check(lib.up_syscall4(nr, a, b, c, d), what)
+
+
 def copy_threads(nbytes: int) -> int:
     """Threads for a bulk copy: one per CPU we may use (fresh pages fault in per CPU,
     so two CPUs fill memory about twice as fast), but one for small copies."""

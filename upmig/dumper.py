@@ -28,6 +28,7 @@ from upmig import (
     regs,
     sharing,
     signals,
+    sysv,
     task,
     threads,
     tree,
@@ -184,12 +185,14 @@ def _capture_and_write(fz: freeze.Tree, fd: int, note: Progress,
     procs += [tree.zombie_record(z) for z in fz.zombies]
     tree.check(procs, shell_job)
     ghosts.refuse_outsiders(fz.members)
+    ipc = sysv.capture(fz.members)
     shared = sharing.scan(fz.members)
     w = ImageWriter(fd, progress=lambda n: note("pages", n))
     uts = os.uname()
     w.record(Header(arch=uts.machine, kernel=uts.release, upmig_version=__version__,
                     created=time.time(), hostname=uts.nodename,
                     page_size=os.sysconf("SC_PAGE_SIZE"), pid=fz.pid))
+    sysv.write(w, ipc)  # the tree's, before any process's section
     nvma = nfd = 0
     written: set[int] = set()  # ghosts whose bytes are in the image already
     live = {m.pid for m in fz.members}

@@ -150,13 +150,14 @@ def refuse_outsiders(members: list[Frozen]) -> None:
 
 def _travels(path: str) -> bool:
     bare = path.removesuffix(" (deleted)")
-    return bare in ("", "/dev/zero") or bare.startswith(("[anon_shmem:", *IN_MEMORY)) \
-        or (path != bare and not path.startswith(("/dev/", "/SYSV")))
+    return bare in ("", "/dev/zero") or bare.startswith(("[anon_shmem:", "/SYSV", *IN_MEMORY)) \
+        or (path != bare and not path.startswith("/dev/"))
 
 
 def _shown(path: str) -> str:
     bare = path.removesuffix(" (deleted)")
-    return "anonymous shared memory" if bare in ("", "/dev/zero") else bare
+    return "anonymous shared memory" if bare in ("", "/dev/zero") else \
+        f"SysV segment {bare}" if bare.startswith("/SYSV") else bare
 
 
 # ---- resume

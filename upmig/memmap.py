@@ -33,6 +33,8 @@ def role_of(m: _proc.MapsLine) -> str:
     if path in ("[vdso]", "[vvar]", "[vvar_vclock]"):
         return path[1:-1]
     shared = m.perms[3] == "s"
+    if path.startswith("/SYSV"):
+        return "sysv"  # a SysV segment: see upmig.sysv
     if path == "/dev/zero (deleted)" and shared:
         return "ghost"  # shared anonymous memory: its shmem file travels (upmig.ghosts)
     if path == "" or path.startswith(("[anon:", "[anon_shmem:")):
@@ -46,8 +48,6 @@ def role_of(m: _proc.MapsLine) -> str:
 
 def _refusal(m: _proc.MapsLine, role: str) -> str | None:
     path = m.path
-    if path.startswith("/SYSV"):
-        return f"maps SysV shared memory ({path}); SysV shm is not supported yet"
     if path.startswith("[") and role not in ("heap", "stack", "vdso", "vvar", "vvar_vclock",
                                              "anon", "ghost"):
         return f"has the mapping {path}, which upmig cannot move"
@@ -72,10 +72,11 @@ def list_vmas(pid: int) -> list[Vma]:
         path = m.path.removesuffix(" (deleted)") if ghost else m.path
         vmas.append(Vma(start=m.start, end=m.end, perms=m.perms, offset=m.offset,
                         path="" if ghost and path in ("", "/dev/zero") else path
-                        if role in ("file", "ghost") or path.startswith("[anon") else "",
+                        if role in ("file", "ghost", "sysv") or path.startswith("[anon")
+                        else "",
                         role=role, vmflags=vmflags.get(m.start, []),
                         ghost=fileid.object_id(os.stat(map_file(pid, m.start, m.end)))
-                        if ghost else 0))
+                        if ghost else m.inode if role == "sysv" else 0))
     return vmas
 
 
@@ -310,7 +311,7 @@ def map_vmas(s, vmas: list[Vma], ghost_fds: dict[int, int]) -> None:
     files = FileOpener(s)
     try:
         for v in vmas:
-            if v.role in VDSO_ROLES:
+            if v.role in VDSO_ROLES or v.role == "sysv":  # attached already (upmig.sysv)
                 continue
             shared = v.perms[3] == "s"
             prot = prot_of(v.perms)

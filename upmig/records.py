@@ -88,10 +88,10 @@ class Vma:
     perms: str               # as in /proc/PID/maps: "rw-p"
     offset: int
     path: str                # backing file, [heap]/[stack]/[vdso]..., or ""
-    role: str                # anon | file | ghost | heap | stack | vdso | vvar...
+    role: str                # anon | file | ghost | sysv | heap | stack | vdso | vvar...
     vmflags: list[str]       # two-letter VmFlags from smaps
     data_bytes: int = 0      # bytes of page contents stored in the image
-    ghost: int = 0           # role "ghost": the Ghost (a file that travels in the image) it maps
+    ghost: int = 0           # role "ghost": the Ghost it maps; role "sysv": the shmid
     cow_bytes: int = 0       # bytes of pages the same as the parent's (CowPages)
 
 
@@ -126,6 +126,34 @@ class CowPages:
     kind: ClassVar[str] = "cow_pages"
     source: int              # the parent's PID (as in its Process record)
     runs: list[int]          # flat [start0, end0, start1, end1, ...]
+
+
+@dataclass
+class SysvShm:
+    """A SysV shared memory segment the tree attaches (or made and holds by id); its
+    bytes follow in pages records whose target is "sysv:ID". Written before the
+    first process's section: it belongs to the tree, not to one process."""
+
+    kind: ClassVar[str] = "sysv_shm"
+    id: int                  # shmid, kept on resume (programs hold it)
+    key: int                 # 0: IPC_PRIVATE (or removed)
+    size: int
+    mode: int                # permissions, with SHM_DEST (0o1000) if it was removed
+    uid: int
+    gid: int
+
+
+@dataclass
+class SysvSem:
+    """A SysV semaphore set a process of the tree was the last to operate on."""
+
+    kind: ClassVar[str] = "sysv_sem"
+    id: int
+    key: int
+    mode: int
+    uid: int
+    gid: int
+    values: list[int]
 
 
 @dataclass
@@ -214,7 +242,7 @@ class Trailer:
 
 RECORD_TYPES: dict[str, type] = {
     cls.kind: cls for cls in (Header, Process, Task, MM, Vma, MappedFile, Pages, CowPages, Fd,
-                              Pipe, Ghost, Signals, Thread, Trailer)
+                              Pipe, Ghost, SysvShm, SysvSem, Signals, Thread, Trailer)
 }
 
 
@@ -231,5 +259,5 @@ def from_wire(kind: str, body: dict) -> Any:
 
 
 __all__ = ["Header", "Process", "Task", "MM", "Vma", "MappedFile", "Pages", "CowPages", "Fd",
-           "Pipe", "Ghost",
+           "Pipe", "Ghost", "SysvShm", "SysvSem",
            "Signals", "Thread", "Trailer", "RECORD_TYPES", "to_wire", "from_wire"]

@@ -31,13 +31,27 @@ from upmig import (
     regs,
     sharing,
     signals,
+    sysv,
     task,
     threads,
     tree,
 )
 from upmig.errors import Corrupt, Mismatch, RestoreError, UpmigError, describe_oserror
 from upmig.inject import SCRATCH, Session
-from upmig.records import MM, CowPages, Fd, Ghost, Header, MappedFile, Signals, Task, Thread, Vma
+from upmig.records import (
+    MM,
+    CowPages,
+    Fd,
+    Ghost,
+    Header,
+    MappedFile,
+    Signals,
+    SysvSem,
+    SysvShm,
+    Task,
+    Thread,
+    Vma,
+)
 from upmig.syscalls import nr
 
 STUB = Path(__file__).resolve().parent / "upmig-stub"
@@ -108,7 +122,7 @@ def resume(image_path: str, *, pids: str = "same", notice: Notice | None = None,
         pid = 0
         try:
             pid = _spawn_stub(0 if pids == "new" else want, ns)
-            teams = _rebuild_tree(pid, sections, pids != "new")
+            teams = _rebuild_tree(pid, img, pids != "new")
             _let_go(pid, teams, ready)
         except BaseException as e:
             if pid:
@@ -291,20 +305,26 @@ def _kill_tree(root: int) -> None:
 
 # ---- the stages
 
-def _rebuild_tree(root: int, sections: list[image.Section], set_tid: bool
-                  ) -> list[list[Member]]:
+def _rebuild_tree(root: int, img: image.Image, set_tid: bool) -> list[list[Member]]:
     """Every process made from the stub `root`, then rebuilt one by one; all left
     stopped under ptrace. The root's team comes first."""
+    sections = img.processes()
     by_pid = {sec.process.pid: sec for sec in sections}
-    born = tree.create(root, [sec.process for sec in sections], set_tid)
-    t = _Tree(sharing.Registry(), {}, {b.rec.pid: b.outer for b in born})
-    for sec in sections:
-        for pd in sec.pages:
-            if pd.target:
-                t.contents.setdefault(pd.target, []).append(pd)
-    teams = [_rebuild(b, by_pid[b.rec.pid], set_tid, t) for b in born]
-    for team in teams:  # every process has taken what it shares from the others
-        t.reg.close_parked(team[0].outer, team[0].s.inj.gadget)
+    contents: dict[str, list[image.PageData]] = {}
+    for pd in img.pages:
+        if pd.target:
+            contents.setdefault(pd.target, []).append(pd)
+    ipc = sysv.make_all(img.of(SysvShm), img.of(SysvSem), img.data, contents)
+    try:
+        born = tree.create(root, [sec.process for sec in sections], set_tid)
+        t = _Tree(sharing.Registry(), contents, {b.rec.pid: b.outer for b in born}, ipc.sizes)
+        teams = [_rebuild(b, by_pid[b.rec.pid], set_tid, t) for b in born]
+        for team in teams:  # every process has taken what it shares from the others
+            t.reg.close_parked(team[0].outer, team[0].s.inj.gadget)
+    except BaseException:
+        sysv.undo(ipc)
+        raise
+    sysv.finish(ipc)
     return teams
 
 
@@ -315,6 +335,7 @@ class _Tree:
     reg: sharing.Registry                   # descriptions and ghosts made so far
     contents: dict[str, list[image.PageData]]  # each ghost's bytes, by pages target
     outer: dict[int, int]                   # a process's PID in the image -> here
+    segments: dict[int, int]                # SysV shmid -> size, made (upmig.sysv)
 
 
 def _rebuild(b: tree.Born, img: image.Section, set_tid: bool, t: _Tree) -> list[Member]:
@@ -339,6 +360,7 @@ def _rebuild(b: tree.Born, img: image.Section, set_tid: bool, t: _Tree) -> list[
             inj.set_stack(scratch + SCRATCH - 64)
             s = Session(inj, scratch, mem_fd)
             task.open_fd_limit(pid, tsk, files.spare_fd(img) + 64 + len(img.of(Ghost)))
+            sysv.attach(s, vmas, t.segments)
             ghost_fds = ghosts.make_all(s, pid, b.inner, img, files.spare_fd(img), t.reg,
                                         t.contents)
             memmap.map_vmas(s, vmas, ghost_fds)

@@ -15,6 +15,8 @@ from upmig.records import (
     Pipe,
     Process,
     Signals,
+    SysvSem,
+    SysvShm,
     Task,
     Thread,
     Vma,
@@ -52,6 +54,10 @@ def _summary(img: image.Image) -> dict:
         **procs[0],           # the root's, at the top for a single process
         "processes": procs,   # every live process's, root first
         "ghosts": _ghosts(img),
+        "sysv": {"shm": [{"id": g.id, "key": g.key, "size": g.size, "mode": f"{g.mode:o}",
+                          "removed": bool(g.mode & 0o1000)} for g in img.of(SysvShm)],
+                 "sem": [{"id": m.id, "key": m.key, "mode": f"{m.mode:o}", "values": m.values}
+                         for m in img.of(SysvSem)]},
         "records": len(img.records),
     }
 
@@ -186,6 +192,15 @@ def render(s: dict) -> str:
             dead = f"  zombie, exit status {t['exit_status']:#x}" if t.get("zombie") else ""
             out.append(f"          {'  ' * depth[t['pid']]}pid {t['pid']} {t['comm']!r}  "
                        f"pgid {t['pgid']} sid {t['sid']}{dead}")
+    for g in s["ghosts"]:
+        out.append(f"shared    {g['type']} {g['path']}: {_size(g['size'])} ({_size(g['stored'])} "
+                   f"stored), held by {', '.join(map(str, g['held_by']))}")
+    for g in s["sysv"]["shm"]:
+        out.append(f"sysv shm  id {g['id']} key {g['key']:#x} mode {g['mode']} "
+                   f"{_size(g['size'])}{'  removed' if g['removed'] else ''}")
+    for m in s["sysv"]["sem"]:
+        out.append(f"sysv sem  id {m['id']} key {m['key']:#x} mode {m['mode']} "
+                   f"values {m['values']}")
     for p in s["processes"]:
         out += _render_process(p)
     return "\n".join(out)

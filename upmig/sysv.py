@@ -1,0 +1,303 @@
+"""SysV shared memory segments and semaphore sets the tree uses.
+
+They belong to the IPC namespace, not to a process: dump records the segments the
+tree attaches (and those a process of it made and holds only by id), with their
+bytes, and the semaphore sets a process of the tree was the last to operate on
+(GETPID), with their values. Resume makes each again under its old id (programs
+keep ids in memory) through shm_next_id / sem_next_id, or takes the one still
+there when it is the same (the same machine: a segment not removed outlives its
+processes). Each process attaches its segments at their addresses (shmat); a
+segment that was removed (IPC_RMID) is removed again once all are attached.
+
+Not moved: SEM_UNDO adjustments (no interface reads them), creator ids and times."""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+
+from upmig import _native as nat
+from upmig import _proc, memmap
+from upmig.errors import CantMigrate, Mismatch, RestoreError
+from upmig.freeze import Frozen
+from upmig.image import ImageWriter, PageData
+from upmig.inject import Session
+from upmig.records import SysvSem, SysvShm, Vma
+from upmig.syscalls import nr
+
+IPC_CREAT, IPC_EXCL, IPC_RMID, IPC_SET, IPC_STAT = 0o1000, 0o2000, 0, 1, 2
+GETPID, GETALL, SETALL = 11, 13, 17
+SHM_RDONLY, SHM_EXEC, SHM_REMAP, SHM_DEST = 0o10000, 0o100000, 0o40000, 0o1000
+IPC_PERM = struct.Struct("<iIIIIH")  # key, uid, gid, cuid, cgid, mode (struct ipc64_perm)
+STAT_SIZE = 256                      # room for shmid64_ds / semid64_ds
+SHM_SEGSZ_AT = 48                    # shmid64_ds.shm_segsz
+SEM_NSEMS_AT = 80                    # semid64_ds.sem_nsems
+
+
+def target(shmid: int) -> str:
+    return f"sysv:{shmid}"
+
+
+# ---- dump
+
+@dataclass
+class Found:
+    """What the tree uses, and where each segment's bytes can be read."""
+
+    shm: list[SysvShm] = field(default_factory=list)
+    sem: list[SysvSem] = field(default_factory=list)
+    source: dict[int, str] = field(default_factory=dict)  # shmid -> a /proc path opening it
+
+
+def capture(members: list[Frozen]) -> Found:
+    found = Found()
+    mine = os.readlink("/proc/self/ns/ipc")
+    pids = {m.pid for m in members}
+    for m in members:
+        for line in _proc.parse_maps(_proc.read_text(m.pid, "maps")):
+            if line.path.startswith("/SYSV"):
+                if _proc.readlink(m.pid, "ns/ipc") != mine:
+                    raise CantMigrate("uses SysV shared memory of another IPC namespace, "
+                                      "which is not supported yet", pid=m.pid)
+                found.source.setdefault(line.inode, memmap.map_file(m.pid, line.start,
+                                                                     line.end))
+    for row in _table("shm"):
+        shmid = int(row["shmid"])
+        if shmid in found.source or int(row["cpid"]) in pids:
+            found.shm.append(SysvShm(id=shmid, key=int(row["key"]), size=int(row["size"]),
+                                     mode=int(row["perms"], 8), uid=int(row["uid"]),
+                                     gid=int(row["gid"])))
+    for row in _table("sem"):
+        semid, nsems = int(row["semid"]), int(row["nsems"])
+        if any(_sem(semid, i, GETPID) in pids for i in range(nsems)):
+            found.sem.append(SysvSem(id=semid, key=int(row["key"]), mode=int(row["perms"], 8),
+                                     uid=int(row["uid"]), gid=int(row["gid"]),
+                                     values=_sem_values(semid, nsems)))
+    return found
+
+
+def _table(what: str) -> list[dict[str, str]]:
+    with open(f"/proc/sysvipc/{what}") as f:
+        head, *rows = f.read().splitlines()
+    names = head.split()
+    return [dict(zip(names, r.split(), strict=False)) for r in rows if r.strip()]
+
+
+def _sem(semid: int, num: int, cmd: int) -> int:
+    return nat.syscall(nr.semctl, semid, num, cmd, 0, what=f"semctl({semid}, {num})")
+
+
+def _sem_values(semid: int, nsems: int) -> list[int]:
+    buf = nat.ffi.new("unsigned short[]", max(nsems, 1))
+    nat.syscall(nr.semctl, semid, 0, GETALL, int(nat.ffi.cast("uintptr_t", buf)),
+                what=f"semctl({semid}, GETALL)")
+    return list(buf)[:nsems]
+
+
+def write(w: ImageWriter, found: Found) -> None:
+    """The records, and each segment's bytes (read through an attachment, or through
+    one of upmig's own for a segment no process attaches)."""
+    for rec in (*found.shm, *found.sem):
+        w.record(rec)
+    for seg in found.shm:
+        if seg.id in found.source:
+            _write_bytes(w, seg, found.source[seg.id])
+            continue
+        at = nat.syscall(nr.shmat, seg.id, 0, SHM_RDONLY, what=f"shmat({seg.id})")
+        try:
+            _write_bytes(w, seg, memmap.map_file(os.getpid(), at, at + _pages(seg.size)))
+        finally:
+            nat.syscall(nr.shmdt, at, what="shmdt")
+
+
+def _write_bytes(w: ImageWriter, seg: SysvShm, source: str) -> None:
+    fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        runs = memmap.data_extents(fd, seg.size)
+        if runs:
+            w.pages(os.getpid(), fd, runs, target=target(seg.id))
+    finally:
+        os.close(fd)
+
+
+def _pages(n: int) -> int:
+    return -(-n // nat.PAGE) * nat.PAGE
+
+
+# ---- resume
+
+@dataclass
+class Made:
+    """What resume made (to be undone if it fails) and what to remove at the end."""
+
+    shm: list[int] = field(default_factory=list)
+    sem: list[int] = field(default_factory=list)
+    removed: list[int] = field(default_factory=list)  # segments to IPC_RMID at the end
+    sizes: dict[int, int] = field(default_factory=dict)  # shmid -> size
+
+
+def make_all(shms: list[SysvShm], sems: list[SysvSem], data, contents: dict[str, list[PageData]]
+             ) -> Made:
+    made = Made()
+    try:
+        for seg in shms:
+            _make_shm(seg, made, data, contents.get(target(seg.id), []))
+        for sem in sems:
+            _make_sem(sem, made)
+    except BaseException:
+        undo(made)
+        raise
+    return made
+
+
+def _make_shm(seg: SysvShm, made: Made, data, pages: list[PageData]) -> None:
+    stat = _stat(nr.shmctl, seg.id)
+    if stat is not None:  # still there: ours only if it is the same
+        key, size = IPC_PERM.unpack_from(stat)[0], struct.unpack_from("<Q", stat, SHM_SEGSZ_AT)[0]
+        if (key, size) != (seg.key, seg.size):
+            raise Mismatch(f"SysV shared memory id {seg.id} is taken here by another segment "
+                           f"(key {key:#x}, {size} bytes)")
+    else:
+        _free_key(nr.shmget, seg.key, seg.size, "shared memory")
+        _next_id("shm", seg.id)
+        got = nat.syscall(nr.shmget, seg.key, seg.size, IPC_CREAT | IPC_EXCL | 0o600,
+                          what="shmget")
+        made.shm.append(got)
+        if got != seg.id:
+            raise Mismatch(f"SysV shared memory id {seg.id} could not be had here (got {got})")
+    _set_perm(nr.shmctl, seg.id, seg.uid, seg.gid, seg.mode)
+    made.sizes[seg.id] = seg.size
+    if seg.mode & SHM_DEST:
+        made.removed.append(seg.id)
+    at = nat.syscall(nr.shmat, seg.id, 0, 0, what=f"shmat({seg.id})")
+    try:
+        fd = os.open(memmap.map_file(os.getpid(), at, at + _pages(seg.size)),
+                     os.O_RDWR | os.O_CLOEXEC)
+        try:
+            base = nat.buffer_address(data)
+            for pd in pages:
+                nat.fill_pages(os.getpid(), fd, pd.sources(base), pd.runs)
+        finally:
+            os.close(fd)
+    finally:
+        nat.syscall(nr.shmdt, at, what="shmdt")
+
+
+def _make_sem(sem: SysvSem, made: Made) -> None:
+    nsems = len(sem.values)
+    stat = _stat(nr.semctl, sem.id)
+    if stat is not None:
+        key, have = IPC_PERM.unpack_from(stat)[0], struct.unpack_from("<Q", stat, SEM_NSEMS_AT)[0]
+        if (key, have) != (sem.key, nsems):
+            raise Mismatch(f"SysV semaphore id {sem.id} is taken here by another set "
+                           f"(key {key:#x}, {have} semaphores)")
+    else:
+        _free_key(nr.semget, sem.key, 0, "semaphore set")
+        _next_id("sem", sem.id)
+        got = nat.syscall(nr.semget, sem.key, nsems, IPC_CREAT | IPC_EXCL | 0o600, what="semget")
+        made.sem.append(got)
+        if got != sem.id:
+            raise Mismatch(f"SysV semaphore id {sem.id} could not be had here (got {got})")
+    values = nat.ffi.new("unsigned short[]", sem.values or [0])
+    nat.syscall(nr.semctl, sem.id, 0, SETALL, int(nat.ffi.cast("uintptr_t", values)),
+                what=f"semctl({sem.id}, SETALL)")
+    _set_perm(nr.semctl, sem.id, sem.uid, sem.gid, sem.mode)
+
+
+def _stat(ctl: int, ipc_id: int) -> bytes | None:
+    buf = nat.ffi.new("char[]", STAT_SIZE)
+    try:
+        if ctl == nr.semctl:
+            nat.syscall(ctl, ipc_id, 0, IPC_STAT, int(nat.ffi.cast("uintptr_t", buf)), what="")
+        else:
+            nat.syscall(ctl, ipc_id, IPC_STAT, int(nat.ffi.cast("uintptr_t", buf)), what="")
+    except OSError:
+        return None  # EINVAL/EIDRM: no such id here
+    return bytes(nat.ffi.buffer(buf))
+
+
+def _set_perm(ctl: int, ipc_id: int, uid: int, gid: int, mode: int) -> None:
+    buf = nat.ffi.new("char[]", STAT_SIZE)
+    struct.pack_into("<IIIIIH", nat.ffi.buffer(buf), 0, 0, uid, gid, 0, 0, mode & 0o777)
+    ptr = int(nat.ffi.cast("uintptr_t", buf))
+    if ctl == nr.semctl:
+        nat.syscall(ctl, ipc_id, 0, IPC_SET, ptr, what=f"semctl({ipc_id}, IPC_SET)")
+    else:
+        nat.syscall(ctl, ipc_id, IPC_SET, ptr, what=f"shmctl({ipc_id}, IPC_SET)")
+
+
+def _free_key(get: int, key: int, size: int, what: str) -> None:
+    if not key:
+        return
+    try:
+        other = nat.syscall(get, key, size, 0, what="")
+    except OSError:
+        return  # ENOENT: free
+    raise Mismatch(f"the SysV {what} key {key:#x} is taken here (by id {other})")
+
+
+def _next_id(what: str, ipc_id: int) -> None:
+    try:
+        with open(f"/proc/sys/kernel/{what}_next_id", "w") as f:
+            f.write(str(ipc_id))
+    except OSError as e:
+        raise RestoreError(f"cannot choose the SysV {what} id {ipc_id}: {e.strerror}") from None
+
+
+def undo(made: Made) -> None:
+    """Remove what resume made (it failed)."""
+    for shmid in made.shm:
+        _remove(nr.shmctl, shmid)
+    for semid in made.sem:
+        _remove(nr.semctl, semid)
+    made.shm.clear()
+    made.sem.clear()
+
+
+def finish(made: Made) -> None:
+    """Every process has attached its segments: remove those that were removed."""
+    for shmid in made.removed:
+        _remove(nr.shmctl, shmid)
+
+
+def _remove(ctl: int, ipc_id: int) -> None:
+    try:
+        if ctl == nr.semctl:
+            nat.syscall(ctl, ipc_id, 0, IPC_RMID, 0, what="")
+        else:
+            nat.syscall(ctl, ipc_id, IPC_RMID, 0, what="")
+    except OSError:
+        pass  # gone already
+
+
+def attach(s: Session, vmas: list[Vma], sizes: dict[int, int]) -> None:
+    """Attach the process's segments where it had them, before anything else is
+    mapped (a segment spans its whole size; parts the process had unmapped are
+    unmapped again, and each piece gets its own protection)."""
+    bases: dict[tuple[int, int], list[Vma]] = {}
+    for v in vmas:
+        if v.role == "sysv":
+            bases.setdefault((v.ghost, v.start - v.offset), []).append(v)
+    for (shmid, base), parts in bases.items():
+        if shmid not in sizes:
+            raise RestoreError(f"the image maps SysV segment {shmid} but does not hold it")
+        size = _pages(sizes[shmid])
+        flags = SHM_REMAP | (0 if any(v.perms[1] == "w" for v in parts) else SHM_RDONLY) \
+            | (SHM_EXEC if any(v.perms[2] == "x" for v in parts) else 0)
+        s.call(nr.shmat, shmid, base, flags, what=f"shmat({shmid}, {base:#x})")
+        at = base
+        for v in sorted(parts, key=lambda v: v.start):
+            if v.start > at:
+                s.call(nr.munmap, at, v.start - at, what="munmap(SysV gap)")
+            if memmap.prot_of(v.perms) != _attach_prot(flags):
+                s.call(nr.mprotect, v.start, v.end - v.start, memmap.prot_of(v.perms),
+                       what="mprotect(SysV)")
+            at = v.end
+        if at < base + size:
+            s.call(nr.munmap, at, base + size - at, what="munmap(SysV tail)")
+
+
+def _attach_prot(flags: int) -> int:
+    return (memmap.PROT_READ | (0 if flags & SHM_RDONLY else memmap.PROT_WRITE)
+            | (memmap.PROT_EXEC if flags & SHM_EXEC else 0))
