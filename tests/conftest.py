@@ -119,6 +119,19 @@ def _running(pid: int) -> bool:
         return False
 
 
+def moves_like_a_straight_run(run_victim, tmp_path: Path, argv: list[str], *, seed: int,
+                              ends_with: bytes, spread: float = 1.0) -> None:
+    """argv run straight must end with ends_with; run again, said READY and moved at
+    random up to twice (at least once), it must write the very same output."""
+    expected = straight_run(argv, tmp_path)
+    assert expected.endswith(ends_with), expected[-200:]
+    r = run_victim(argv)
+    r.wait_output("READY\n")
+    migrate_at_random(r, hops=2, seed=seed, spread=spread)
+    assert r.hops >= 1
+    r.ends_as(expected)
+
+
 def feed_after_resume(r, data: bytes) -> None:
     """Dump r while it is blocked reading stdin, resume it with a new pipe as the
     resumer's stdin (fd 0 is re-attached to it), write data, and see it arrive."""

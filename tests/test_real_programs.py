@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import VICTIMS, migrate_at_random, straight_run, wait_for
+from conftest import (
+    VICTIMS,
+    descendants,
+    migrate_at_random,
+    moves_like_a_straight_run,
+    straight_run,
+    wait_for,
+)
 
 BC_INPUT = b"scale=2600; 4*a(1)\nquit\n"
 
@@ -32,14 +40,9 @@ def test_python_output_equals_straight_run(run_victim, tmp_path, seed):
 def test_multiprocessing_pool_output_equals_straight_run(run_victim, tmp_path, seed):
     """python3's multiprocessing.Pool with fork: parent, threads, three workers, their
     pipes and shared semaphores move together."""
-    job = [sys.executable, str(VICTIMS / "mppool.py"), "50"]
-    expected = straight_run(job, tmp_path)
-    assert expected.endswith(b"DONE\n")
-    r = run_victim(job)
-    r.wait_output("READY\n")
-    migrate_at_random(r, hops=2, seed=seed, spread=0.8)
-    assert r.hops >= 1
-    r.ends_as(expected)
+    moves_like_a_straight_run(run_victim, tmp_path,
+                              [sys.executable, str(VICTIMS / "mppool.py"), "50"], seed=seed,
+                              ends_with=b"DONE\n", spread=0.8)
 
 
 def test_python_chain_of_five(run_victim, tmp_path):
@@ -147,3 +150,71 @@ def test_redis_keeps_its_data_and_its_open_connection(run_victim):
         assert _reply(new) == b"$8\r\nvalue-49\r\n"
     held.close()
     assert r.finish() == 0, r.output()
+
+
+NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
+NGINX_CONF = """
+worker_processes 2;
+daemon off;
+user root;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 64; }}
+http {{
+    access_log {d}/access.log;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    server {{ listen 127.0.0.1:{port}; root {d}/www; }}
+}}
+"""
+
+
+def _get(port: int, path: str) -> bytes:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+        return resp.read()
+
+
+@pytest.mark.skipif(not NGINX, reason="nginx is not installed")
+def test_nginx_master_and_workers_serve_and_reload(run_victim, tmp_path):
+    """nginx as Debian ships it, a master and 2 workers (a listener they share,
+    socket-pair channels between master and workers, signal-driven I/O, shared
+    memory): after the move clients get the same file, and the master still
+    manages its workers — a HUP reload replaces them and they serve."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / "www").mkdir()
+    blob = os.urandom(300_000)
+    (tmp_path / "www" / "blob.bin").write_bytes(blob)
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(d=tmp_path, port=port))
+    r = run_victim([NGINX, "-c", str(conf), "-p", str(tmp_path)])
+    wait_for(lambda: len(descendants(r.pid)) == 2, 20, "nginx's two workers")
+    wait_for(lambda: _answers(port), 20, "nginx to answer")
+    assert _get(port, "/blob.bin") == blob
+    workers = sorted(descendants(r.pid))
+    r.hop()
+    assert sorted(descendants(r.pid)) == workers
+    for _ in range(4):
+        assert _get(port, "/blob.bin") == blob
+    os.kill(r.pid, signal.SIGHUP)
+    wait_for(lambda: set(descendants(r.pid)).isdisjoint(workers)
+             and len(descendants(r.pid)) == 2, 20, "new workers after the reload")
+    assert _get(port, "/blob.bin") == blob
+    assert "emerg" not in (tmp_path / "error.log").read_text()
+    assert r.finish(signal.SIGQUIT) == 0, (tmp_path / "error.log").read_text()
+
+
+def _answers(port: int) -> bool:
+    try:
+        _get(port, "/")
+    except OSError as e:
+        return "403" in str(e) or "404" in str(e)
+    return True

@@ -17,6 +17,7 @@ from conftest import (
     build_victim,
     descendants,
     migrate_at_random,
+    moves_like_a_straight_run,
     reap,
     run_upmig,
     straight_run,
@@ -37,14 +38,8 @@ def _relations(pid: int) -> list[tuple[int, int, int, int, str]]:
 def test_a_tree_moves_and_ends_as_a_straight_run(run_victim, tmp_path, seed):
     """Workers in their own group and session, a grandchild, a zombie, pipes with
     bytes in them: the report equals that of a run that was never moved."""
-    victim = str(build_victim("tree"))
-    expected = straight_run([victim], tmp_path)
-    assert expected.endswith(b"DONE\n")
-    r = run_victim("tree")
-    r.wait_output("READY\n")
-    migrate_at_random(r, hops=2, seed=seed, spread=1.0)
-    assert r.hops >= 1
-    r.ends_as(expected)
+    moves_like_a_straight_run(run_victim, tmp_path, [str(build_victim("tree"))], seed=seed,
+                              ends_with=b"DONE\n")
 
 
 def _normal(rows, root: int) -> list[tuple]:
@@ -122,6 +117,16 @@ def test_a_job_on_a_shells_terminal_needs_shell_job(tmp_path):
         shell.wait()
 
 
+@pytest.mark.parametrize("seed", [8, 9])
+def test_socket_pairs_between_processes_move_with_their_queues(run_victim, tmp_path, seed):
+    """Stream, datagram and seqpacket pairs between a parent and its child (the
+    stream's both ends also in the parent), requests queued ahead: the answers
+    after moves equal an unmoved run's."""
+    moves_like_a_straight_run(run_victim, tmp_path,
+                              [sys.executable, "-S", str(VICTIMS / "pairtree.py"), "400"],
+                              seed=seed, ends_with=b"DONE 0\n", spread=0.9)
+
+
 SHARING_VICTIMS = {
     # Anonymous MAP_SHARED memory, a memfd, a POSIX shm object and a POSIX named
     # semaphore shared by a parent and two workers.
@@ -138,13 +143,8 @@ def test_shared_memory_stays_shared(run_victim, tmp_path, name, seed):
     """Processes that can only go on together if their memory is still shared: after
     moves they still hand the rounds back and forth, and the report equals an
     unmoved run's."""
-    expected = straight_run([str(build_victim(name))], tmp_path)
-    assert expected.endswith(SHARING_VICTIMS[name]), expected[-200:]
-    r = run_victim(name)
-    r.wait_output("READY\n")
-    migrate_at_random(r, hops=2, seed=seed, spread=1.0)
-    assert r.hops >= 1
-    r.ends_as(expected)
+    moves_like_a_straight_run(run_victim, tmp_path, [str(build_victim(name))], seed=seed,
+                              ends_with=SHARING_VICTIMS[name])
 
 
 def test_shared_memory_is_stored_once_and_travels(run_victim, tmp_path):

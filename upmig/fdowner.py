@@ -5,7 +5,6 @@ upmig; resume sets them again from inside the process, then turns O_ASYNC on."""
 from __future__ import annotations
 
 import fcntl
-import os
 import struct
 
 from upmig import _native as nat
@@ -20,14 +19,14 @@ OWNER = struct.Struct("<ii")  # struct f_owner_ex: type (F_OWNER_TID/PID/PGRP), 
 F_OWNER_PGRP = 2
 
 
-def capture(pid: int, tids: list[int], rec: Fd) -> None:
+def capture(pid: int, rec: Fd, tids: set[int], pgids: set[int]) -> None:
     """Into rec.extra["async"]: [owner type, owner pid, signal] of an O_ASYNC fd. The
-    owner must be the process itself, one of its threads, or its process group."""
+    owner must be moved too: a thread (or process) of the tree (tids), or one of its
+    process groups (pgids)."""
     with nat.borrowed_fd(pid, rec.fd) as mine:
         kind, owner = OWNER.unpack(fcntl.fcntl(mine, F_GETOWN_EX, bytes(OWNER.size)))
         rec.extra["async"] = [kind, owner, fcntl.fcntl(mine, F_GETSIG)]
-    ours = owner == 0 or (kind == F_OWNER_PGRP and owner == os.getpgid(pid)) or \
-        (kind != F_OWNER_PGRP and owner in tids)
+    ours = owner == 0 or owner in (pgids if kind == F_OWNER_PGRP else tids)
     if not ours:
         raise CantMigrate(f"signals I/O on fd {rec.fd} (O_ASYNC) to {owner}, which is not "
                           "part of it; this is not supported", pid=pid)

@@ -150,6 +150,7 @@ def capture(pid: int, tids: list[int], repairs: inet.Repairs | None = None,
         raise CantMigrate("holds sockets in another network namespace, which is not "
                           "supported yet", pid=pid)
     diags = unix.diag() if sockets else {}
+    inside = sockets | set(tree.socket_first) if tree else sockets  # the tree's sockets
     pipe_ends: dict[int, set[str]] = {}
     for e in seen:
         if e.st is not None and stat.S_ISFIFO(e.st.st_mode):  # pipes, and FIFOs by path
@@ -165,8 +166,10 @@ def capture(pid: int, tids: list[int], repairs: inet.Repairs | None = None,
     for e in seen:
         d = diags.get(e.st.st_ino) if e.st is not None and e.target.startswith("socket:") \
             else None
-        if d and not (e.fd <= 2 and d.peer and d.peer not in sockets):
-            (ftype, extra), note = unix.classify(pid, e.fd, d, sockets, diags), ""
+        if d and not (e.fd <= 2 and d.peer and d.peer not in inside):
+            (ftype, extra), note = unix.classify(pid, e.fd, d, inside, diags), ""
+            if ftype == "unix_pair" and d.peer not in sockets:
+                _peer_elsewhere(pid, tree, d, extra, diags)
         elif e.target.startswith("socket:") and e.fd > 2 and d is None:
             (ftype, extra), note = inet.capture(pid, e.fd, repairs), ""
         else:
@@ -200,11 +203,25 @@ def capture(pid: int, tids: list[int], repairs: inet.Repairs | None = None,
         if "lock" in e.info:
             _add_locks(pid, rec, e, locked)
         if flags & fdowner.O_ASYNC and ftype != "inherit" and rec.shared_with < 0:
-            fdowner.capture(pid, tids, rec)
+            fdowner.capture(pid, rec, set(tids) | tree.tids if tree else set(tids),
+                            tree.pgids if tree else {os.getpgid(pid)})
         out.append(rec)
     _one_description_per_end(pid, out)
     unix.capture_queues(pid, out, diags)
     return out, pipes.capture(pid, out, tree)
+
+
+def _peer_elsewhere(pid: int, tree: sharing.TreeFds, d: unix.Diag, extra: dict,
+                    diags: dict[int, unix.Diag]) -> None:
+    """A socket pair whose other end another process of the tree holds. If this one
+    makes the pair on resume (it is the first to hold either end), it carries what
+    the other end needs: its description, queue and shutdown state."""
+    me, first, _ = tree.socket_first[d.ino]
+    if first != pid or tree.pair_maker(d.ino, d.peer) != me:
+        return  # made by an earlier process; this end is taken from it
+    _, holder, fd = tree.socket_first[d.peer]
+    extra.update(peer_desc=tree.desc[(holder, fd)], peer_shutdown=diags[d.peer].shutdown,
+                 peer_queued=unix.queued(holder, fd, extra["type"], diags[d.peer].rqueue))
 
 
 def _add_locks(pid: int, rec: Fd, e: _Seen, locked: set[tuple]) -> None:
@@ -297,13 +314,9 @@ def restore(s: Session, pid: int, img: Records, ghost_fds: dict[int, int],
             continue
         if r.type == "unix_pair":
             if r.obj not in made:
-                peer = sockets[r.extra["peer"]]
-                made |= {r.obj, peer.obj}
-                a, b = unix.make_pair(s, r.extra["type"])
-                _place_two(s, a, r, b, peer, spare)
-                unix.fill(pid, peer, r)
-                unix.fill(pid, r, peer)
-                unix.shut(pid, (r, peer))
+                made |= {r.obj, r.extra["peer"]}
+                _make_pair(s, pid, r, sockets.get(r.extra["peer"]), spare,
+                           lambda desc, fd: reg.park(pid, inner, desc, fd))
             continue
         if r.type in ("unix", "unix_listen"):
             _place(s, unix.make_socket(s, r), r)
@@ -380,6 +393,36 @@ def _make_pipe(s: Session, pid: int, pipe: Pipe, ends: list[Fd | None], spare: i
     s.call(nr.close, away, what="close")
     park(end, parked)
     _place(s, keep, rec)
+
+
+def _make_pair(s: Session, pid: int, r: Fd, peer: Fd | None, spare: int, park) -> None:
+    """A socket pair, with what each end had queued to read. The peer's end is this
+    process's (peer) or goes to a later process of the tree: parked above the fds
+    under its description, park(desc, fd)."""
+    a, b = unix.make_pair(s, r.extra["type"])
+    if peer is not None:
+        _place_two(s, a, r, b, peer, spare)
+        _fill_pair(pid, r, b=peer.fd, b_queued=peer.extra["queued"],
+                   b_shutdown=peer.extra["shutdown"])
+        return
+    if "peer_desc" not in r.extra:
+        raise RestoreError(f"the image is inconsistent: fd {r.fd} of pid {pid} is a socket "
+                           "pair whose other end is nowhere")
+    away = s.call(nr.fcntl, b, F_DUPFD, spare, what="fcntl(F_DUPFD)")
+    s.call(nr.close, b, what="close")
+    _place(s, a, r)
+    _fill_pair(pid, r, b=away, b_queued=r.extra["peer_queued"],
+               b_shutdown=r.extra["peer_shutdown"])
+    park(r.extra["peer_desc"], away)
+
+
+def _fill_pair(pid: int, r: Fd, *, b: int, b_queued: list[bytes], b_shutdown: int) -> None:
+    """Each end's queue sent in from the other, then each end's shutdown state."""
+    kind = r.extra["type"]
+    unix.fill(pid, r.fd, b, kind, b_queued)
+    unix.fill(pid, b, r.fd, kind, r.extra["queued"])
+    unix.shut(pid, r.fd, r.extra["shutdown"])
+    unix.shut(pid, b, b_shutdown)
 
 
 def _place_two(s: Session, a: int, a_rec: Fd, b: int, b_rec: Fd, spare: int) -> None:

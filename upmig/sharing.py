@@ -36,6 +36,7 @@ class _Held:
     fd: int
     obj: int      # fileid.object_id of what it refers to
     end: str      # for a pipe: "r" or "w"; else ""
+    socket: int = 0  # for a socket: its inode (sock_diag's name for it)
 
 
 @dataclass
@@ -47,7 +48,16 @@ class TreeFds:
     pipe_first: dict[int, int] = field(default_factory=dict)      # pipe -> first holder
     read_end: dict[int, tuple[int, int]] = field(default_factory=dict)  # pipe -> (pid, fd)
     end_desc: dict[tuple[int, str], int] = field(default_factory=dict)  # (pipe, end) -> id
+    # socket inode -> (index of the first process holding it, that process, its fd)
+    socket_first: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    tids: set[int] = field(default_factory=set)   # every thread of the tree
+    pgids: set[int] = field(default_factory=set)  # every process group of the tree
     count: int = 0
+
+    def pair_maker(self, ino: int, peer: int) -> int:
+        """The index of the process that makes a socket pair on resume: the first
+        holding either end."""
+        return min(self.socket_first[ino][0], self.socket_first[peer][0])
 
     def ends_of(self, obj: int) -> dict[str, int]:
         return {e: self.end_desc[(obj, e)] for e in "rw" if (obj, e) in self.end_desc}
@@ -59,8 +69,12 @@ def scan(members: list[Frozen]) -> TreeFds:
     # Per object, one holder of each of its descriptions, in kcmp's order: a thousand
     # opens of one file cost a binary search each, not a scan.
     by_obj: dict[int, list[tuple[_Held, int]]] = {}
-    for m in members:
+    for index, m in enumerate(members):
+        tree.tids.update(m.tids)
+        tree.pgids.add(os.getpgid(m.pid))
         for h in _fds(m.pid):
+            if h.socket:
+                tree.socket_first.setdefault(h.socket, (index, h.pid, h.fd))
             known = by_obj.setdefault(h.obj, [])
             i, same = _search(h, known)
             if same:
@@ -94,7 +108,8 @@ def _fds(pid: int) -> list[_Held]:
         if target.startswith("pipe:") and stat.S_ISFIFO(st.st_mode):
             info = _proc.parse_fdinfo(_proc.read_text(pid, f"fdinfo/{fd}"))
             end = pipes.end(int(info["flags"], 8))
-        out.append(_Held(pid, fd, fileid.object_id(st), end))
+        out.append(_Held(pid, fd, fileid.object_id(st), end,
+                         st.st_ino if target.startswith("socket:") else 0))
     return out
 
 

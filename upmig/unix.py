@@ -134,16 +134,21 @@ def capture_queues(pid: int, recs: list[Fd], diags: dict[int, Diag]) -> None:
     for r in recs:
         if r.type != "unix_pair" or r.shared_with >= 0:
             continue
-        with nat.borrowed_fd(pid, r.fd) as mine:
-            r.extra["queued"] = _peek_all(pid, r, mine)
-        if r.extra["type"] != "dgram":
-                got = sum(len(m) for m in r.extra["queued"])
-                if got != diags[r.obj].rqueue:
-                    raise CantMigrate(f"the unix socket on fd {r.fd} has {diags[r.obj].rqueue} "
-                                      f"bytes queued, but {got} could be read", pid=pid)
+        r.extra["queued"] = queued(pid, r.fd, r.extra["type"], diags[r.obj].rqueue)
 
 
-def _peek_all(pid: int, r: Fd, fd: int) -> list[bytes]:
+def queued(pid: int, fd: int, kind: str, expected: int) -> list[bytes]:
+    """What waits to be read on the socket pid holds at fd, read with MSG_PEEK from a
+    copy; expected: the byte count sock_diag gives (checked for stream sockets)."""
+    with nat.borrowed_fd(pid, fd) as mine:
+        got = _peek_all(pid, fd, kind, mine)
+    if kind != "dgram" and sum(len(m) for m in got) != expected:
+        raise CantMigrate(f"the unix socket on fd {fd} has {expected} bytes queued, but "
+                          f"{sum(len(m) for m in got)} could be read", pid=pid)
+    return got
+
+
+def _peek_all(pid: int, fd_there: int, kind: str, fd: int) -> list[bytes]:
     s = socket.socket(fileno=os.dup(fd))
     try:
         s.setsockopt(SOL_SOCKET, SO_PEEK_OFF, 0)
@@ -158,10 +163,12 @@ def _peek_all(pid: int, r: Fd, fd: int) -> list[bytes]:
                 if anc:
                     _close_passed(anc)
                     raise CantMigrate(f"has descriptors in flight (SCM_RIGHTS) on the unix "
-                                      f"socket on fd {r.fd}; this is not supported", pid=pid)
+                                      f"socket on fd {fd_there}; this is not supported",
+                                      pid=pid)
                 if flags & socket.MSG_TRUNC:
-                    raise CantMigrate(f"has a message over 1 MiB queued on fd {r.fd}", pid=pid)
-                if not data and r.extra["type"] != "dgram":
+                    raise CantMigrate(f"has a message over 1 MiB queued on fd {fd_there}",
+                                      pid=pid)
+                if not data and kind != "dgram":
                     return out  # the peer has shut down: end of stream (seqpacket too)
                 out.append(data)
         finally:
@@ -189,12 +196,12 @@ def make_pair(s: Session, kind: str) -> tuple[int, int]:
     return a, b
 
 
-def fill(pid: int, sender: Fd, receiver: Fd) -> None:
-    """Send what receiver had queued to read, from its peer `sender`."""
-    send = socket.socket(fileno=nat.copy_fd(pid, sender.fd))
-    recv = socket.socket(fileno=nat.copy_fd(pid, receiver.fd))
+def fill(pid: int, sender: int, receiver: int, kind: str, queued: list[bytes]) -> None:
+    """Send what the end at fd receiver had queued to read, from its peer at fd
+    sender (both fds of pid)."""
+    send = socket.socket(fileno=nat.copy_fd(pid, sender))
+    recv = socket.socket(fileno=nat.copy_fd(pid, receiver))
     try:
-        queued = receiver.extra["queued"]
         total = sum(len(m) for m in queued)
         if total:  # room for it all: the queue may have grown past the defaults
             send.setsockopt(SOL_SOCKET, SO_SNDBUFFORCE, total + len(queued) * 1024 + 65536)
@@ -203,24 +210,22 @@ def fill(pid: int, sender: Fd, receiver: Fd) -> None:
             for msg in queued:
                 view = memoryview(msg)
                 sent = send.send(view, socket.MSG_DONTWAIT)
-                while receiver.extra["type"] == "stream" and sent < len(view):
+                while kind == "stream" and sent < len(view):
                     view = view[sent:]
                     sent = send.send(view, socket.MSG_DONTWAIT)
         except BlockingIOError:
-            raise RestoreError(f"the data queued on the unix socket of fd {receiver.fd} "
-                               f"({total} bytes) does not fit back in") from None
+            raise RestoreError(f"the data queued on a unix socket ({total} bytes) does not "
+                               "fit back in") from None
     finally:
         send.close()
         recv.close()
 
 
-def shut(pid: int, ends: tuple[Fd, Fd]) -> None:
-    """Each end's shutdown state, once the data is through both ways."""
-    for rec in ends:
-        how = rec.extra.get("shutdown", 0)
-        if how:
-            with socket.socket(fileno=nat.copy_fd(pid, rec.fd)) as sk:
-                sk.shutdown({1: socket.SHUT_RD, 2: socket.SHUT_WR, 3: socket.SHUT_RDWR}[how])
+def shut(pid: int, fd: int, how: int) -> None:
+    """An end's shutdown state (sock_diag's), once the data is through both ways."""
+    if how:
+        with socket.socket(fileno=nat.copy_fd(pid, fd)) as sk:
+            sk.shutdown({1: socket.SHUT_RD, 2: socket.SHUT_WR, 3: socket.SHUT_RDWR}[how])
 
 
 def make_socket(s: Session, r: Fd) -> int:
