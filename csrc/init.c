@@ -4,10 +4,12 @@
  *
  * fd 3 is a pipe from upmig: it writes the resumed process's PID (as this namespace
  * sees it) once the process runs, and closes it. PID 1 then reaps what is orphaned
- * into it and exits when that process has exited; the kernel then kills whatever is
- * left in the namespace. EOF without a PID means the resume failed: exit at once,
- * taking the half-built process with the namespace. */
+ * into it. Once that process has exited, what it left behind (its children, now
+ * PID 1's) runs on as it would have on the source: PID 1 reaps them and exits when
+ * none is left, which ends the namespace. EOF without a PID means the resume
+ * failed: exit at once, taking the half-built process with the namespace. */
 #define _GNU_SOURCE
+#include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <stdlib.h>
@@ -56,6 +58,12 @@ int main(void)
         while (waitpid(-1, NULL, WNOHANG) > 0)
             ;
         if (poll(&p, 1, 500) > 0)
-            return 0;
+            break;
+    }
+    /* Its orphans were handed to us as it exited: every process left in the
+     * namespace descends from one of our children now. */
+    for (;;) {
+        if (waitpid(-1, NULL, 0) < 0 && errno != EINTR)
+            return 0;   /* ECHILD: nobody left */
     }
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import signal
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import (
+    ROOT,
+    UPMIG,
     VICTIMS,
     build_victim,
     descendants,
@@ -125,6 +128,86 @@ def test_socket_pairs_between_processes_move_with_their_queues(run_victim, tmp_p
     moves_like_a_straight_run(run_victim, tmp_path,
                               [sys.executable, "-S", str(VICTIMS / "pairtree.py"), "400"],
                               seed=seed, ends_with=b"DONE 0\n", spread=0.9)
+
+
+def test_a_shell_job_leading_its_group_gets_the_terminal_of_resume(tmp_path):
+    """A job the shell made the terminal's foreground group: resumed with --shell-job
+    by an upmig resume that holds its own terminal's foreground, the job gets it
+    (and reads what is typed), rather than being stopped for reading from the
+    background."""
+    out = tmp_path / "job.txt"
+    shell = subprocess.Popen([sys.executable, str(VICTIMS / "shelljob.py"), str(out),
+                              "--own-group"], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    inner = 0
+    try:
+        job = int(shell.stdout.readline())
+        inner = int(Path(f"/proc/{job}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        wait_for(lambda: out.exists() and "listening" in out.read_text(), 10, "the job")
+        img = tmp_path / "job.upmig"
+        run_upmig("dump", str(job), "-o", str(img), "--shell-job")
+        wait_for(lambda: not os.path.exists(f"/proc/{job}"), 10, "the job reaped by its shell")
+        resumer, term = pty.fork()  # upmig resume leads a session on a terminal of its own
+        if resumer == 0:
+            os.chdir(ROOT)
+            os.execv(UPMIG[0], [*UPMIG, "resume", str(img)])
+        try:
+            wait_for(lambda: _foreground_of(job) == job, 20, "the job in the foreground")
+            os.write(term, b"hello\n")
+            wait_for(lambda: "got hello" in out.read_text(), 10, "the job reading the terminal")
+        finally:
+            os.kill(job, signal.SIGKILL)
+            reap(resumer, timeout=20)
+            os.close(term)
+    finally:
+        if inner:
+            os.kill(inner, signal.SIGKILL)
+        os.killpg(shell.pid, signal.SIGKILL)
+        shell.wait()
+
+
+def _foreground_of(pid: int) -> int:
+    """The foreground group of pid's controlling terminal (tpgid), or 0."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[5])
+    except (OSError, ValueError):
+        return 0
+
+
+ORPHAN_LEFT = """
+import os, signal, sys, time
+child = os.fork()
+if child == 0:
+    n = 0
+    while True:                 # counts on, whatever becomes of its parent
+        with open("count.txt", "a") as f:
+            f.write(f"{n}\\n")
+        n += 1
+        time.sleep(0.02)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # the parent leaves its child
+print("READY", flush=True)
+signal.pause()
+"""
+
+
+def test_in_a_pid_namespace_orphans_outlive_their_parent(run_victim):
+    """Resumed with --pidns, a child its parent leaves behind runs on (as it would
+    on the source), and the namespace ends only when it does."""
+    r = run_victim([sys.executable, "-c", ORPHAN_LEFT])
+    r.wait_output("READY\n")
+    count = r.cwd / "count.txt"
+    wait_for(lambda: count.exists() and count.read_text().count("\n") > 3, 10, "counting")
+    img = r.dump()
+    info = json.loads(run_upmig("resume", "--pidns", "--detach", "--json", str(img)).stdout)
+    root, init = info["pid"], info["pidns_init"]
+    child = descendants(root)[0]
+    os.kill(root, signal.SIGTERM)
+    assert reap(root, timeout=10) == 0
+    seen = count.read_text().count("\n")
+    wait_for(lambda: count.read_text().count("\n") > seen + 5, 10, "the orphan counting on")
+    assert os.path.exists(f"/proc/{init}"), "the namespace lives while its orphan does"
+    os.kill(child, signal.SIGKILL)
+    assert reap(init, timeout=10) == 0, "PID 1 leaves with the last process"
 
 
 SHARING_VICTIMS = {

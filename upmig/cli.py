@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 from upmig import __version__
 from upmig.errors import UpmigError, describe_oserror
@@ -174,20 +175,32 @@ def _dump(a: argparse.Namespace) -> int:
 
 
 def _resume(a: argparse.Namespace) -> int:
-    from upmig.restore import forward_signals, resume, stderr_notice, wait
+    from upmig.restore import forward_signals, resume, stderr_notice, take_terminal_back, wait
 
     # Once it is about to run, a signal to us is for it (not a reason to unwind).
     res = resume(a.image, pids=a.pids, notice=stderr_notice,
-                 on_ready=None if a.detach else forward_signals)
+                 on_ready=None if a.detach else forward_signals, terminal=not a.detach)
     if a.detach:
         print(json.dumps(res.__dict__) if a.json else res.pid, flush=True)
         return 0
     status = wait(res.pid)
-    if res.pidns_init:  # its namespace's PID 1 follows it
-        os.waitpid(res.pidns_init, 0)
+    if res.foreground:
+        take_terminal_back()
+    if res.pidns_init:  # its namespace's PID 1 follows it, unless orphans live on
+        _reap_soon(res.pidns_init, 1.0)
     if a.json:
         print(json.dumps({**res.__dict__, "exit_status": status}), flush=True)
     return status
+
+
+def _reap_soon(pid: int, seconds: float) -> None:
+    """Reap our child pid if it exits within seconds; else leave it running (it is
+    handed to whoever reaps our orphans)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            return
+        time.sleep(0.01)
 
 
 def _inspect(a: argparse.Namespace) -> int:

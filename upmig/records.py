@@ -35,6 +35,7 @@ class Process:
     exit_status: int = 0     # a zombie's wait status, as waitpid(2) gives it
     comm: str = ""
     tty: int = 0             # its controlling terminal (tty_nr), or 0
+    foreground: bool = False  # its group was its terminal's foreground group
 
 
 @dataclass

@@ -68,6 +68,7 @@ class ResumeResult:
     processes: int
     pidns_init: int         # PID 1 of its new PID namespace (--pidns), or 0
     seconds: float
+    foreground: int = 0     # the group given our terminal's foreground, or 0
 
 
 @dataclass
@@ -86,12 +87,16 @@ PIDS = ("same", "new", "pidns")
 
 
 def resume(image_path: str, *, pids: str = "same", notice: Notice | None = None,
-           on_ready: Callable[[int], None] | None = None) -> ResumeResult:
+           on_ready: Callable[[int], None] | None = None, terminal: bool = False
+           ) -> ResumeResult:
     """Rebuild the process; it is left running detached from ptrace, a child of ours.
 
     pids: "same" gives every thread its original id and refuses if one is taken;
     "pidns" does so inside a new PID namespace; "new" takes whatever ids are free.
-    on_ready(pid) is called just before it is let go (say, to forward signals)."""
+    on_ready(pid) is called just before it is let go (say, to forward signals).
+    terminal: if our stdin is a terminal whose foreground we hold, give it to the
+    process group of the tree that held its terminal's foreground (a --shell-job
+    that leads its own group); ResumeResult.foreground says so."""
     if pids not in PIDS:
         raise ValueError(f"pids must be one of {PIDS}")
     began = time.perf_counter()
@@ -123,7 +128,14 @@ def resume(image_path: str, *, pids: str = "same", notice: Notice | None = None,
         try:
             pid = _spawn_stub(0 if pids == "new" else want, ns)
             teams = _rebuild_tree(pid, img, pids != "new")
-            _let_go(pid, teams, ready)
+            fg = _foreground_group(sections, teams) if terminal else 0
+
+            def go(root: int) -> None:
+                ready(root)
+                if fg:
+                    os.tcsetpgrp(0, fg)
+
+            _let_go(pid, teams, go)
         except BaseException as e:
             if pid:
                 _kill_tree(pid)
@@ -144,7 +156,31 @@ def resume(image_path: str, *, pids: str = "same", notice: Notice | None = None,
     elif init:
         say(f"pid {want} runs in a new PID namespace; from here it is pid {pid}")
     return ResumeResult(pid, root.inner, root.inner == want, sum(map(len, teams)),
-                        len(sections), init, time.perf_counter() - began)
+                        len(sections), init, time.perf_counter() - began, fg)
+
+
+def _foreground_group(sections: list[image.Section], teams: list[list[Member]]) -> int:
+    """The group (as we see it) of the tree that had its terminal's foreground and
+    leads a group of its own again, if we can hand it ours; else 0."""
+    if not os.isatty(0) or os.tcgetpgrp(0) != os.getpgrp():
+        return 0
+    outer = {team[0].th.tid: team[0].outer for team in teams}  # original pid -> here
+    for sec in sections:
+        p = sec.process
+        if p.foreground and not p.zombie and p.pgid in outer:
+            return outer[p.pgid]
+    return 0
+
+
+def take_terminal_back() -> None:
+    """The foreground group has ended (or stopped): our own group leads again."""
+    old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # we are in the background
+    try:
+        os.tcsetpgrp(0, os.getpgrp())
+    except OSError:
+        pass  # the terminal is gone
+    finally:
+        signal.signal(signal.SIGTTOU, old)
 
 
 def forward_signals(pid: int) -> None:

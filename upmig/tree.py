@@ -35,7 +35,7 @@ RAX, RSI, RDI, ORIG_RAX, RIP = 10, 13, 14, 15, 16
 def record(pid: int) -> Process:
     st = _proc.parse_stat(_proc.read_text(pid, "stat"))
     return Process(pid=pid, ppid=int(st[4]), pgid=int(st[5]), sid=int(st[6]), comm=st[2],
-                   tty=int(st[7]))
+                   tty=int(st[7]), foreground=int(st[7]) != 0 and int(st[8]) == int(st[5]))
 
 
 def zombie_record(z: Zombie) -> Process:
