@@ -174,6 +174,34 @@ def _foreground_of(pid: int) -> int:
         return 0
 
 
+FIFO_TWICE = """
+import os, signal  # {mode}
+os.mkfifo("f")
+mine = os.open("f", os.O_RDWR | os.O_NONBLOCK)
+os.write(mine, b"queued once")
+if os.fork() == 0:
+    theirs = os.open("f", os.{mode} | os.O_NONBLOCK)  # its own open of the FIFO
+    signal.pause()
+signal.signal(signal.SIGTERM, lambda *_: None)
+print("READY", flush=True)
+signal.pause()
+print(os.read(mine, 100), flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["O_RDWR", "O_RDONLY"])
+def test_a_fifo_opened_by_two_processes_keeps_its_bytes_once(run_victim, mode):
+    """One FIFO, opened on its own by a parent and by its child (both ends, or only
+    the read end, its write end being the parent's): the bytes in it are put back
+    once, not once per process."""
+    r = run_victim([sys.executable, "-c", FIFO_TWICE.replace("{mode}", mode)])
+    r.wait_output("READY\n")
+    r.hop()
+    assert r.finish() == 0
+    assert r.output() == "READY\nb'queued once'\n"
+    r.kill()
+
+
 ORPHAN_LEFT = """
 import os, signal, sys, time
 child = os.fork()

@@ -326,7 +326,7 @@ def restore(s: Session, pid: int, img: Records, ghost_fds: dict[int, int],
             continue
         if r.type == "fifo":
             if r.obj not in fifo_fds:  # both ends held open while the fds are made
-                made_fifo = pipes.make_fifo(s, pid, r.path, pipes_by_id[r.obj])
+                made_fifo = pipes.make_fifo(s, pid, r.path, pipes_by_id.get(r.obj))
                 fifo_fds[r.obj] = s.call(nr.fcntl, made_fifo, F_DUPFD, spare, what="fcntl")
                 s.call(nr.close, made_fifo, what="close")
             s.write(s.scratch, os.fsencode(r.path) + b"\0")

@@ -45,9 +45,9 @@ def capture(pid: int, recs: list[Fd], tree: TreeFds | None = None) -> list[Pipe]
             read_ends.setdefault(r.obj, (pid, r.fd))
     if tree:
         for r in recs:
-            if r.type == "pipe" and tree.pipe_first.get(r.obj) == pid:
+            if r.type in ("pipe", "fifo") and tree.pipe_first.get(r.obj) == pid:
                 read_ends.setdefault(r.obj, tree.read_end[r.obj])
-            elif r.type == "pipe":
+            elif r.type in ("pipe", "fifo"):
                 read_ends.pop(r.obj, None)  # an earlier process holds it: its record
     out = []
     for ino, (holder, fd) in read_ends.items():
@@ -62,14 +62,16 @@ def capture(pid: int, recs: list[Fd], tree: TreeFds | None = None) -> list[Pipe]
     return out
 
 
-def make_fifo(s: Session, pid: int, path: str, pipe: Pipe) -> int:
+def make_fifo(s: Session, pid: int, path: str, pipe: Pipe | None) -> int:
     """The FIFO at path opened read-write (which never blocks) and filled: an fd that
-    holds both its ends while the process's own fds are opened."""
+    holds both its ends while the process's own fds are opened. pipe is None when an
+    earlier process of the tree has filled it (and holds it open still)."""
     s.write(s.scratch, os.fsencode(path) + b"\0")
     fd = s.raw(nr.openat, AT_FDCWD, s.scratch, O_RDWR | O_NONBLOCK, 0)
     if fd < 0:
         raise RestoreError(f"cannot open the FIFO {path}: {os.strerror(-fd)}")
-    _fill(s, pid, fd, pipe)
+    if pipe is not None:
+        _fill(s, pid, fd, pipe)
     return fd
 
 

@@ -35,8 +35,9 @@ class _Held:
     pid: int
     fd: int
     obj: int      # fileid.object_id of what it refers to
-    end: str      # for a pipe: "r" or "w"; else ""
+    end: str      # for a pipe: "r" or "w"; a FIFO may be "rw"; else ""
     socket: int = 0  # for a socket: its inode (sock_diag's name for it)
+    fifo: bool = False  # a FIFO by path (each open its own description, as is usual)
 
 
 @dataclass
@@ -44,7 +45,7 @@ class TreeFds:
     """Every fd of the tree's processes, by open file description."""
 
     desc: dict[tuple[int, int], int] = field(default_factory=dict)  # (pid, fd) -> id
-    pipe_ends: dict[int, set[str]] = field(default_factory=dict)  # pipe -> ends held
+    pipe_ends: dict[int, set[str]] = field(default_factory=dict)  # pipe/FIFO -> ends held
     pipe_first: dict[int, int] = field(default_factory=dict)      # pipe -> first holder
     read_end: dict[int, tuple[int, int]] = field(default_factory=dict)  # pipe -> (pid, fd)
     end_desc: dict[tuple[int, str], int] = field(default_factory=dict)  # (pipe, end) -> id
@@ -84,12 +85,12 @@ def scan(members: list[Frozen]) -> TreeFds:
                 found = tree.count
                 known.insert(i, (h, found))
             tree.desc[(h.pid, h.fd)] = found
-            if h.end:
-                tree.pipe_ends.setdefault(h.obj, set()).add(h.end)
+            if h.end:  # a pipe, or a FIFO (opened read-write, it holds both ends)
+                tree.pipe_ends.setdefault(h.obj, set()).update(h.end)
                 tree.pipe_first.setdefault(h.obj, h.pid)
-                if h.end == "r":
+                if "r" in h.end:
                     tree.read_end.setdefault(h.obj, (h.pid, h.fd))
-                if tree.end_desc.setdefault((h.obj, h.end), found) != found:
+                if not h.fifo and tree.end_desc.setdefault((h.obj, h.end), found) != found:
                     raise CantMigrate(f"holds one end of a pipe through two open file "
                                       f"descriptions (fd {h.fd}); this is not supported "
                                       "yet", pid=h.pid)
@@ -104,12 +105,12 @@ def _fds(pid: int) -> list[_Held]:
             target = _proc.readlink(pid, f"fd/{fd}")
         except OSError:
             continue  # what cannot be stat'ed is refused, with its reason, by files
-        end = ""
-        if target.startswith("pipe:") and stat.S_ISFIFO(st.st_mode):
+        end, fifo = "", stat.S_ISFIFO(st.st_mode) and target.startswith("/")
+        if stat.S_ISFIFO(st.st_mode):
             info = _proc.parse_fdinfo(_proc.read_text(pid, f"fdinfo/{fd}"))
-            end = pipes.end(int(info["flags"], 8))
+            end = "".join(sorted(pipes.ends(int(info["flags"], 8))))
         out.append(_Held(pid, fd, fileid.object_id(st), end,
-                         st.st_ino if target.startswith("socket:") else 0))
+                         st.st_ino if target.startswith("socket:") else 0, fifo))
     return out
 
 
