@@ -241,7 +241,7 @@ def test_in_a_pid_namespace_orphans_outlive_their_parent(run_victim):
 SHARING_VICTIMS = {
     # Anonymous MAP_SHARED memory, a memfd, a POSIX shm object and a POSIX named
     # semaphore shared by a parent and two workers.
-    "sharedmem": b"seals 0x6\nDONE\n",
+    "sharedmem": b"seals 0x6\nsealed 0xe sealed contents\nDONE\n",
     # shmget + fork, both sides writing and reading, turns taken through a SysV
     # semaphore set; a segment removed but attached; ids, key, mode checked at the end.
     "sysvshm": b"segment A ok\nDONE\n",
@@ -308,7 +308,7 @@ def test_sysv_objects_are_made_again_under_their_ids(run_victim):
     r = run_victim("sysvshm", "100000")
     r.wait_output("READY\n")
     before = _sysv_rows(r.pid, others)
-    assert len(before["shm"]) == 2 and len(before["sem"]) == 1
+    assert len(before["shm"]) == 2 and len(before["sem"]) == 2
     img = r.dump()
     for shmid in before["shm"]:
         subprocess.run(["ipcrm", "-m", str(shmid)], check=False)
@@ -317,10 +317,14 @@ def test_sysv_objects_are_made_again_under_their_ids(run_victim):
     r.resume(img)
     after = _sysv_rows(r.pid, others)
     assert after == before
+    again = json.loads(run_upmig("inspect", "--json", str(r.dump("--leave-running"))).stdout)
+    assert sorted(m["id"] for m in again["sysv"]["sem"]) == sorted(before["sem"]), \
+        "the next dump finds the sets again, the idle one too"
     r.kill()
     for shmid in after["shm"]:
         subprocess.run(["ipcrm", "-m", str(shmid)], check=False)
-    subprocess.run(["ipcrm", "-s", str(*after["sem"])], check=False)
+    for semid in after["sem"]:
+        subprocess.run(["ipcrm", "-s", str(semid)], check=False)
 
 
 def _sysv_rows(pid: int, others=()) -> dict[str, dict[int, tuple]]:
@@ -336,6 +340,22 @@ def _sysv_rows(pid: int, others=()) -> dict[str, dict[int, tuple]]:
                     kind == "sem" and int(key) == 0 and int(ipc_id) not in others:
                 rows[kind][int(ipc_id)] = (int(key), mode, int(size))
     return rows
+
+
+def test_a_posix_shm_object_the_original_still_uses_is_not_overwritten(run_victim):
+    """Dumped with --leave-running and resumed beside it (--pidns): resume refuses to
+    put the image's bytes into the object the running original maps, and leaves
+    nothing behind."""
+    r = run_victim("sharedmem", "100000")
+    r.wait_output("READY\n")
+    img = r.dump("--leave-running")
+    res = run_upmig("resume", "--pidns", "--detach", str(img), check=False)
+    assert res.returncode != 0
+    assert f"/dev/shm/upmig-victim-shm-{r.pid} is in use here by pid" in res.stderr, res.stderr
+    assert res.stderr.count("\n") == 1, "one line"
+    assert os.path.exists(f"/dev/shm/upmig-victim-shm-{r.pid}")
+    r.kill()
+    os.unlink(f"/dev/shm/upmig-victim-shm-{r.pid}")
 
 
 SHARED_COUNTER = """

@@ -107,7 +107,8 @@ def _classify(pid: int, e: _Seen, pipe_ends: dict[int, set[str]]) -> tuple[str, 
             return MOVABLE_ANON[kind], ""
         what = ANON_KINDS.get(kind, f"the kernel object {kind}")
         raise CantMigrate(f"holds {what} on fd {fd}, which is not supported yet", pid=pid)
-    if target.endswith(" (deleted)") or target.startswith(ghosts.IN_MEMORY):
+    in_memory = target.startswith(ghosts.IN_MEMORY) and st is not None and stat.S_ISREG(st.st_mode)
+    if target.endswith(" (deleted)") or in_memory:
         if st is not None and stat.S_ISREG(st.st_mode):
             return "ghost", ""
         raise CantMigrate(f"holds the deleted {target[:-10]} on fd {fd}, which is not a "

@@ -124,15 +124,26 @@ def refuse_outsiders(members: list[Frozen]) -> None:
     """Memory the tree maps shared must not also be mapped by a process outside it:
     moving one side would split it. Refused, naming both."""
     mine = {m.pid for m in members}
-    held: dict[tuple[int, int], tuple[int, str]] = {}
+    held: dict[tuple[str, int], tuple[int, str]] = {}
     for m in members:
         for line in _proc.parse_maps(_proc.read_text(m.pid, "maps")):
             if line.perms[3] == "s" and line.inode and _travels(line.path):
                 held.setdefault((line.dev, line.inode), (m.pid, line.path))
-    if not held:
-        return
+    outsider = mapped_by(set(held), mine)
+    if outsider:
+        pid, key = outsider
+        raise CantMigrate(f"shares memory ({_shown(held[key][1])}) with pid {pid}, which is "
+                          "outside the tree; dump the process tree that holds both",
+                          pid=held[key][0])
+
+
+def mapped_by(keys: set[tuple[str, int]], but: set[int]) -> tuple[int, tuple[str, int]] | None:
+    """A process (not in but, not upmig) that maps shared one of keys (maps's device
+    "MM:mm", inode): (its pid, the key), or None. Every process's maps are read."""
+    if not keys:
+        return None
     for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) in mine or int(name) == os.getpid():
+        if not name.isdigit() or int(name) in but or int(name) == os.getpid():
             continue
         try:
             with open(f"/proc/{name}/maps") as f:
@@ -140,12 +151,9 @@ def refuse_outsiders(members: list[Frozen]) -> None:
         except OSError:
             continue  # gone, or a kernel thread
         for line in lines:
-            found = held.get((line.dev, line.inode)) if line.perms[3] == "s" else None
-            if found:
-                what = _shown(found[1])
-                raise CantMigrate(f"shares memory ({what}) with pid {name}, which is outside "
-                                  "the tree; dump the process tree that holds both",
-                                  pid=found[0])
+            if line.perms[3] == "s" and (line.dev, line.inode) in keys:
+                return int(name), (line.dev, line.inode)
+    return None
 
 
 def _travels(path: str) -> bool:
@@ -174,7 +182,7 @@ def make_all(s: Session, pid: int, inner: int, img: Records, spare: int, reg,
         if key(g.id) in reg.made:
             made = reg.take(s, key(g.id))
         else:
-            made = make(s, pid, g, img.data, contents.get(target(g.id), []))
+            made = make(s, pid, g, img.data, contents.get(target(g.id), []), reg.files)
         out[g.id] = s.call(nr.fcntl, made, F_DUPFD_CLOEXEC, spare, what="fcntl(F_DUPFD)")
         s.call(nr.close, made, what="close")
         first = key(g.id) not in reg.made
@@ -184,14 +192,17 @@ def make_all(s: Session, pid: int, inner: int, img: Records, spare: int, reg,
     return out
 
 
-def make(s: Session, pid: int, g: Ghost, data, pages: list[PageData]) -> int:
-    """The file again, filled: its fd in the process (any number)."""
-    fd = {"memfd": _make_memfd, "shmem": _make_shmem, "posix": _open_posix}.get(
-        g.type, _make_deleted)(s, pid, g)
+def make(s: Session, pid: int, g: Ghost, data, pages: list[PageData], made: list[str]
+         ) -> int:
+    """The file again, filled: its fd in the process (any number). made: the paths
+    of POSIX objects made here, to be removed if resume fails."""
+    before = len(made)
+    fd = _open_posix(s, pid, g, made) if g.type == "posix" else \
+        {"memfd": _make_memfd, "shmem": _make_shmem}.get(g.type, _make_deleted)(s, pid, g)
     base = nat.buffer_address(data)
     with nat.borrowed_fd(pid, fd) as mine:
         if g.type == "posix":
-            _check_same_object(mine, g)
+            _check_same_object(mine, g, fresh=len(made) > before)
             os.ftruncate(mine, 0)  # the image's bytes, not what this one held since
             os.fchmod(mine, g.mode & 0o7777)
             os.fchown(mine, g.uid, g.gid)
@@ -236,21 +247,35 @@ def _make_shmem(s: Session, pid: int, g: Ghost) -> int:
         s.call(nr.munmap, at, g.size, what="munmap")
 
 
-def _open_posix(s: Session, pid: int, g: Ghost) -> int:
-    """Made where it was; or, when it is still there (the same machine), that one."""
+def _open_posix(s: Session, pid: int, g: Ghost, made: list[str]) -> int:
+    """Made where it was (and listed in made, to be removed if resume fails); or,
+    when it is still there (the same machine), that one."""
     s.write(s.scratch, os.fsencode(g.path) + b"\0")
-    fd = s.raw(nr.openat, AT_FDCWD, s.scratch, O_RDWR | O_CREAT, g.mode & 0o7777)
+    fd = s.raw(nr.openat, AT_FDCWD, s.scratch, O_RDWR | O_CREAT | O_EXCL, g.mode & 0o7777)
+    if fd >= 0:
+        made.append(g.path)
+    elif fd == -errno.EEXIST:
+        fd = s.raw(nr.openat, AT_FDCWD, s.scratch, O_RDWR, 0)
     if fd < 0:
         raise RestoreError(f"cannot make the POSIX shared memory object {g.path}: "
                            f"{os.strerror(-fd)}")
     return fd
 
 
-def _check_same_object(mine: int, g: Ghost) -> None:
+def _check_same_object(mine: int, g: Ghost, fresh: bool) -> None:
+    """One still there must be the image's, and nobody's now (say, the original,
+    left running): its bytes are about to be put back."""
+    if fresh:
+        return
     st = os.fstat(mine)
-    if st.st_size and fileid.object_id(st) != g.id:
+    if fileid.object_id(st) != g.id:
         raise RestoreError(f"{g.path} exists here and is not the shared memory object "
                            "the image holds; remove it (or resume where it is not used)")
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"  # as maps shows it
+    user = mapped_by({(dev, st.st_ino)}, set())
+    if user:
+        raise RestoreError(f"{g.path} is in use here by pid {user[0]} (the original, still "
+                           "running?); stop it or remove the object first")
 
 
 def _named_then_unlinked(s: Session, where: str, g: Ghost) -> int:

@@ -111,13 +111,17 @@ def same_as_parent(pid: int, parent: int) -> list[tuple[int, int]]:
     """The private pages pid still shares with its parent since fork: one physical
     page at the same address in both. Both frozen; to be asked before any page of
     either is read, since reading (process_vm_readv pins pages) unshares them."""
-    private = [(m.start, m.end) for m in _proc.parse_maps(_proc.read_text(pid, "maps"))
-               if m.perms[3] == "p" and m.path not in ("[vsyscall]", "[vvar]", "[vdso]",
-                                                       "[vvar_vclock]")]
     mine = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     theirs = os.open(f"/proc/{parent}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return nat.same_pages(mine, theirs, private)
+        # Only the pages that will travel are compared (PAGEMAP_SCAN reads no page):
+        # not the untouched rest of a huge reservation.
+        present = [run for m in _proc.parse_maps(_proc.read_text(pid, "maps"))
+                   if m.perms[3] == "p" and m.path not in ("[vsyscall]", "[vvar]", "[vdso]",
+                                                           "[vvar_vclock]")
+                   for run in nat.pagemap_scan(mine, m.start, m.end, _NOT_FILE_NOT_ZERO,
+                                               _NOT_FILE_NOT_ZERO, _IN_MEMORY)]
+        return nat.same_pages(mine, theirs, present) if present else []
     finally:
         os.close(mine)
         os.close(theirs)
@@ -321,8 +325,12 @@ def map_vmas(s, vmas: list[Vma], ghost_fds: dict[int, int]) -> None:
             if "gd" in v.vmflags:
                 flags |= MAP_GROWSDOWN
             fd, off = -1, 0
-            if v.role == "ghost":  # made read-write: it may be mapped writable anywhere
-                fd, off = ghost_fds[v.ghost], v.offset
+            if v.role == "ghost":  # made read-write; a mapping that may not write gets
+                # a read-only open (a memfd's F_SEAL_WRITE needs no writable mapping)
+                writes = shared and "mw" in v.vmflags
+                fd = ghost_fds[v.ghost] if writes else \
+                    files.fd(f"/proc/self/fd/{ghost_fds[v.ghost]}", O_RDONLY)
+                off = v.offset
             elif v.role == "file":
                 mode = O_RDWR if shared and "mw" in v.vmflags else O_RDONLY
                 fd, off = files.fd(v.path, mode), v.offset

@@ -142,6 +142,8 @@ class SysvShm:
     mode: int                # permissions, with SHM_DEST (0o1000) if it was removed
     uid: int
     gid: int
+    ctime: int = 0           # with boot: the same one still there (same machine, boot)?
+    boot: str = ""           # /proc/sys/kernel/random/boot_id at dump
 
 
 @dataclass
@@ -155,6 +157,9 @@ class SysvSem:
     uid: int
     gid: int
     values: list[int]
+    ctime: int = 0
+    boot: str = ""
+    last_pid: int = 0        # the process of the tree that operated on it last
 
 
 @dataclass

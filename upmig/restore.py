@@ -124,10 +124,13 @@ def resume(image_path: str, *, pids: str = "same", notice: Notice | None = None,
             if on_ready:
                 on_ready(pid)
 
-        pid = 0
+        pid, ipc, reg = 0, None, sharing.Registry()
         try:
             pid = _spawn_stub(0 if pids == "new" else want, ns)
-            teams = _rebuild_tree(pid, img, pids != "new")
+            contents = _contents(img)
+            ipc = sysv.make_all(img.of(SysvShm), img.of(SysvSem), img.data, contents,
+                                {sec.process.pid for sec in live})
+            teams = _rebuild_tree(pid, img, pids != "new", ipc, reg, contents)
             fg = _foreground_group(sections, teams) if terminal else 0
 
             def go(root: int) -> None:
@@ -139,6 +142,9 @@ def resume(image_path: str, *, pids: str = "same", notice: Notice | None = None,
         except BaseException as e:
             if pid:
                 _kill_tree(pid)
+            if ipc:
+                sysv.undo(ipc)
+            reg.remove_files()
             if isinstance(e, UpmigError):
                 raise
             if isinstance(e, OSError):
@@ -162,8 +168,11 @@ def resume(image_path: str, *, pids: str = "same", notice: Notice | None = None,
 def _foreground_group(sections: list[image.Section], teams: list[list[Member]]) -> int:
     """The group (as we see it) of the tree that had its terminal's foreground and
     leads a group of its own again, if we can hand it ours; else 0."""
-    if not os.isatty(0) or os.tcgetpgrp(0) != os.getpgrp():
-        return 0
+    try:
+        if os.tcgetpgrp(0) != os.getpgrp():
+            return 0  # we are in the background ourselves
+    except OSError:
+        return 0  # not a terminal, or not our controlling terminal
     outer = {team[0].th.tid: team[0].outer for team in teams}  # original pid -> here
     for sec in sections:
         p = sec.process
@@ -341,25 +350,28 @@ def _kill_tree(root: int) -> None:
 
 # ---- the stages
 
-def _rebuild_tree(root: int, img: image.Image, set_tid: bool) -> list[list[Member]]:
-    """Every process made from the stub `root`, then rebuilt one by one; all left
-    stopped under ptrace. The root's team comes first."""
-    sections = img.processes()
-    by_pid = {sec.process.pid: sec for sec in sections}
-    contents: dict[str, list[image.PageData]] = {}
+def _contents(img: image.Image) -> dict[str, list[image.PageData]]:
+    """The bytes of the tree's ghost files and SysV segments, by pages target."""
+    out: dict[str, list[image.PageData]] = {}
     for pd in img.pages:
         if pd.target:
-            contents.setdefault(pd.target, []).append(pd)
-    ipc = sysv.make_all(img.of(SysvShm), img.of(SysvSem), img.data, contents)
-    try:
-        born = tree.create(root, [sec.process for sec in sections], set_tid)
-        t = _Tree(sharing.Registry(), contents, {b.rec.pid: b.outer for b in born}, ipc.sizes)
-        teams = [_rebuild(b, by_pid[b.rec.pid], set_tid, t) for b in born]
-        for team in teams:  # every process has taken what it shares from the others
-            t.reg.close_parked(team[0].outer, team[0].s.inj.gadget)
-    except BaseException:
-        sysv.undo(ipc)
-        raise
+            out.setdefault(pd.target, []).append(pd)
+    return out
+
+
+def _rebuild_tree(root: int, img: image.Image, set_tid: bool, ipc: sysv.Made,
+                  reg: sharing.Registry, contents: dict[str, list[image.PageData]]
+                  ) -> list[list[Member]]:
+    """Every process made from the stub `root`, then rebuilt one by one; all left
+    stopped under ptrace. The root's team comes first. ipc: the SysV objects, made;
+    reg: where what the processes share is kept track of."""
+    sections = img.processes()
+    by_pid = {sec.process.pid: sec for sec in sections}
+    born = tree.create(root, [sec.process for sec in sections], set_tid)
+    t = _Tree(reg, contents, {b.rec.pid: b.outer for b in born}, ipc)
+    teams = [_rebuild(b, by_pid[b.rec.pid], set_tid, t) for b in born]
+    for team in teams:  # every process has taken what it shares from the others
+        team[0].s.inj.held_signals |= t.reg.close_parked(team[0].outer, team[0].s.inj.gadget)
     sysv.finish(ipc)
     return teams
 
@@ -371,7 +383,7 @@ class _Tree:
     reg: sharing.Registry                   # descriptions and ghosts made so far
     contents: dict[str, list[image.PageData]]  # each ghost's bytes, by pages target
     outer: dict[int, int]                   # a process's PID in the image -> here
-    segments: dict[int, int]                # SysV shmid -> size, made (upmig.sysv)
+    ipc: sysv.Made                          # the SysV objects, made (upmig.sysv)
 
 
 def _rebuild(b: tree.Born, img: image.Section, set_tid: bool, t: _Tree) -> list[Member]:
@@ -380,6 +392,7 @@ def _rebuild(b: tree.Born, img: image.Section, set_tid: bool, t: _Tree) -> list[
     stub_regs = nat.get_regs(pid)
     nat.set_sigmask(pid, (1 << 64) - 1)  # nothing is delivered while we work
     inj = nat.Injector(pid, stub_regs, b.gadget)
+    inj.held_signals |= b.inj.held_signals  # a SIGSTOP while the tree was forked
     mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
     # The stub and upmig share a CPU during the bursts of injected syscalls (threads
     # cloned from it inherit that); the bulk page copy in between runs unpinned.
@@ -396,7 +409,7 @@ def _rebuild(b: tree.Born, img: image.Section, set_tid: bool, t: _Tree) -> list[
             inj.set_stack(scratch + SCRATCH - 64)
             s = Session(inj, scratch, mem_fd)
             task.open_fd_limit(pid, tsk, files.spare_fd(img) + 64 + len(img.of(Ghost)))
-            sysv.attach(s, vmas, t.segments)
+            sysv.attach(s, vmas, t.ipc.sizes)
             ghost_fds = ghosts.make_all(s, pid, b.inner, img, files.spare_fd(img), t.reg,
                                         t.contents)
             memmap.map_vmas(s, vmas, ghost_fds)
@@ -406,6 +419,7 @@ def _rebuild(b: tree.Born, img: image.Section, set_tid: bool, t: _Tree) -> list[
             memmap.finish_vmas(s, vmas)
             memmap.restore_mm(s, img.one(MM), tsk.exe)
             _stage_process(s, pid, b.inner, img, ghost_fds, t.reg)
+            sysv.set_values(s, t.ipc, b.rec.pid)
             team = _stage_threads(s, pid, b.inner, img.of(Thread), set_tid)
             for m in team:  # credentials last: they may drop our rights over it
                 task.restore_creds(m.s, pid, m.outer, tsk)

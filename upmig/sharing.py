@@ -140,6 +140,16 @@ class Registry:
         self.made: dict[Hashable, tuple[int, int]] = {}
         self.parked: dict[int, list[int]] = {}       # holder as we see it -> fds
         self.seals: dict[int, list[tuple[int, int]]] = {}  # holder -> (fd, memfd seals)
+        self.files: list[str] = []  # named files made (POSIX shm): removed if resume fails
+
+    def remove_files(self) -> None:
+        """Resume failed: the named files it made go."""
+        for path in self.files:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        self.files.clear()
 
     def add(self, desc: Hashable, inner: int, fd: int) -> None:
         if desc:
@@ -163,12 +173,12 @@ class Registry:
         finally:
             s.raw(nr.close, pidfd)
 
-    def close_parked(self, outer: int, gadget: int) -> None:
+    def close_parked(self, outer: int, gadget: int) -> set[int]:
         """Seal a process's memfds and close its parked fds, its registers and mask
-        already final."""
+        already final; the signals that arrived meanwhile, to be sent again."""
         fds, seals = self.parked.pop(outer, []), self.seals.pop(outer, [])
         if not fds:
-            return
+            return set()
         regs, mask = nat.get_regs(outer), nat.get_sigmask(outer)
         nat.set_sigmask(outer, (1 << 64) - 1)
         try:
@@ -180,3 +190,4 @@ class Registry:
         finally:
             nat.set_regs(outer, regs)
             nat.set_sigmask(outer, mask)
+        return inj.held_signals

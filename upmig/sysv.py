@@ -31,8 +31,8 @@ GETPID, GETALL, SETALL = 11, 13, 17
 SHM_RDONLY, SHM_EXEC, SHM_REMAP, SHM_DEST = 0o10000, 0o100000, 0o40000, 0o1000
 IPC_PERM = struct.Struct("<iIIIIH")  # key, uid, gid, cuid, cgid, mode (struct ipc64_perm)
 STAT_SIZE = 256                      # room for shmid64_ds / semid64_ds
-SHM_SEGSZ_AT = 48                    # shmid64_ds.shm_segsz
-SEM_NSEMS_AT = 80                    # semid64_ds.sem_nsems
+SHM_SEGSZ_AT, SHM_CTIME_AT = 48, 72  # shmid64_ds.shm_segsz, .shm_ctime
+SEM_CTIME_AT, SEM_NSEMS_AT = 64, 80  # semid64_ds.sem_ctime, .sem_nsems
 
 
 def target(shmid: int) -> str:
@@ -62,19 +62,27 @@ def capture(members: list[Frozen]) -> Found:
                                       "which is not supported yet", pid=m.pid)
                 found.source.setdefault(line.inode, memmap.map_file(m.pid, line.start,
                                                                      line.end))
+    boot = _boot_id()
     for row in _table("shm"):
         shmid = int(row["shmid"])
         if shmid in found.source or int(row["cpid"]) in pids:
             found.shm.append(SysvShm(id=shmid, key=int(row["key"]), size=int(row["size"]),
                                      mode=int(row["perms"], 8), uid=int(row["uid"]),
-                                     gid=int(row["gid"])))
+                                     gid=int(row["gid"]), ctime=int(row["ctime"]), boot=boot))
     for row in _table("sem"):
         semid, nsems = int(row["semid"]), int(row["nsems"])
-        if any(_sem(semid, i, GETPID) in pids for i in range(nsems)):
+        last = [p for p in (_sem(semid, i, GETPID) for i in range(nsems)) if p in pids]
+        if last:
             found.sem.append(SysvSem(id=semid, key=int(row["key"]), mode=int(row["perms"], 8),
                                      uid=int(row["uid"]), gid=int(row["gid"]),
-                                     values=_sem_values(semid, nsems)))
+                                     values=_sem_values(semid, nsems), ctime=int(row["ctime"]),
+                                     boot=boot, last_pid=last[0]))
     return found
+
+
+def _boot_id() -> str:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
 
 
 def _table(what: str) -> list[dict[str, str]]:
@@ -135,16 +143,24 @@ class Made:
     sem: list[int] = field(default_factory=list)
     removed: list[int] = field(default_factory=list)  # segments to IPC_RMID at the end
     sizes: dict[int, int] = field(default_factory=dict)  # shmid -> size
+    # A set's values are put back by the process that operated on it last (so it is
+    # named again by GETPID, which is how the next dump finds the set): pid -> sets.
+    values_by: dict[int, list[SysvSem]] = field(default_factory=dict)
 
 
-def make_all(shms: list[SysvShm], sems: list[SysvSem], data, contents: dict[str, list[PageData]]
-             ) -> Made:
+def make_all(shms: list[SysvShm], sems: list[SysvSem], data, contents: dict[str, list[PageData]],
+             live: set[int]) -> Made:
+    """live: the PIDs (in the image) of the tree's live processes."""
     made = Made()
     try:
         for seg in shms:
             _make_shm(seg, made, data, contents.get(target(seg.id), []))
         for sem in sems:
             _make_sem(sem, made)
+            if sem.last_pid in live:
+                made.values_by.setdefault(sem.last_pid, []).append(sem)
+            else:
+                _set_values(sem)
     except BaseException:
         undo(made)
         raise
@@ -153,13 +169,14 @@ def make_all(shms: list[SysvShm], sems: list[SysvSem], data, contents: dict[str,
 
 def _make_shm(seg: SysvShm, made: Made, data, pages: list[PageData]) -> None:
     stat = _stat(nr.shmctl, seg.id)
-    if stat is not None:  # still there: ours only if it is the same
+    if stat is not None:  # still there: ours only if it is the very same one
         key, size = IPC_PERM.unpack_from(stat)[0], struct.unpack_from("<Q", stat, SHM_SEGSZ_AT)[0]
-        if (key, size) != (seg.key, seg.size):
+        ctime = struct.unpack_from("<q", stat, SHM_CTIME_AT)[0]
+        if (key, size, ctime, _boot_id()) != (seg.key, seg.size, seg.ctime, seg.boot):
             raise Mismatch(f"SysV shared memory id {seg.id} is taken here by another segment "
                            f"(key {key:#x}, {size} bytes)")
     else:
-        _free_key(nr.shmget, seg.key, seg.size, "shared memory")
+        _free_key(nr.shmget, seg.key, "shared memory")
         _next_id("shm", seg.id)
         got = nat.syscall(nr.shmget, seg.key, seg.size, IPC_CREAT | IPC_EXCL | 0o600,
                           what="shmget")
@@ -187,22 +204,34 @@ def _make_shm(seg: SysvShm, made: Made, data, pages: list[PageData]) -> None:
 def _make_sem(sem: SysvSem, made: Made) -> None:
     nsems = len(sem.values)
     stat = _stat(nr.semctl, sem.id)
-    if stat is not None:
+    if stat is not None:  # still there: ours only if it is the very same one
         key, have = IPC_PERM.unpack_from(stat)[0], struct.unpack_from("<Q", stat, SEM_NSEMS_AT)[0]
-        if (key, have) != (sem.key, nsems):
+        ctime = struct.unpack_from("<q", stat, SEM_CTIME_AT)[0]
+        if (key, have, ctime, _boot_id()) != (sem.key, nsems, sem.ctime, sem.boot):
             raise Mismatch(f"SysV semaphore id {sem.id} is taken here by another set "
                            f"(key {key:#x}, {have} semaphores)")
     else:
-        _free_key(nr.semget, sem.key, 0, "semaphore set")
+        _free_key(nr.semget, sem.key, "semaphore set")
         _next_id("sem", sem.id)
         got = nat.syscall(nr.semget, sem.key, nsems, IPC_CREAT | IPC_EXCL | 0o600, what="semget")
         made.sem.append(got)
         if got != sem.id:
             raise Mismatch(f"SysV semaphore id {sem.id} could not be had here (got {got})")
+    _set_perm(nr.semctl, sem.id, sem.uid, sem.gid, sem.mode)
+
+
+def _set_values(sem: SysvSem) -> None:
     values = nat.ffi.new("unsigned short[]", sem.values or [0])
     nat.syscall(nr.semctl, sem.id, 0, SETALL, int(nat.ffi.cast("uintptr_t", values)),
                 what=f"semctl({sem.id}, SETALL)")
-    _set_perm(nr.semctl, sem.id, sem.uid, sem.gid, sem.mode)
+
+
+def set_values(s: Session, made: Made, pid: int) -> None:
+    """From inside the process whose image PID is pid: the values of the sets it
+    operated on last."""
+    for sem in made.values_by.get(pid, []):
+        s.write(s.scratch, struct.pack(f"<{len(sem.values)}H", *sem.values))
+        s.call(nr.semctl, sem.id, 0, SETALL, s.scratch, what=f"semctl({sem.id}, SETALL)")
 
 
 def _stat(ctl: int, ipc_id: int) -> bytes | None:
@@ -227,11 +256,11 @@ def _set_perm(ctl: int, ipc_id: int, uid: int, gid: int, mode: int) -> None:
         nat.syscall(ctl, ipc_id, IPC_SET, ptr, what=f"shmctl({ipc_id}, IPC_SET)")
 
 
-def _free_key(get: int, key: int, size: int, what: str) -> None:
+def _free_key(get: int, key: int, what: str) -> None:
     if not key:
         return
     try:
-        other = nat.syscall(get, key, size, 0, what="")
+        other = nat.syscall(get, key, 0, 0, what="")  # size 0: whatever its size
     except OSError:
         return  # ENOENT: free
     raise Mismatch(f"the SysV {what} key {key:#x} is taken here (by id {other})")
@@ -283,7 +312,8 @@ def attach(s: Session, vmas: list[Vma], sizes: dict[int, int]) -> None:
         if shmid not in sizes:
             raise RestoreError(f"the image maps SysV segment {shmid} but does not hold it")
         size = _pages(sizes[shmid])
-        flags = SHM_REMAP | (0 if any(v.perms[1] == "w" for v in parts) else SHM_RDONLY) \
+        # Attached read-write if any part may write (mprotect'ed read-only since, say).
+        flags = SHM_REMAP | (0 if any("mw" in v.vmflags for v in parts) else SHM_RDONLY) \
             | (SHM_EXEC if any(v.perms[2] == "x" for v in parts) else 0)
         s.call(nr.shmat, shmid, base, flags, what=f"shmat({shmid}, {base:#x})")
         at = base

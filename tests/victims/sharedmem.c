@@ -3,7 +3,8 @@
  * job shares, and can only go on together if it is still shared after a move:
  *   - MAP_SHARED|MAP_ANONYMOUS memory made before the fork (some of its pages first
  *     touched by a worker after it), holding a process-shared unnamed semaphore;
- *   - a memfd, mapped and held open, with seals;
+ *   - a memfd, mapped and held open, with seals; another sealed against writes and
+ *     mapped read-only;
  *   - a POSIX shared memory object in /dev/shm (shm_open), still named;
  *   - a named POSIX semaphore, unlinked at once (multiprocessing's kind).
  * Each round the parent writes the round into the memfd and wakes each worker; each
@@ -54,7 +55,7 @@ static void worker(int id, char *anon, volatile int64_t *memfd_area, int64_t *sl
 
 int main(int argc, char **argv)
 {
-    int rounds = argc > 1 ? atoi(argv[1]) : 800;
+    int rounds = argc > 1 ? atoi(argv[1]) : 1200;
     char shm_name[64], sem_name[64];
     snprintf(shm_name, sizeof shm_name, "/upmig-victim-shm-%d", getpid());
     snprintf(sem_name, sizeof sem_name, "/upmig-victim-sem-%d", getpid());
@@ -76,6 +77,16 @@ int main(int argc, char **argv)
         fail("mmap(memfd)");
     if (fcntl(mfd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) != 0)
         fail("F_ADD_SEALS");
+
+    /* a memfd written once, then sealed against writes and mapped read-only */
+    int rofd = memfd_create("upmig-victim-sealed", MFD_ALLOW_SEALING);
+    if (rofd < 0 || ftruncate(rofd, 4096) != 0 || pwrite(rofd, "sealed contents", 16, 0) != 16)
+        fail("sealed memfd");
+    if (fcntl(rofd, F_ADD_SEALS, F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW) != 0)
+        fail("F_SEAL_WRITE");
+    const char *sealed = mmap(NULL, 4096, PROT_READ, MAP_SHARED, rofd, 0);
+    if (sealed == MAP_FAILED)
+        fail("mmap(sealed memfd)");
 
     int sfd = shm_open(shm_name, O_CREAT | O_EXCL | O_RDWR, 0640);
     if (sfd < 0 || ftruncate(sfd, 8192) != 0)
@@ -124,6 +135,7 @@ int main(int argc, char **argv)
             fail("worker %d ended with status %#x", i, status);
     }
     printf("seals %#x\n", fcntl(mfd, F_GET_SEALS));
+    printf("sealed %#x %s\n", fcntl(rofd, F_GET_SEALS), sealed);
     shm_unlink(shm_name);
     printf("DONE\n");
     return 0;

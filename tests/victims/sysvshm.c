@@ -3,7 +3,8 @@
  *   - segment A: a key of its own, mode 0640, attached by both (the child at a fixed
  *     address it chose), holding the counter they pass back and forth;
  *   - segment B: private, removed (IPC_RMID) at once, still attached by both;
- *   - a semaphore set of two (key-less) for the turns.
+ *   - a semaphore set of two (key-less) for the turns, and one of three set once and
+ *     left alone (found again on the next move only if resume kept it the tree's).
  * Each round the parent adds to the counter and posts the child's semaphore; the
  * child adds its part to A and B and posts back. The parent prints what it sees.
  * At the end it checks ids, keys, modes and attachments are what they were.
@@ -34,8 +35,12 @@ int main(int argc, char **argv)
     int a_id = shmget(key, SIZE, IPC_CREAT | IPC_EXCL | 0640);
     int b_id = shmget(IPC_PRIVATE, SIZE, IPC_CREAT | 0600);
     int sem = semget(IPC_PRIVATE, 2, IPC_CREAT | 0600);
-    if (a_id < 0 || b_id < 0 || sem < 0)
+    int idle = semget(IPC_PRIVATE, 3, IPC_CREAT | 0600);  /* set once, then left alone */
+    if (a_id < 0 || b_id < 0 || sem < 0 || idle < 0)
         fail("shmget/semget");
+    unsigned short start[3] = { 11, 22, 33 };
+    if (semctl(idle, 0, SETALL, start) != 0)
+        fail("SETALL");
     volatile int64_t *a = shmat(a_id, NULL, 0), *b = shmat(b_id, NULL, 0);
     if (a == (void *)-1 || b == (void *)-1)
         fail("shmat");
@@ -77,9 +82,13 @@ int main(int argc, char **argv)
         fail("segment A is not what it was (nattch %lu)", (unsigned long)ds.shm_nattch);
     if (shmget(key, 0, 0) != a_id)
         fail("key lookup gives another segment");
+    unsigned short now[3];
+    if (semctl(idle, 0, GETALL, now) != 0 || now[0] != 11 || now[1] != 22 || now[2] != 33)
+        fail("the idle semaphore set lost its values");
     printf("segment A ok\n");
     shmctl(a_id, IPC_RMID, NULL);
     semctl(sem, 0, IPC_RMID);
+    semctl(idle, 0, IPC_RMID);
     printf("DONE\n");
     return 0;
 }
