@@ -9,6 +9,7 @@ import pty
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -200,6 +201,55 @@ def test_a_fifo_opened_by_two_processes_keeps_its_bytes_once(run_victim, mode):
     assert r.finish() == 0
     assert r.output() == "READY\nb'queued once'\n"
     r.kill()
+
+
+SUBREAPER = """
+import ctypes, os, signal
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+
+def orphan(*_):  # a child that leaves a grandchild behind, to us
+    if os.fork() == 0:
+        if os.fork() == 0:
+            signal.pause()
+        os._exit(0)
+    os.wait()
+
+
+orphan()
+signal.signal(signal.SIGUSR1, orphan)
+print("READY", flush=True)
+while True:
+    signal.pause()
+"""
+
+
+def test_a_subreaper_still_takes_in_orphans(run_victim):
+    """A root that is a child subreaper, with an orphan it took in: after the move
+    the orphan is still its child, and a new orphan comes to it too."""
+    r = run_victim([sys.executable, "-c", SUBREAPER])
+    r.wait_output("READY\n")
+    wait_for(lambda: len(_live_children(r.pid)) == 1, 10, "the first orphan")
+    r.hop()
+    assert len(_live_children(r.pid)) == 1
+    before = set(_live_children(r.pid))
+    os.kill(r.pid, signal.SIGUSR1)
+    time.sleep(0.5)  # the middle child has left its child and been reaped by then
+    new = set(_live_children(r.pid)) - before
+    assert len(new) == 1, "the new orphan is the subreaper's child"
+    r.kill()
+
+
+def _live_children(pid: int) -> list[int]:
+    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(k) for k in kids if _proc_state(int(k)) not in ("Z", "")]
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
 
 
 ORPHAN_LEFT = """

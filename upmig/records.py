@@ -60,6 +60,7 @@ class Task:
     dumpable: int = 1
     caps: dict[str, int] | None = None  # CapInh/CapPrm/CapEff/CapBnd/CapAmb
     no_new_privs: int = 0
+    subreaper: int = 0       # PR_SET_CHILD_SUBREAPER: orphans below it are reparented to it
 
 
 @dataclass

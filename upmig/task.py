@@ -15,6 +15,7 @@ from upmig.syscalls import nr
 
 PR_GET_DUMPABLE, PR_SET_DUMPABLE, PR_SET_KEEPCAPS = 3, 4, 8
 PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 24, 38, 47
+PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
 PR_CAP_AMBIENT_RAISE = 2
 CAP_VERSION_3 = 0x20080522
 CAP_SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
@@ -32,6 +33,8 @@ def capture(s: Session, pid: int) -> Task:
         raise CantMigrate(f"works in the deleted directory {cwd[:-10]}, which cannot be "
                           "recreated", pid=pid)
     dumpable = s.call(nr.prctl, PR_GET_DUMPABLE, what="prctl(PR_GET_DUMPABLE)")
+    s.call(nr.prctl, PR_GET_CHILD_SUBREAPER, s.scratch, what="prctl(PR_GET_CHILD_SUBREAPER)")
+    subreaper = int.from_bytes(s.read(s.scratch, 4), "little")
     cmdline = _proc.read_bytes(pid, "cmdline").split(b"\0")
     return Task(
         pid=pid,
@@ -51,6 +54,7 @@ def capture(s: Session, pid: int) -> Task:
         dumpable=dumpable,
         caps=capabilities(status),
         no_new_privs=int(status.get("NoNewPrivs", "0")),
+        subreaper=subreaper,
     )
 
 
@@ -70,6 +74,8 @@ def restore_early(s: Session, rec: Task) -> None:
     s.call(nr.chdir, _str(s, rec.cwd), what=f"chdir({rec.cwd})")
     s.call(nr.umask, rec.umask, what="umask")
     s.call(nr.personality, rec.personality, what="personality")
+    if rec.subreaper:  # orphans below it come to it, not to init
+        s.call(nr.prctl, PR_SET_CHILD_SUBREAPER, 1, what="prctl(PR_SET_CHILD_SUBREAPER)")
 
 
 def open_fd_limit(pid: int, rec: Task, needed: int) -> None:
