@@ -183,9 +183,9 @@ os.write(mine, b"queued once")
 if os.fork() == 0:
     theirs = os.open("f", os.{mode} | os.O_NONBLOCK)  # its own open of the FIFO
     signal.pause()
-signal.signal(signal.SIGTERM, lambda *_: None)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # waited for, never missed
 print("READY", flush=True)
-signal.pause()
+signal.sigwait({signal.SIGTERM})
 print(os.read(mine, 100), flush=True)
 """
 
