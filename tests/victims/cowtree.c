@@ -17,6 +17,16 @@ static void on_term(int sig)
     term = 1;
 }
 
+/* Until SIGTERM: blocked but while waiting, so one sent between the test of term and
+ * the wait (say, just after a resume) is not lost. */
+static void wait_for_term(void)
+{
+    sigset_t none;
+    sigemptyset(&none);
+    while (!term)
+        sigsuspend(&none);
+}
+
 static uint64_t word(uint64_t i, uint64_t who)  /* the pattern: word i of process who */
 {
     return (i * 0x9e3779b97f4a7c15ULL) ^ (who << 56) ^ 0x5555;
@@ -40,6 +50,10 @@ int main(int argc, char **argv)
     if (!buf || pipe(ready) != 0)
         fail("setup");
     catch_sigterm(on_term);
+    sigset_t block;
+    sigemptyset(&block);
+    sigaddset(&block, SIGTERM);
+    sigprocmask(SIG_BLOCK, &block, NULL);
     for (size_t i = 0; i < words; i++)
         buf[i] = word(i, 0);
     pid_t *kids = calloc(procs, sizeof *kids);
@@ -52,8 +66,7 @@ int main(int argc, char **argv)
                 buf[i] = word(i, k);
             if (write(ready[1], "r", 1) != 1)
                 _exit(3);
-            while (!term)
-                pause();
+            wait_for_term();
             _exit(check(buf, words, k) ? 2 : 0);
         }
     }
@@ -64,8 +77,7 @@ int main(int argc, char **argv)
     }
     printf("READY\n");
     fflush(stdout);
-    while (!term)
-        pause();
+    wait_for_term();
     long bad = check(buf, words, 0);
     int good = !bad;
     if (bad)
