@@ -116,10 +116,16 @@ def migrate_at_random(run, hops: int, seed: int, spread: float) -> None:
             raise
 
 
+def stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name: [0] state, [1] ppid, [2] pgrp,
+    [3] session, [4] tty_nr, [5] tpgid, ... (proc(5)'s field n is [n - 3])."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def _running(pid: int) -> bool:
     """Not ended (a zombie waits for its parent, upmig resume say, to notice)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+        return stat_fields(pid)[0] not in "ZX"
     except OSError:
         return False
 

@@ -25,6 +25,7 @@ from conftest import (
     migrate_at_random,
     reap,
     run_upmig,
+    stat_fields,
     straight_run,
     wait_for,
 )
@@ -295,8 +296,7 @@ def test_a_child_forked_by_another_thread_moves_with_it(run_victim):
     child = descendants(r.pid)
     assert len(child) == 1
     r.hop()
-    st = Path(f"/proc/{child[0]}/stat").read_text()
-    assert int(st.rsplit(")", 1)[1].split()[1]) == r.pid  # its parent again
+    assert int(stat_fields(child[0])[1]) == r.pid  # its parent again
     assert Path(f"/proc/{child[0]}/cmdline").read_bytes() == b"sleep\x0060\x00"
     r.kill()
 

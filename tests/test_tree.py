@@ -24,6 +24,7 @@ from conftest import (
     moves_like_a_straight_run,
     reap,
     run_upmig,
+    stat_fields,
     straight_run,
     wait_for,
 )
@@ -33,7 +34,7 @@ def _relations(pid: int) -> list[tuple[int, int, int, int, str]]:
     """(pid, ppid, pgid, sid, state) of pid and every process below it."""
     out = []
     for p in [pid, *descendants(pid)]:
-        st = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        st = stat_fields(p)
         out.append((p, int(st[1]), int(st[2]), int(st[3]), st[0]))
     return sorted(out)
 
@@ -99,7 +100,7 @@ def test_a_job_on_a_shells_terminal_needs_shell_job(tmp_path):
     inner = 0  # the stand-in shell, in a session of its own
     try:
         job = int(shell.stdout.readline())
-        inner = int(Path(f"/proc/{job}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        inner = int(stat_fields(job)[1])
         wait_for(lambda: out.exists() and out.read_text().count("\n") > 5, 10, "counting")
         img = tmp_path / "job.upmig"
         res = run_upmig("dump", str(job), "-o", str(img), check=False)
@@ -143,7 +144,7 @@ def test_a_shell_job_leading_its_group_gets_the_terminal_of_resume(tmp_path):
     inner = 0
     try:
         job = int(shell.stdout.readline())
-        inner = int(Path(f"/proc/{job}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        inner = int(stat_fields(job)[1])
         wait_for(lambda: out.exists() and "listening" in out.read_text(), 10, "the job")
         img = tmp_path / "job.upmig"
         run_upmig("dump", str(job), "-o", str(img), "--shell-job")
@@ -170,7 +171,7 @@ def test_a_shell_job_leading_its_group_gets_the_terminal_of_resume(tmp_path):
 def _foreground_of(pid: int) -> int:
     """The foreground group of pid's controlling terminal (tpgid), or 0."""
     try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[5])
+        return int(stat_fields(pid)[5])
     except (OSError, ValueError):
         return 0
 
@@ -247,7 +248,7 @@ def _live_children(pid: int) -> list[int]:
 
 def _proc_state(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return stat_fields(pid)[0]
     except OSError:
         return ""
 

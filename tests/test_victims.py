@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import feed_after_resume
+from conftest import feed_after_resume, stat_fields
 
 SIMPLE = ["counter", "memory", "brk", "fpu", "privmap", "files"]
 
@@ -124,8 +124,7 @@ def wait_for_state(pid: int, state: str) -> None:
     from conftest import wait_for
 
     def has_state():
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == state
+        return stat_fields(pid)[0] == state
 
     wait_for(has_state, 10, f"state {state}")
 
@@ -148,8 +147,7 @@ def proc_view(pid: int) -> dict:
         "maps": merged([(*(int(x, 16) for x in line.split()[0].split("-")),
                           line.split()[1] + " " + (line.split(None, 5)[5:] or [""])[0])
                          for line in open(f"/proc/{pid}/maps").read().splitlines()]),
-        "stat_mm": open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[23:26]
-        + open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[42:49],
+        "stat_mm": stat_fields(pid)[23:26] + stat_fields(pid)[42:49],
     }
 
 

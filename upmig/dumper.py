@@ -184,8 +184,10 @@ def _capture_and_write(fz: freeze.Tree, fd: int, note: Progress,
     procs = [tree.record(m.pid) for m in fz.members]
     procs += [tree.zombie_record(z) for z in fz.zombies]
     tree.check(procs, shell_job)
-    ghosts.refuse_outsiders(fz.members)
-    ipc = sysv.capture(fz.members)
+    # Each process's maps, read once for what the tree shares (all are frozen).
+    maps = {m.pid: _proc.parse_maps(_proc.read_text(m.pid, "maps")) for m in fz.members}
+    ghosts.refuse_outsiders(maps)
+    ipc = sysv.capture(maps)
     shared = sharing.scan(fz.members)
     w = ImageWriter(fd, progress=lambda n: note("pages", n))
     uts = os.uname()
@@ -197,7 +199,7 @@ def _capture_and_write(fz: freeze.Tree, fd: int, note: Progress,
     written: set[int] = set()  # ghosts whose bytes are in the image already
     live = {m.pid for m in fz.members}
     parents = {rec.pid: rec.ppid for rec in procs if rec.ppid in live and rec.pid in live}
-    cow = {pid: memmap.same_as_parent(pid, ppid) for pid, ppid in parents.items()}
+    cow = {pid: memmap.same_as_parent(pid, ppid, maps[pid]) for pid, ppid in parents.items()}
     for m, rec in zip(fz.members, procs, strict=False):
         w.record(rec)
         v, f = _capture_process(w, m, note, known, ghost_limit, repairs, shared, written,

@@ -23,7 +23,6 @@ import os
 from upmig import _native as nat
 from upmig import _proc, fileid, memmap
 from upmig.errors import CantMigrate, RestoreError
-from upmig.freeze import Frozen
 from upmig.image import ImageWriter, PageData, Records
 from upmig.inject import Session
 from upmig.records import Fd, Ghost, Vma
@@ -113,23 +112,36 @@ def write_contents(w: ImageWriter, pid: int, ghosts: list[Ghost], recs: list[Fd]
             if os.fstat(fd).st_size != g.size:
                 raise CantMigrate(f"the file {g.path or 'of shared memory'} changed size "
                                   "during the dump", pid=pid)
-            runs = memmap.data_extents(fd, g.size)
-            if runs:
-                w.pages(pid, fd, runs, target=target(g.id))
+            write_file(w, pid, fd, g.size, target(g.id))
         finally:
             os.close(fd)
 
 
-def refuse_outsiders(members: list[Frozen]) -> None:
+def write_file(w: ImageWriter, pid: int, fd: int, size: int, tgt: str) -> None:
+    """The bytes of the file open at fd (ours), holes left out, as pages records of
+    target tgt; pid is only for the C helper's errors."""
+    runs = memmap.data_extents(fd, size)
+    if runs:
+        w.pages(pid, fd, runs, target=tgt)
+
+
+def fill_file(pid: int, fd: int, data, pages: list[PageData]) -> None:
+    """Write pages (of the image mapped as data) into the file open at fd (ours),
+    straight from the image, by the C helper; pid is only for its errors."""
+    base = nat.buffer_address(data)
+    for pd in pages:
+        nat.fill_pages(pid, fd, pd.sources(base), pd.runs)
+
+
+def refuse_outsiders(maps: dict[int, list[_proc.MapsLine]]) -> None:
     """Memory the tree maps shared must not also be mapped by a process outside it:
-    moving one side would split it. Refused, naming both."""
-    mine = {m.pid for m in members}
+    moving one side would split it. Refused, naming both. maps: each process's."""
     held: dict[tuple[str, int], tuple[int, str]] = {}
-    for m in members:
-        for line in _proc.parse_maps(_proc.read_text(m.pid, "maps")):
+    for pid, lines in maps.items():
+        for line in lines:
             if line.perms[3] == "s" and line.inode and _travels(line.path):
-                held.setdefault((line.dev, line.inode), (m.pid, line.path))
-    outsider = mapped_by(set(held), mine)
+                held.setdefault((line.dev, line.inode), (pid, line.path))
+    outsider = mapped_by(set(held), set(maps))
     if outsider:
         pid, key = outsider
         raise CantMigrate(f"shares memory ({_shown(held[key][1])}) with pid {pid}, which is "
@@ -199,15 +211,13 @@ def make(s: Session, pid: int, g: Ghost, data, pages: list[PageData], made: list
     before = len(made)
     fd = _open_posix(s, pid, g, made) if g.type == "posix" else \
         {"memfd": _make_memfd, "shmem": _make_shmem}.get(g.type, _make_deleted)(s, pid, g)
-    base = nat.buffer_address(data)
     with nat.borrowed_fd(pid, fd) as mine:
         if g.type == "posix":
             _check_same_object(mine, g, fresh=len(made) > before)
             os.ftruncate(mine, 0)  # the image's bytes, not what this one held since
             os.fchmod(mine, g.mode & 0o7777)
             os.fchown(mine, g.uid, g.gid)
-        for pd in pages:  # straight from the mapped image, by the C helper
-            nat.fill_pages(pid, mine, pd.sources(base), pd.runs)
+        fill_file(pid, mine, data, pages)
         if os.fstat(mine).st_size != g.size:
             os.ftruncate(mine, g.size)
     return fd

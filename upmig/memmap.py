@@ -107,16 +107,18 @@ def page_runs(pid: int, vmas: list[Vma]) -> dict[int, list[tuple[int, int]]]:
     return runs
 
 
-def same_as_parent(pid: int, parent: int) -> list[tuple[int, int]]:
-    """The private pages pid still shares with its parent since fork: one physical
-    page at the same address in both. Both frozen; to be asked before any page of
-    either is read, since reading (process_vm_readv pins pages) unshares them."""
+def same_as_parent(pid: int, parent: int, maps: list[_proc.MapsLine]
+                   ) -> list[tuple[int, int]]:
+    """The private pages pid (whose maps are given) still shares with its parent
+    since fork: one physical page at the same address in both. Both frozen; to be
+    asked before any page of either is read, since reading (process_vm_readv pins
+    pages) unshares them."""
     mine = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     theirs = os.open(f"/proc/{parent}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     try:
         # Only the pages that will travel are compared (PAGEMAP_SCAN reads no page):
         # not the untouched rest of a huge reservation.
-        present = [run for m in _proc.parse_maps(_proc.read_text(pid, "maps"))
+        present = [run for m in maps
                    if m.perms[3] == "p" and m.path not in ("[vsyscall]", "[vvar]", "[vdso]",
                                                            "[vvar_vclock]")
                    for run in nat.pagemap_scan(mine, m.start, m.end, _NOT_FILE_NOT_ZERO,

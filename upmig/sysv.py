@@ -18,9 +18,8 @@ import struct
 from dataclasses import dataclass, field
 
 from upmig import _native as nat
-from upmig import _proc, memmap
+from upmig import _proc, ghosts, memmap
 from upmig.errors import CantMigrate, Mismatch, RestoreError
-from upmig.freeze import Frozen
 from upmig.image import ImageWriter, PageData
 from upmig.inject import Session
 from upmig.records import SysvSem, SysvShm, Vma
@@ -50,18 +49,18 @@ class Found:
     source: dict[int, str] = field(default_factory=dict)  # shmid -> a /proc path opening it
 
 
-def capture(members: list[Frozen]) -> Found:
+def capture(maps: dict[int, list[_proc.MapsLine]]) -> Found:
+    """maps: each process of the tree's (all frozen)."""
     found = Found()
     mine = os.readlink("/proc/self/ns/ipc")
-    pids = {m.pid for m in members}
-    for m in members:
-        for line in _proc.parse_maps(_proc.read_text(m.pid, "maps")):
+    pids = set(maps)
+    for pid, lines in maps.items():
+        for line in lines:
             if line.path.startswith("/SYSV"):
-                if _proc.readlink(m.pid, "ns/ipc") != mine:
+                if _proc.readlink(pid, "ns/ipc") != mine:
                     raise CantMigrate("uses SysV shared memory of another IPC namespace, "
-                                      "which is not supported yet", pid=m.pid)
-                found.source.setdefault(line.inode, memmap.map_file(m.pid, line.start,
-                                                                     line.end))
+                                      "which is not supported yet", pid=pid)
+                found.source.setdefault(line.inode, memmap.map_file(pid, line.start, line.end))
     boot = _boot_id()
     for row in _table("shm"):
         shmid = int(row["shmid"])
@@ -122,9 +121,7 @@ def write(w: ImageWriter, found: Found) -> None:
 def _write_bytes(w: ImageWriter, seg: SysvShm, source: str) -> None:
     fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        runs = memmap.data_extents(fd, seg.size)
-        if runs:
-            w.pages(os.getpid(), fd, runs, target=target(seg.id))
+        ghosts.write_file(w, os.getpid(), fd, seg.size, target(seg.id))
     finally:
         os.close(fd)
 
@@ -192,9 +189,7 @@ def _make_shm(seg: SysvShm, made: Made, data, pages: list[PageData]) -> None:
         fd = os.open(memmap.map_file(os.getpid(), at, at + _pages(seg.size)),
                      os.O_RDWR | os.O_CLOEXEC)
         try:
-            base = nat.buffer_address(data)
-            for pd in pages:
-                nat.fill_pages(os.getpid(), fd, pd.sources(base), pd.runs)
+            ghosts.fill_file(os.getpid(), fd, data, pages)
         finally:
             os.close(fd)
     finally:
@@ -234,13 +229,19 @@ def set_values(s: Session, made: Made, pid: int) -> None:
         s.call(nr.semctl, sem.id, 0, SETALL, s.scratch, what=f"semctl({sem.id}, SETALL)")
 
 
+def _ctl(ctl: int, ipc_id: int, cmd: int, arg: int = 0) -> int:
+    """shmctl or semctl (which takes a semaphore number first: 0) of one id."""
+    name = {IPC_RMID: "IPC_RMID", IPC_SET: "IPC_SET", IPC_STAT: "IPC_STAT"}.get(cmd, cmd)
+    what = f"{'semctl' if ctl == nr.semctl else 'shmctl'}({ipc_id}, {name})"
+    if ctl == nr.semctl:
+        return nat.syscall(ctl, ipc_id, 0, cmd, arg, what=what)
+    return nat.syscall(ctl, ipc_id, cmd, arg, what=what)
+
+
 def _stat(ctl: int, ipc_id: int) -> bytes | None:
     buf = nat.ffi.new("char[]", STAT_SIZE)
     try:
-        if ctl == nr.semctl:
-            nat.syscall(ctl, ipc_id, 0, IPC_STAT, int(nat.ffi.cast("uintptr_t", buf)), what="")
-        else:
-            nat.syscall(ctl, ipc_id, IPC_STAT, int(nat.ffi.cast("uintptr_t", buf)), what="")
+        _ctl(ctl, ipc_id, IPC_STAT, int(nat.ffi.cast("uintptr_t", buf)))
     except OSError:
         return None  # EINVAL/EIDRM: no such id here
     return bytes(nat.ffi.buffer(buf))
@@ -249,11 +250,7 @@ def _stat(ctl: int, ipc_id: int) -> bytes | None:
 def _set_perm(ctl: int, ipc_id: int, uid: int, gid: int, mode: int) -> None:
     buf = nat.ffi.new("char[]", STAT_SIZE)
     struct.pack_into("<IIIIIH", nat.ffi.buffer(buf), 0, 0, uid, gid, 0, 0, mode & 0o777)
-    ptr = int(nat.ffi.cast("uintptr_t", buf))
-    if ctl == nr.semctl:
-        nat.syscall(ctl, ipc_id, 0, IPC_SET, ptr, what=f"semctl({ipc_id}, IPC_SET)")
-    else:
-        nat.syscall(ctl, ipc_id, IPC_SET, ptr, what=f"shmctl({ipc_id}, IPC_SET)")
+    _ctl(ctl, ipc_id, IPC_SET, int(nat.ffi.cast("uintptr_t", buf)))
 
 
 def _free_key(get: int, key: int, what: str) -> None:
@@ -292,10 +289,7 @@ def finish(made: Made) -> None:
 
 def _remove(ctl: int, ipc_id: int) -> None:
     try:
-        if ctl == nr.semctl:
-            nat.syscall(ctl, ipc_id, 0, IPC_RMID, 0, what="")
-        else:
-            nat.syscall(ctl, ipc_id, IPC_RMID, 0, what="")
+        _ctl(ctl, ipc_id, IPC_RMID)
     except OSError:
         pass  # gone already
 
