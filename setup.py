@@ -29,7 +29,7 @@ setup(
     license="GPL-2.0-or-later",
     python_requires=">=3.11",
     packages=find_packages(include=["upmig", "upmig.*"]),
-    install_requires=["python-ptrace>=0.9.8", "cffi>=1.15", "msgpack>=1.0"],
+    install_requires=["python-ptrace>=0.9.8", "cffi>=1.15", "msgpack>=1.0", "blake3>=1.0"],
     setup_requires=["cffi>=1.15"],
     cffi_modules=["csrc/build_helper.py:ffibuilder"],
     package_data={"upmig": ["upmig-stub", "upmig-init"]},

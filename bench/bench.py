@@ -1,12 +1,13 @@
-"""upmig benchmark: dump and resume processes with 64 MiB, 512 MiB and 2 GiB of
-touched random memory, prove every resumed copy intact, and set the figures
-against what this machine itself can move (bench/limits.c); then the cost of
+"""upmig benchmark: dump and resume processes with 64 MiB, 512 MiB, 1 GiB and 2 GiB
+of touched random memory, prove every resumed copy intact, and set the figures
+against what this machine itself can move (bench/limits.c); then what sealing
+images costs against the 1 GiB dump and resume; then the cost of
 threads: a 64 MiB process with 1, 16 and 256 threads; then descriptors: a process
 with 10,000 open fds of mixed kinds, and a server with 1,000 established TCP
 connections moved with --tcp-established (each client answered afterwards); then a
 tree of 100 processes of 8 MiB, half of each copy-on-write shared since fork.
 
-    .venv/bin/python bench/bench.py [--sizes 64,512,2048] [--quick]
+    .venv/bin/python bench/bench.py [--sizes 64,512,1024,2048] [--quick]
 
 Timings are only printed: the exit status is non-zero only when something broke
 (a command failed, or a resumed process's memory differs from the original)."""
@@ -46,6 +47,7 @@ VICTIMS = ROOT / "tests" / "victims"
 ECHO_SERVER = VICTIMS / "asyncecho.py"
 TREE_PROCS, TREE_MIB, TREE_TARGET = 100, 8, 2.0
 DUMP_RATIO_TARGET = 0.6  # of process_vm_readv, for 2 GiB
+SEAL_MIB = 1024  # sealing is measured against the dump and resume of this size
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -181,7 +183,8 @@ def size_row(mib: int, trips: list[Trip], limits: dict) -> tuple[str, dict]:
     touched = mib * MIB
     dump_s, resume_s = med(lambda t: t.dump["seconds"]), med(lambda t: t.resume["seconds"])
     dump_gbs, resume_gbs = gbs(data, dump_s), gbs(data, resume_s)
-    fig = {"dump_x": dump_gbs / limits["readv"][0], "resume_x": resume_gbs / limits["writev"][0]}
+    fig = {"dump_x": dump_gbs / limits["readv"][0], "resume_x": resume_gbs / limits["writev"][0],
+           "dump_s": dump_s, "resume_s": resume_s}
     image_ok = image <= touched * 1.01 + 64 * 1024
     same = all(t.resume["same_pid"] for t in trips)
     row = (f"| {mib} MiB | {dump_s:.3f} s | {dump_gbs:.2f} | {fig['dump_x']:.2f}× "
@@ -189,6 +192,51 @@ def size_row(mib: int, trips: list[Trip], limits: dict) -> tuple[str, dict]:
            f"| {resume_gbs:.2f} | {fig['resume_x']:.2f}× "
            f"| {image / touched:.4f} {mark(image_ok)} | ✓{' same pid' if same else ''} |")
     return row, fig
+
+
+def seal_rows(work: Path, figs: dict, reps: int) -> list[str]:
+    """What sealing costs: the keyed BLAKE3 of a 1 GiB image (made by dump, checked
+    by resume) and the XXH64 frame check it replaces on resume, set against the
+    dump and resume of 1 GiB measured above."""
+    import mmap
+
+    from upmig import _native, image, keys
+
+    key = keys.derive("bench", os.urandom(32))
+    path = work / "seal.bin"
+    with open(path, "wb") as f:
+        block = os.urandom(MIB)
+        for _ in range(SEAL_MIB):
+            f.write(block)
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as data:
+            seal = best(lambda: image.seal_tag(key, data, key.id))
+            frames = best(lambda: _native.xxh64(data))
+    finally:
+        path.unlink()
+    fig = figs.get(SEAL_MIB)
+    dump_share = f"{seal / fig['dump_s'] * 100:.0f}%" if fig else "n/a"
+    net = seal - frames
+    resume_share = f"{net / fig['resume_s'] * 100:.0f}%" if fig else "n/a"
+    return [
+        f"| sealing {SEAL_MIB} MiB (best of {reps}) | time | GB/s | share of the "
+        f"{SEAL_MIB} MiB dump | share of the {SEAL_MIB} MiB resume |",
+        "|:---|---:|---:|---:|---:|",
+        f"| keyed BLAKE3 seal (dump makes it, resume checks it) | {seal:.3f} s "
+        f"| {gbs(SEAL_MIB * MIB, seal):.2f} | {dump_share} | |",
+        f"| XXH64 frame hashes (resume no longer checks them when the seal holds) "
+        f"| {frames:.3f} s | {gbs(SEAL_MIB * MIB, frames):.2f} | | |",
+        f"| resume's extra cost (seal − frame hashes) | {net:.3f} s | | | {resume_share} |",
+    ]
 
 
 def thread_rows(hog: Path, work: Path, reps: int) -> list[str]:
@@ -381,6 +429,8 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[str], list[str]]:
             row = f"| {mib} MiB | FAILED |" + " |" * 8
         rows.append(row)
 
+    seals = seal_rows(work, figs, max(args.reps, 2))
+
     try:
         threads = thread_rows(hog, work, args.reps)
     except (Broken, subprocess.TimeoutExpired) as e:
@@ -427,6 +477,8 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[str], list[str]]:
         "|:---|---:|",
         *(f"| {what} | {v:.2f} |" for v, what in limits.values()),
         "",
+        *seals,
+        "",
         *threads,
         "",
         *fds,
@@ -464,8 +516,9 @@ def machine() -> str:
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="64,512,2048",
-                   help="touched memory sizes in MiB, comma-separated (default 64,512,2048)")
+    p.add_argument("--sizes", default="64,512,1024,2048",
+                   help="touched memory sizes in MiB, comma-separated "
+                        "(default 64,512,1024,2048)")
     p.add_argument("--quick", action="store_true",
                    help="64 MiB only and fewer repetitions, for a fast look")
     a = p.parse_args()
@@ -490,6 +543,10 @@ def main() -> int:
     if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
     work = Path(tempfile.mkdtemp(prefix="upmig-bench-", dir=IMAGE_DIR))
+    key = work / "key"  # images sealed with a key of the run's own (not the machine's)
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o600)
+    os.environ["UPMIG_KEY_FILE"] = str(key)
     try:
         report, failures = run(args, work)
     except (Broken, subprocess.TimeoutExpired) as e:

@@ -862,3 +862,10 @@ uint64_t up_chain_hash(uint64_t prev, uint64_t frame)
 {
     return chain_hash(prev, frame);
 }
+
+int up_link_fd(int fd, const char *path)
+{
+    char self[64];
+    snprintf(self, sizeof self, "/proc/self/fd/%d", fd);
+    return linkat(AT_FDCWD, self, AT_FDCWD, path, AT_SYMLINK_FOLLOW) < 0 ? -errno : 0;
+}

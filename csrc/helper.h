@@ -117,3 +117,7 @@ int up_spawn(int set_tid, const char *path, int traceme, uint64_t flags, int pas
 
 /* kcmp(pid1, pid2, type, idx1, idx2). */
 int up_kcmp(int pid1, int pid2, int type, uint64_t idx1, uint64_t idx2);
+
+/* linkat(AT_FDCWD, "/proc/self/fd/FD", AT_FDCWD, path, AT_SYMLINK_FOLLOW): give a
+ * name to a file opened with O_TMPFILE (no CAP_DAC_READ_SEARCH needed). */
+int up_link_fd(int fd, const char *path);

@@ -10,14 +10,18 @@ import ctypes
 import fcntl
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import termios
 import time
 from pathlib import Path
 
 import pytest
+
+from upmig import keys
 
 ROOT = Path(__file__).resolve().parent.parent
 VICTIMS = ROOT / "tests" / "victims"
@@ -28,6 +32,26 @@ PR_SET_CHILD_SUBREAPER = 36
 
 def pytest_configure(config):
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    # Every upmig the tests run seals and checks images with this session's own key,
+    # not the machine's (/etc/upmig/key is neither needed nor made).
+    where = Path(tempfile.mkdtemp(prefix="upmig-test-key-"))
+    key = where / "key"
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o600)
+    os.environ[keys.ENV] = str(key)
+    config.upmig_key_dir = where
+
+
+def pytest_unconfigure(config):
+    where = getattr(config, "upmig_key_dir", None)
+    if where:
+        shutil.rmtree(where, ignore_errors=True)
+
+
+@pytest.fixture
+def test_key() -> keys.Key:
+    """The key every upmig of this test session seals and checks images with."""
+    return keys.load(os.environ[keys.ENV])
 
 
 def build_victim(name: str, *defines: str) -> Path:

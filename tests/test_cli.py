@@ -53,9 +53,10 @@ def test_help_lists_commands_and_exit_statuses():
     for cmd in ("dump", "resume", "inspect"):
         assert re.search(rf"^\s+{cmd}\s", out, re.M), f"{cmd} not listed:\n{out}"
     assert "exit status" in out
-    for code in range(9):
+    for code in (*range(10), 130):
         assert re.search(rf"(^|\s){code}\s+\S", out, re.M), f"exit status {code} missing"
-    for words in ("no such process", "access denied", "cannot move", "corrupt", "too new"):
+    for words in ("no such process", "access denied", "cannot move", "corrupt", "too new",
+                  "not sealed", "key is missing", "interrupted"):
         assert words in out
 
 

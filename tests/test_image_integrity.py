@@ -8,6 +8,7 @@ command line too: exit status 6, one `upmig:` line, no process created."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -19,11 +20,12 @@ import msgpack
 import pytest
 
 from conftest import ROOT, build_victim, run_upmig, wait_for
-from upmig import _proc, image
-from upmig.errors import Corrupt, ImageError, Truncated, VersionTooNew
+from upmig import _native, _proc, image, keys
+from upmig.errors import Corrupt, ImageError, NotSealed, Truncated, VersionTooNew
 from upmig.records import Pages, Vma
 
 H, FH, FT = image.HEADER.size, image.FRAME_HEAD.size, image.FRAME_TAIL.size
+SEAL = image.SEAL.size
 DAMAGED = (Corrupt, Truncated, VersionTooNew)
 STUB = ROOT / "upmig" / "upmig-stub"
 
@@ -54,11 +56,11 @@ def frames(real_image) -> list[tuple[int, int, int]]:
     """(offset, type, payload length) of every frame, walked with the format's structs."""
     out = []
     off = H
-    while off < len(real_image):
+    while off < len(real_image) - SEAL:
         ftype, length = image.FRAME_HEAD.unpack_from(real_image, off)
         out.append((off, ftype, length))
         off += FH + length + FT
-    assert off == len(real_image), "the frames must tile the image exactly"
+    assert off == len(real_image) - SEAL, "the frames and the seal must tile the image exactly"
     return out
 
 
@@ -281,8 +283,89 @@ def test_dropped_reordered_duplicated_frames(work, real_image, frames):
 def test_garbage_after_the_trailer(work, real_image):
     for extra in (b"\0", b"x" * 7, real_image[H:H + 64]):
         work.write_bytes(real_image + extra)
-        with pytest.raises(Corrupt):
+        with pytest.raises(DAMAGED):
             image.load(str(work))
+
+
+# ---- the seal
+
+def test_sealed_with_the_sessions_key(work, test_key):
+    img = image.load(str(work), key=test_key)
+    assert img.sealed
+    img.close()
+
+
+def test_another_keys_image_is_refused_naming_both_keys(work, test_key, tmp_path):
+    other = keys.derive(str(tmp_path / "other"), os.urandom(32))
+    with pytest.raises(NotSealed) as e:
+        image.load(str(work), key=other)
+    assert e.value.exit_code == 6
+    assert test_key.id.hex() in str(e.value) and other.id.hex() in str(e.value)
+    _not_mapped_or_open(work)
+
+
+def _rechained(real_image: bytes, frames, change) -> bytes:
+    """The image with change(payload) applied to every record frame and every frame hash
+    made right again, as anyone can with upmig's own code: only the seal is stale."""
+    out = bytearray(real_image[:H])
+    chain = _native.xxh64(bytes(out))
+    for off, ftype, length in frames:
+        payload = real_image[off + FH:off + FH + length]
+        frame, chain = image.seal(chain, ftype, change(ftype, payload))
+        out += frame
+    return bytes(out) + real_image[-SEAL:]
+
+
+def test_changed_after_sealing_is_refused(work, real_image, frames, test_key):
+    def other_uid(ftype, payload):
+        if ftype != image.RECORD:
+            return payload
+        kind, body = msgpack.unpackb(payload, raw=False)
+        if kind == "task":
+            body["uids"] = [4321] * 4
+        return msgpack.packb([kind, body], use_bin_type=True)
+
+    work.write_bytes(_rechained(real_image, frames, other_uid))
+    image.load(str(work)).close()  # every frame hash is right: only the seal can tell
+    with pytest.raises(NotSealed, match="changed after it was sealed"):
+        image.load(str(work), key=test_key)
+
+
+def test_a_flipped_byte_is_still_named_as_corruption(work, real_image, frames, test_key):
+    """With the seal wrong, the frame hashes say where the damage is."""
+    off, _, length = frames[len(frames) // 2]
+    work.write_bytes(_flip(real_image, off + FH + length // 2))
+    with pytest.raises(Corrupt, match=f"frame at byte {off}"):
+        image.load(str(work), key=test_key)
+
+
+def test_a_flipped_seal_is_refused(work, real_image, test_key):
+    for pos in (len(real_image) - 1, len(real_image) - SEAL):
+        work.write_bytes(_flip(real_image, pos))
+        with pytest.raises(NotSealed):
+            image.load(str(work), key=test_key)
+
+
+def test_cli_resume_refuses_another_keys_image(work, tmp_path):
+    other = tmp_path / "other.key"
+    other.write_bytes(os.urandom(32))
+    other.chmod(0o600)
+    before = _stub_children()
+    r = run_upmig("resume", "--key-file", str(other), str(work), check=False)
+    assert _stub_children() == before
+    line = _one_error_line(r, work)
+    assert "not sealed with this machine's key" in line
+
+
+def test_cli_inspect_says_whose_seal(work, tmp_path, test_key):
+    r = run_upmig("inspect", "--json", str(work))
+    seal = json.loads(r.stdout)["seal"]
+    assert seal == {"key_id": test_key.id.hex(), "key": test_key.path, "sealed_by_my_key": True}
+    other = tmp_path / "other.key"
+    other.write_bytes(os.urandom(32))
+    other.chmod(0o600)
+    text = run_upmig("inspect", "--key-file", str(other), str(work)).stdout
+    assert f"key id {test_key.id.hex()}: NOT sealed with this user's key {other}" in text
 
 
 def test_newer_version(work, real_image):
@@ -313,7 +396,7 @@ def test_record_that_is_not_msgpack_with_a_good_checksum(work, real_image, frame
             frame, chain = image.seal(chain, ftype, real_image[off + FH:off + FH + length])
             out += frame
         assert off0 == H
-        work.write_bytes(bytes(out))
+        work.write_bytes(bytes(out) + real_image[-SEAL:])
         with pytest.raises(Corrupt, match="unreadable record"):
             image.load(str(work))
 

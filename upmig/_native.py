@@ -362,6 +362,13 @@ def setns(fd: int, nstype: int) -> None:
     check(lib.up_setns(fd, nstype), "setns")
 
 
+def link_fd(fd: int, path: str) -> None:
+    """Name a file opened with O_TMPFILE: it appears at path (which must not exist)."""
+    err = lib.up_link_fd(fd, os.fsencode(path))
+    if err < 0:
+        raise OSError(-err, os.strerror(-err), path)
+
+
 def kcmp_file(pid: int, fd1: int, fd2: int) -> bool:
     """True if fd1 and fd2 of pid are the same open file description."""
     return kcmp_file_order(pid, fd1, fd2) == 0

@@ -11,19 +11,28 @@ import sys
 import time
 
 from upmig import __version__
-from upmig.errors import UpmigError, describe_oserror
+from upmig.errors import Interrupted, UpmigError, describe_oserror
 
 EXIT_STATUSES = """exit status:
-  0   success (resume: the resumed process's own status, 128+N if killed by signal N)
-  1   other failure          5  the process holds state upmig cannot move
-  2   bad command line       6  the image is unreadable, truncated, corrupt or too new
-  3   no such process        7  rebuilding the process failed (nothing left running)
-  4   access denied          8  this machine differs from the source (a file, the vdso)
+  0    success (resume: the resumed process's own status, 128+N if killed by signal N)
+  1    other failure
+  2    bad command line
+  3    no such process
+  4    access denied
+  5    the process holds state upmig cannot move
+  6    the image is unreadable, truncated, corrupt, too new, or not sealed with this key
+  7    rebuilding the process failed (nothing left running)
+  8    this machine differs from the source (a file, the vdso)
+  9    the key is missing, unreadable or open to other users
+  130  interrupted by SIGINT, SIGTERM or SIGHUP: nothing was left behind (after a
+       dump's commit the message says the image was written and what became of
+       the process)
+
+keys: images are sealed with a keyed hash; resume runs only images its own key
+sealed. root's key is /etc/upmig/key, a user's ~/.config/upmig/key (made by the
+first dump); --key-file or UPMIG_KEY_FILE name another. Share root's key between
+the nodes of a cluster, as munge's is shared.
 """
-
-
-class Interrupted(UpmigError):
-    exit_code = 130
 
 
 def _interrupted(signum, _frame):
@@ -73,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
                         "session and terminal stay behind: resume re-attaches them to its "
                         "own terminal")
     d.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _key_option(d, "the key that seals the image (made if missing)")
 
     r = sub.add_parser("resume", help="rebuild the process of an image and run it",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -96,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     ids.add_argument("--new-pids", action="store_const", dest="pids", const="new",
                      help="give it whatever ids are free (glibc's cached thread ids are "
                           "rewritten; a program that kept its PID elsewhere may misbehave)")
+    _key_option(r, "the key the image must be sealed with")
 
     i = sub.add_parser("inspect", help="show what an image holds",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -105,7 +116,14 @@ def _parser() -> argparse.ArgumentParser:
                               "  upmig inspect --json job.upmig | jq .totals")
     i.add_argument("image", metavar="IMAGE")
     i.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _key_option(i, "the key to check the image's seal against")
     return p
+
+
+def _key_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--key-file", metavar="FILE", default=None,
+                   help=f"{what} (default: $UPMIG_KEY_FILE, else /etc/upmig/key for root, "
+                        "~/.config/upmig/key for others)")
 
 
 def _size(text: str) -> int:
@@ -155,7 +173,8 @@ def _dump(a: argparse.Namespace) -> int:
     after = {"kill": "killed", "run": "left running", "stop": "left stopped"}[leave]
     try:
         res = dump(a.pid, a.output, leave=leave, progress=progress, ghost_limit=a.ghost_limit,
-                   tcp_established=a.tcp_established, shell_job=a.shell_job)
+                   tcp_established=a.tcp_established, shell_job=a.shell_job,
+                   key_file=a.key_file)
     except Interrupted as e:
         if progress.step == "committed":  # too late to undo: say what was done
             e.why = f"interrupted after the image {a.output} was written; process {after}"
@@ -179,7 +198,8 @@ def _resume(a: argparse.Namespace) -> int:
 
     # Once it is about to run, a signal to us is for it (not a reason to unwind).
     res = resume(a.image, pids=a.pids, notice=stderr_notice,
-                 on_ready=None if a.detach else forward_signals, terminal=not a.detach)
+                 on_ready=None if a.detach else forward_signals, terminal=not a.detach,
+                 key_file=a.key_file)
     if a.detach:
         print(json.dumps(res.__dict__) if a.json else res.pid, flush=True)
         return 0
@@ -206,7 +226,7 @@ def _reap_soon(pid: int, seconds: float) -> None:
 def _inspect(a: argparse.Namespace) -> int:
     from upmig.summary import render, summary
 
-    s = summary(a.image)
+    s = summary(a.image, a.key_file)
     print(json.dumps(s) if a.json else render(s))
     return 0
 

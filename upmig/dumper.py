@@ -1,8 +1,8 @@
 """`upmig dump`: freeze, capture every kind of state, write one image, release.
 
 The process is precious: every check that can refuse runs before anything is
-written; the image is written under a temporary name and renamed only when
-complete; on any failure the temporary file is removed and the process runs on."""
+written; the image is written nameless (upmig.newfile) and sealed, and appears at
+its path only when complete; on any failure it is gone and the process runs on."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from upmig import (
     image,
     inet,
     inject,
+    keys,
     memmap,
     regs,
     sharing,
@@ -36,6 +37,7 @@ from upmig import (
 from upmig import _native as nat
 from upmig.errors import CantMigrate, ImageError, NoSuchProcess, UpmigError, describe_oserror
 from upmig.image import RUNS_PER_RECORD, ImageWriter
+from upmig.newfile import NewFile
 from upmig.records import CowPages, Header, MappedFile, Thread
 from upmig.syscalls import nr
 
@@ -62,28 +64,30 @@ Progress = Callable[[str, int], None]
 
 def dump(pid: int, image_path: str, *, leave: str = "kill",
          progress: Progress | None = None, ghost_limit: int | None = None,
-         tcp_established: bool = False, shell_job: bool = False) -> DumpResult:
+         tcp_established: bool = False, shell_job: bool = False,
+         key_file: str | None = None) -> DumpResult:
     """Write an image of pid and all its descendants to image_path; then kill them
     (default), or leave them running ("run") or stopped ("stop"). On failure they run
     on untouched. ghost_limit: the most bytes a deleted-but-open file may hold (None:
     no limit). tcp_established: take established TCP connections along (TCP repair).
-    shell_job: the tree's session and terminal belong to a shell outside it."""
+    shell_job: the tree's session and terminal belong to a shell outside it.
+    key_file: the key that seals the image (upmig.keys; made if it does not exist)."""
     if leave not in LEAVE:
         raise ValueError(f"leave must be one of {LEAVE}")
     began = time.perf_counter()
     note = progress or (lambda step, n: None)
+    key = keys.load(key_file, create=True)  # a key problem must not touch the process
     preflight(pid)
     known: dict[str, MappedFile] = {}
     for p in freeze.descendants(pid):  # hashing data files is slow: do it before freezing
         known.update(_identify_mapped(p))
-    tmp = _temp_path(image_path)
     commit = ExitStack()
-    fd = -1
+    out: NewFile | None = None
     try:
         # Inside the cleanup's reach: a signal just after the open must not leave the
-        # file behind. Read-write: the page copy maps the image to write into it.
+        # file behind (and it has no name until it is committed: SIGKILL leaves nothing).
         try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            out = NewFile(image_path)
         except OSError as e:
             raise UpmigError(f"cannot write the image: {e.strerror}",
                              what=image_path) from None
@@ -94,32 +98,27 @@ def dump(pid: int, image_path: str, *, leave: str = "kill",
             if repairs:
                 fz.cleanups.append(repairs.release)
             try:
-                size, data, nvma, nfd = _capture_and_write(fz, fd, note, known, ghost_limit,
-                                                           repairs, shell_job)
-                os.fsync(fd)
-                fd, closing = -1, fd
-                os.close(closing)
+                size, data, nvma, nfd = _capture_and_write(fz, out.fd, key, note, known,
+                                                           ghost_limit, repairs, shell_job)
+                os.fsync(out.fd)
                 if leave == "kill":  # the image is all that will be left of it
                     note("verifying", 0)
-                    _verify(tmp, pid)
+                    _verify(f"/proc/self/fd/{out.fd}", pid)
                 if repairs:
                     repairs.check_unchanged(pid)
             except OSError as e:
                 raise _explain(pid, e) from None
-            # The commit: from the rename to the kill, a signal to upmig must not
+            # The commit: from the link to the kill, a signal to upmig must not
             # leave an image and a live process both, nor neither; one that comes
             # meanwhile is too late to stop it.
             commit.enter_context(critical.deferred(drain=True))
-            os.rename(tmp, image_path)
+            out.commit()
             fz.on_release = leave
             note("committed", 0)
             frozen = time.perf_counter() - frozen_at
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        _unlink(tmp)
-        raise
     finally:
+        if out is not None:
+            out.close()
         commit.close()
     return DumpResult(pid, image_path, size, data, nvma, nfd, len(fz.tids),
                       len(fz.members) + len(fz.zombies), frozen_at - seizing, frozen,
@@ -175,7 +174,7 @@ def _verify(path: str, pid: int) -> None:
                          "was left running", pid=pid) from None
 
 
-def _capture_and_write(fz: freeze.Tree, fd: int, note: Progress,
+def _capture_and_write(fz: freeze.Tree, fd: int, key: keys.Key, note: Progress,
                        known: dict[str, MappedFile], ghost_limit: int | None,
                        repairs: inet.Repairs | None, shell_job: bool
                        ) -> tuple[int, int, int, int]:
@@ -189,7 +188,7 @@ def _capture_and_write(fz: freeze.Tree, fd: int, note: Progress,
     ghosts.refuse_outsiders(maps)
     ipc = sysv.capture(maps)
     shared = sharing.scan(fz.members)
-    w = ImageWriter(fd, progress=lambda n: note("pages", n))
+    w = ImageWriter(fd, key, progress=lambda n: note("pages", n))
     uts = os.uname()
     w.record(Header(arch=uts.machine, kernel=uts.release, upmig_version=__version__,
                     created=time.time(), hostname=uts.nodename,
@@ -296,15 +295,3 @@ def _gone(pid: int) -> bool:
     except UpmigError:
         return True
     return state.startswith(("Z", "X"))
-
-
-def _temp_path(image_path: str) -> str:
-    head, tail = os.path.split(os.path.abspath(image_path))
-    return os.path.join(head, f".{tail}.partial-{os.getpid()}")
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

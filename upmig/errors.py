@@ -65,6 +65,10 @@ class VersionTooNew(ImageError):
     """The image was written by a newer upmig with a format this one cannot read."""
 
 
+class NotSealed(ImageError):
+    """The image was not sealed with the key resume trusts (or was changed since)."""
+
+
 class RestoreError(UpmigError):
     """Rebuilding the process failed; nothing was left running."""
 
@@ -75,6 +79,18 @@ class Mismatch(RestoreError):
     """The target machine differs from the source in a way that matters (a file, the vdso)."""
 
     exit_code = 8
+
+
+class KeyProblem(UpmigError):
+    """The key that seals images is missing, unreadable or unsafe."""
+
+    exit_code = 9
+
+
+class Interrupted(UpmigError):
+    """A signal (SIGINT, SIGTERM, SIGHUP) stopped upmig; what it did was undone."""
+
+    exit_code = 130
 
 
 def describe_oserror(e: OSError) -> str:

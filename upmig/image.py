@@ -2,12 +2,13 @@
 
 Grammar (little-endian):
 
-    image   := header frame* trailer
+    image   := header frame* trailer seal
     header  := MAGIC (8 bytes) version:u32 reserved:u32
     frame   := type:u32 length:u32 payload[length] hash:u64
     type    := 1 RECORD  payload is msgpack [kind, {field: value}] (upmig.records)
              | 2 DATA    payload is page bytes belonging to the last "pages" record
-             | 3 TRAILER payload is a RECORD body of kind "trailer"; always last
+             | 3 TRAILER payload is a RECORD body of kind "trailer"; the last frame
+    seal    := key_id (8 bytes) tag (32 bytes)
 
 Records come in order: the header, then one section per process of the tree, each
 opened by its "process" record (the root first, a parent before its children) and
@@ -19,11 +20,18 @@ XXH64 of the header). Frames can be hashed in parallel while dumping; every fram
 can still be checked as it streams by, and the trailer's tail covers the whole
 image: a cut, a flipped byte, a dropped or reordered frame are all caught before
 anything is rebuilt.
+
+Those hashes are not keyed: anyone can write an image they accept. What makes an
+image trusted is its seal, a keyed BLAKE3 (upmig.keys) of every byte before the
+tag: resume checks it first and refuses an image its own key did not seal. When
+the seal is right the frame hashes are not checked again (the seal covers them);
+when it is wrong they tell a corrupted image from one sealed with another key.
 """
 
 from __future__ import annotations
 
 import errno
+import hmac
 import mmap
 import os
 import struct
@@ -33,14 +41,17 @@ from typing import Any
 
 import msgpack
 
-from upmig import _native
-from upmig.errors import Corrupt, ImageError, Truncated, VersionTooNew
+from upmig import _native, critical
+from upmig.errors import Corrupt, ImageError, NotSealed, Truncated, VersionTooNew
+from upmig.keys import Key
 from upmig.records import Pages, Process, Trailer, from_wire, to_wire
 
 MAGIC = b"UPMIG\x00\x89\n"
-VERSION = 4  # 2: per-thread state in Thread; 3: process trees (Process sections);
-#             4: shared memory as Ghost files (no more "shmem" VMAs), CowPages
+VERSION = 5  # 2: per-thread state in Thread; 3: process trees (Process sections);
+#             4: shared memory as Ghost files (no more "shmem" VMAs), CowPages; 5: seal
 HEADER = struct.Struct("<8sII")
+SEAL = struct.Struct("<8s32s")
+TAG_BYTES = 32
 FRAME_HEAD = struct.Struct("<II")
 FRAME_TAIL = struct.Struct("<Q")
 RECORD, DATA, TRAILER = 1, 2, 3
@@ -58,8 +69,9 @@ def seal(chain: int, ftype: int, payload: bytes) -> tuple[bytes, int]:
 class ImageWriter:
     """Writes records and page data to an open fd, keeping the hash chain."""
 
-    def __init__(self, fd: int, progress: Callable[[int], None] | None = None):
+    def __init__(self, fd: int, key: Key, progress: Callable[[int], None] | None = None):
         self.fd = fd
+        self.key = key
         self.records = 0
         self.data_bytes = 0
         self.progress = progress
@@ -102,8 +114,25 @@ class ImageWriter:
         return total
 
     def finish(self) -> None:
+        """The trailer, then the seal over everything written (read back from the
+        file: the pages went there straight from the process)."""
         trailer = Trailer(records=self.records + 1, data_bytes=self.data_bytes)
         self._frame(TRAILER, msgpack.packb(to_wire(trailer), use_bin_type=True))
+        size = os.lseek(self.fd, 0, os.SEEK_CUR)
+        with mmap.mmap(self.fd, size, prot=mmap.PROT_READ) as data:
+            self._write(self.key.id + seal_tag(self.key, data, self.key.id))
+
+
+def seal_tag(key: Key, frames, key_id: bytes) -> bytes:
+    """The keyed hash of an image's frames (header to trailer) and its key id."""
+    # The hash runs on a pool of threads made at its first use, which inherit this
+    # thread's signal mask: made with the stop signals blocked, they never take one
+    # meant for upmig (say, once Python's handlers are gone at exit).
+    with critical.deferred():
+        h = key.hasher()
+        h.update(frames)
+        h.update(key_id)
+        return h.digest(TAG_BYTES)
 
 
 @dataclass
@@ -151,6 +180,7 @@ class Image(Records):
 
     size: int = 0
     sections: list[Section] = field(default_factory=list)
+    sealed: bool = False     # the key load() was given sealed it
 
     def processes(self) -> list[Section]:
         return self.sections
@@ -161,10 +191,12 @@ class Image(Records):
             self.data = None
 
 
-def load(path: str, *, checksums: bool = True) -> Image:
-    """Open, verify every checksum, then parse. Raises an ImageError subclass.
-    checksums=False checks only the structure and the records (for an image this
-    process has just written and hashed itself)."""
+def load(path: str, *, key: Key | None = None, checksums: bool = True) -> Image:
+    """Open, check, then parse. Raises an ImageError subclass.
+    key: refuse (NotSealed) an image this key did not seal; the image is then
+    Image.sealed. Without a key the seal is not looked at; checksums=False then
+    checks only the structure and the records (for an image this process has just
+    written and hashed itself)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
@@ -179,13 +211,18 @@ def load(path: str, *, checksums: bool = True) -> Image:
     finally:
         os.close(fd)
     try:
-        return _parse(path, data, checksums)
+        return _parse(path, data, key, checksums)
     except BaseException:
         data.close()
         raise
 
 
-def _parse(path: str, data: mmap.mmap, checksums: bool) -> Image:
+def sealed_by(img: Image, key: Key) -> bool:
+    """Whether key sealed this (loaded) image."""
+    return _seal_holds(img.data, img.size - SEAL.size, key)
+
+
+def _parse(path: str, data: mmap.mmap, key: Key | None, checksums: bool) -> Image:
     magic, version, _ = HEADER.unpack_from(data, 0)
     if magic != MAGIC:
         raise Corrupt("not an upmig image (bad magic)", what=path)
@@ -195,12 +232,45 @@ def _parse(path: str, data: mmap.mmap, checksums: bool) -> Image:
     if version != VERSION:
         raise Corrupt(f"image format version {version} is older than this upmig reads ({VERSION}); "
                       "resume it with the upmig that made it", what=path)
-    if checksums:
-        seed = _native.xxh64(data[:HEADER.size])
-        rc, off, _ = _native.verify_frames(data, HEADER.size, seed, MAX_PAYLOAD)
-        if rc < 0:
-            _verify_failed(path, rc, off, len(data))
-    return _records(path, data)
+    if len(data) < HEADER.size + SEAL.size:
+        raise Truncated(f"image is truncated at byte {len(data)}", what=path)
+    end = len(data) - SEAL.size  # where the frames end and the seal begins
+    frames = memoryview(data)[:end]
+    try:
+        sealed = key is not None and _seal_holds(data, end, key)
+        if (key is not None and not sealed) or (key is None and checksums):
+            _check_frames(path, frames)
+        if key is not None and not sealed:
+            raise _not_sealed(path, data, end, key)
+    finally:
+        frames.release()
+    img = _records(path, data, end)
+    img.sealed = sealed
+    return img
+
+
+def _seal_holds(data: mmap.mmap, end: int, key: Key) -> bool:
+    key_id, tag = SEAL.unpack_from(data, end)
+    with memoryview(data)[:end] as frames:
+        return hmac.compare_digest(seal_tag(key, frames, key_id), tag)
+
+
+def _check_frames(path: str, frames: memoryview) -> None:
+    seed = _native.xxh64(frames[:HEADER.size])
+    rc, off, _ = _native.verify_frames(frames, HEADER.size, seed, MAX_PAYLOAD)
+    if rc < 0:
+        _verify_failed(path, rc, off, len(frames))
+
+
+def _not_sealed(path: str, data: mmap.mmap, end: int, key: Key) -> NotSealed:
+    """The frames are intact (checked): the seal is another key's, or was forged."""
+    key_id, _ = SEAL.unpack_from(data, end)
+    if key_id != key.id:
+        return NotSealed(f"the image was not sealed with this machine's key ({key.path}, id "
+                         f"{key.id.hex()}) but with key id {key_id.hex()}; resume it where "
+                         "that key is, or share the key", what=path)
+    return NotSealed(f"the image's seal does not match its contents: it was changed after "
+                     f"it was sealed (key {key.path})", what=path)
 
 
 def _verify_failed(path: str, rc: int, off: int, size: int) -> None:
@@ -213,20 +283,21 @@ def _verify_failed(path: str, rc: int, off: int, size: int) -> None:
     raise Corrupt(f"image is corrupt: bad frame at byte {off}", what=path)
 
 
-def _records(path: str, data: mmap.mmap) -> Image:
+def _records(path: str, data: mmap.mmap, end: int) -> Image:
+    """Every record and where each pages record's bytes are; frames end at end."""
     records: list[Any] = []
     pages: list[PageData] = []
     sections: list[Section] = []
     off = HEADER.size
     want = 0  # data bytes still owed to the last pages record
     while True:
-        if off + FRAME_HEAD.size > len(data):
+        if off + FRAME_HEAD.size > end:
             raise Truncated(f"image is truncated at byte {len(data)}", what=path)
         ftype, length = FRAME_HEAD.unpack_from(data, off)
         body = off + FRAME_HEAD.size
         if ftype not in (RECORD, DATA, TRAILER) or length > MAX_PAYLOAD:
             raise Corrupt(f"image is corrupt: bad frame at byte {off}", what=path)
-        if body + length + FRAME_TAIL.size > len(data):
+        if body + length + FRAME_TAIL.size > end:
             raise Truncated(f"image is truncated at byte {len(data)}", what=path)
         if ftype == DATA:
             if not pages or length > want:
@@ -240,8 +311,9 @@ def _records(path: str, data: mmap.mmap) -> Image:
             if ftype == TRAILER:
                 if not isinstance(rec, Trailer) or rec.records != len(records) + 1:
                     raise Corrupt("trailer does not match the records", what=path)
-                if body + length + FRAME_TAIL.size != len(data):
-                    raise Corrupt("image has bytes after its trailer", what=path)
+                if body + length + FRAME_TAIL.size != end:
+                    raise Corrupt("image has bytes between its trailer and its seal",
+                                  what=path)
                 for sec in sections:
                     sec.data = data
                 return Image(path, records, pages, data, len(data), sections)

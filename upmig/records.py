@@ -61,6 +61,7 @@ class Task:
     caps: dict[str, int] | None = None  # CapInh/CapPrm/CapEff/CapBnd/CapAmb
     no_new_privs: int = 0
     subreaper: int = 0       # PR_SET_CHILD_SUBREAPER: orphans below it are reparented to it
+    seccomp: int = 0         # seccomp mode: 0 off, 1 strict, 2 filter (dump refuses 1, 2)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from upmig import (
     image,
     inet,
     inject,
+    keys,
     memmap,
     pidns,
     regs,
@@ -87,8 +88,8 @@ PIDS = ("same", "new", "pidns")
 
 
 def resume(image_path: str, *, pids: str = "same", notice: Notice | None = None,
-           on_ready: Callable[[int], None] | None = None, terminal: bool = False
-           ) -> ResumeResult:
+           on_ready: Callable[[int], None] | None = None, terminal: bool = False,
+           key_file: str | None = None) -> ResumeResult:
     """Rebuild the process; it is left running detached from ptrace, a child of ours.
 
     pids: "same" gives every thread its original id and refuses if one is taken;
@@ -96,12 +97,13 @@ def resume(image_path: str, *, pids: str = "same", notice: Notice | None = None,
     on_ready(pid) is called just before it is let go (say, to forward signals).
     terminal: if our stdin is a terminal whose foreground we hold, give it to the
     process group of the tree that held its terminal's foreground (a --shell-job
-    that leads its own group); ResumeResult.foreground says so."""
+    that leads its own group); ResumeResult.foreground says so.
+    key_file: the key the image must be sealed with (default: upmig.keys.default_path)."""
     if pids not in PIDS:
         raise ValueError(f"pids must be one of {PIDS}")
     began = time.perf_counter()
     say = notice or (lambda msg: None)
-    img = image.load(image_path)
+    img = image.load(image_path, key=keys.load(key_file))
     ns: pidns.Namespace | None = None
     try:
         head: Header = img.one(Header)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import errno
 import time
 
-from upmig import image, inet, regs, signals
+from upmig import image, inet, keys, regs, signals
+from upmig.errors import KeyProblem
 from upmig.records import (
     MM,
     Fd,
@@ -31,12 +32,22 @@ SHOWN_REGS = ("rip", "rsp", "rbp", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "r8
               "r11", "r12", "r13", "r14", "r15", "orig_rax", "eflags", "fs_base", "gs_base")
 
 
-def summary(path: str) -> dict:
+def summary(path: str, key_file: str | None = None) -> dict:
     img = image.load(path)
     try:
-        return _summary(img)
+        return {**_summary(img), "seal": _seal(img, key_file)}
     finally:
         img.close()
+
+
+def _seal(img: image.Image, key_file: str | None) -> dict:
+    """Whether this user's key sealed the image (any image can be inspected)."""
+    key_id = img.data[img.size - image.SEAL.size:][:8].hex()
+    try:
+        key = keys.load(key_file)
+    except KeyProblem as e:
+        return {"key_id": key_id, "sealed_by_my_key": None, "why": str(e)}
+    return {"key_id": key_id, "key": key.path, "sealed_by_my_key": image.sealed_by(img, key)}
 
 
 def _summary(img: image.Image) -> dict:
@@ -89,6 +100,7 @@ def _process(img: image.Records) -> dict:
                     "cwd": tsk.cwd, "uid": tsk.uids[0], "gid": tsk.gids[0],
                     "umask": f"{tsk.umask:04o}", "session_leader": tsk.session_leader,
                     "brk": mm.brk},
+        "privileges": _privileges(tsk),
         "threads": [_thread(th) for th in img.of(Thread)],
         "vmas": [{"start": v.start, "end": v.end, "perms": v.perms, "size": v.end - v.start,
                   "stored": v.data_bytes, "what": v.path or _unnamed(v)} for v in vmas],
@@ -105,6 +117,23 @@ def _process(img: image.Records) -> dict:
                    "same_as_parent_bytes": sum(v.cow_bytes for v in vmas),
                    "records": len(img.records)},
     }
+
+
+ID_NAMES = ("real", "effective", "saved", "fs")
+CAP_NAMES = {"CapInh": "inheritable", "CapPrm": "permitted", "CapEff": "effective",
+             "CapBnd": "bounding", "CapAmb": "ambient"}
+SECCOMP_MODES = {0: "off", 1: "strict", 2: "filter"}
+
+
+def _privileges(tsk: Task) -> dict:
+    """Everything resume will grant the process: an admin must see it all."""
+    return {"uids": dict(zip(ID_NAMES, tsk.uids, strict=False)),
+            "gids": dict(zip(ID_NAMES, tsk.gids, strict=False)),
+            "groups": tsk.groups,
+            "capabilities": {CAP_NAMES[k]: f"{v:016x}" for k, v in (tsk.caps or {}).items()
+                             if k in CAP_NAMES},
+            "no_new_privs": bool(tsk.no_new_privs),
+            "seccomp": SECCOMP_MODES.get(tsk.seccomp, str(tsk.seccomp))}
 
 
 def _unnamed(v: Vma) -> str:
@@ -183,7 +212,7 @@ def render(s: dict) -> str:
     src = s["source"]
     created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["created"]))
     out = [f"image     {s['image']} ({_size(s['image_bytes'])}, made {created} on {src['host']}, "
-           f"kernel {src['kernel']}, upmig {src['upmig']})"]
+           f"kernel {src['kernel']}, upmig {src['upmig']})", _render_seal(s["seal"])]
     if len(s["tree"]) > 1:
         out.append(f"tree      {len(s['tree'])} processes")
         depth = {}
@@ -206,11 +235,29 @@ def render(s: dict) -> str:
     return "\n".join(out)
 
 
+def _render_privileges(pv: dict) -> list[str]:
+    ids = "  ".join(f"{what} " + "/".join(str(pv[what].get(n, "?")) for n in ID_NAMES)
+                    for what in ("uids", "gids"))
+    caps = "  ".join(f"{name} {v}" for name, v in pv["capabilities"].items())
+    return [f"privs     {ids} (real/effective/saved/fs)  groups "
+            f"{','.join(map(str, pv['groups'])) or '-'}",
+            f"          caps {caps or '(not recorded)'}",
+            f"          no_new_privs {int(pv['no_new_privs'])}  seccomp {pv['seccomp']}"]
+
+
+def _render_seal(seal: dict) -> str:
+    if seal["sealed_by_my_key"] is None:
+        return f"seal      key id {seal['key_id']}; not checked ({seal['why']})"
+    verdict = "sealed with" if seal["sealed_by_my_key"] else "NOT sealed with"
+    return f"seal      key id {seal['key_id']}: {verdict} this user's key {seal['key']}"
+
+
 def _render_process(s: dict) -> list[str]:
     p = s["process"]
     out = [f"process   pid {p['pid']} {p['comm']!r}: {' '.join(p['cmdline'])}",
            f"          exe {p['exe']}  cwd {p['cwd']}  uid {p['uid']} gid {p['gid']}  "
            f"umask {p['umask']}"]
+    out += _render_privileges(s["privileges"])
     out.append(f"threads   {len(s['threads'])}")
     for i, t in enumerate(s["threads"]):
         r = t["registers"]

@@ -55,6 +55,7 @@ def capture(s: Session, pid: int) -> Task:
         caps=capabilities(status),
         no_new_privs=int(status.get("NoNewPrivs", "0")),
         subreaper=subreaper,
+        seccomp=int(status.get("Seccomp", "0")),
     )
 
 
