@@ -1,17 +1,44 @@
 """The command line: `upmig dump | resume | inspect`. Every expected failure becomes
-one stderr line `upmig: ...` and the exit status of its error class."""
+one stderr line `upmig: ...` and the exit status of its error class.
+
+This module is the program, not a library: importing it makes SIGINT, SIGTERM and
+SIGHUP unwind upmig cleanly, and main() returns with them blocked (a signal after
+the work is done must not change its outcome). Programs use upmig's API instead."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import signal
-import sys
-import time
 
-from upmig import __version__
-from upmig.errors import Interrupted, UpmigError, describe_oserror
+from upmig.critical import STOP_SIGNALS
+from upmig.errors import Interrupted
+
+_started = False  # main() is running: a signal unwinds through its cleanup
+
+
+def _interrupted(signum, _frame):
+    # An exception, not death: the cleanup on the way out (release the frozen
+    # process, remove the partial image, kill a half-built one) must run, and
+    # run once: more of these signals must not cut it short.
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    if not _started:  # still starting: nothing to undo, and no traceback
+        os.write(2, b"upmig: interrupted\n")
+        os._exit(Interrupted.exit_code)
+    raise Interrupted(f"interrupted by signal {signum}; nothing was left behind")
+
+
+# From the first moment: a ^C while Python imports the rest must not print a traceback.
+for _signum in STOP_SIGNALS:
+    signal.signal(_signum, _interrupted)
+
+import argparse  # noqa: E402 - after the handlers, on purpose
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from upmig import __version__  # noqa: E402
+from upmig.errors import UpmigError, describe_oserror  # noqa: E402
 
 EXIT_STATUSES = """exit status:
   0    success (resume: the resumed process's own status, 128+N if killed by signal N)
@@ -33,15 +60,6 @@ sealed. root's key is /etc/upmig/key, a user's ~/.config/upmig/key (made by the
 first dump); --key-file or UPMIG_KEY_FILE name another. Share root's key between
 the nodes of a cluster, as munge's is shared.
 """
-
-
-def _interrupted(signum, _frame):
-    # An exception, not death: the cleanup on the way out (release the frozen
-    # process, remove the partial image, kill a half-built one) must run, and
-    # run once: more of these signals must not cut it short.
-    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(s, signal.SIG_IGN)
-    raise Interrupted(f"interrupted by signal {signum}; nothing was left behind")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -181,6 +199,7 @@ def _dump(a: argparse.Namespace) -> int:
         raise
     finally:
         progress.done()
+    _too_late_to_stop()
     if a.json:
         print(json.dumps({**res.__dict__, "process": after}))
     else:
@@ -196,10 +215,11 @@ def _dump(a: argparse.Namespace) -> int:
 def _resume(a: argparse.Namespace) -> int:
     from upmig.restore import forward_signals, resume, stderr_notice, take_terminal_back, wait
 
-    # Once it is about to run, a signal to us is for it (not a reason to unwind).
+    # Once it is about to run, a signal to us is for it (waiting), or too late to
+    # undo anything (detached).
     res = resume(a.image, pids=a.pids, notice=stderr_notice,
-                 on_ready=None if a.detach else forward_signals, terminal=not a.detach,
-                 key_file=a.key_file)
+                 on_ready=(lambda _pid: _too_late_to_stop()) if a.detach else forward_signals,
+                 terminal=not a.detach, key_file=a.key_file)
     if a.detach:
         print(json.dumps(res.__dict__) if a.json else res.pid, flush=True)
         return 0
@@ -231,13 +251,25 @@ def _inspect(a: argparse.Namespace) -> int:
     return 0
 
 
+def _too_late_to_stop() -> None:
+    """The work is done (an image committed, a process running): a stop signal
+    from now on changes nothing, so it must not turn success into failure or, once
+    Python restores the default handlers at exit, into death by that signal."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
 def main(argv: list[str] | None = None) -> int:
+    global _started
     a = _parser().parse_args(argv)
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, _interrupted)
     run = {"dump": _dump, "resume": _resume, "inspect": _inspect}[a.command]
+    _started = True
     try:
-        return run(a)
+        try:
+            return run(a)
+        finally:  # before any message: a signal now must not cut it short
+            _too_late_to_stop()
     except UpmigError as e:
         print(f"upmig: {e}", file=sys.stderr)
         return e.exit_code
@@ -246,6 +278,3 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"upmig: {describe_oserror(e)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("upmig: interrupted", file=sys.stderr)
-        return 130
