@@ -15,6 +15,7 @@ ffibuilder.set_source(
     include_dirs=[str(HERE)],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-pthread"],
     extra_link_args=["-pthread"],
+    libraries=["crypto"],  # OpenSSL's AES-GCM: the image's frame tags (GMAC)
 )
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <openssl/evp.h>
+
 #include "helper.h"
 
 #define UP_IOV_BATCH 1024       /* IOV_MAX: most iovecs one call takes */
@@ -80,17 +82,44 @@ uint64_t up_xxh64(const void *buf, size_t len, uint64_t seed)
     return h;
 }
 
-/* A frame's own hash: over its 8-byte head, then its payload. Frames can be hashed
- * in any order (by several threads); chain_hash then links them in file order. */
-static uint64_t frame_hash(const uint8_t *head, const void *payload, size_t len)
+/* ---- the image's seal: every frame's tail is a keyed tag ---- */
+
+/* A context keyed for frame tags (AES-256-GCM with nothing to encrypt: GMAC), or
+ * NULL if OpenSSL cannot make one (out of memory). */
+static EVP_CIPHER_CTX *tag_context(const uint8_t key[UP_FRAME_KEY])
 {
-    return up_xxh64(payload, len, up_xxh64(head, UP_FRAME_HEAD, 0));
+    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+    if (ctx && EVP_EncryptInit_ex(ctx, EVP_aes_256_gcm(), NULL, key, NULL) != 1) {
+        EVP_CIPHER_CTX_free(ctx);
+        return NULL;
+    }
+    return ctx;
 }
 
-/* What a frame's tail holds: its own hash chained onto the previous tail. */
-static uint64_t chain_hash(uint64_t prev, uint64_t frame)
+/* A frame's tag: GMAC of its head and payload, with the frame's offset in the image
+ * as the nonce (unique within an image, whose key is its own), so a frame changed,
+ * moved or dropped by anyone without the key does not verify. OpenSSL's failures
+ * carry no errno: they are reported as EIO. */
+static int frame_tag(EVP_CIPHER_CTX *ctx, uint64_t off, const uint8_t *head,
+                     const uint8_t *payload, size_t len, uint8_t tag[UP_FRAME_TAIL])
 {
-    return up_xxh64(&frame, sizeof(frame), prev);
+    uint8_t iv[12] = { 0 }, none[16];
+    int n;
+    memcpy(iv, &off, sizeof(off));
+    if (EVP_EncryptInit_ex(ctx, NULL, NULL, NULL, iv) != 1 ||
+        EVP_EncryptUpdate(ctx, NULL, &n, head, UP_FRAME_HEAD) != 1)
+        return -EIO;
+    while (len) {               /* OpenSSL takes an int's worth at a time */
+        int piece = len > (1u << 30) ? 1 << 30 : (int)len;
+        if (EVP_EncryptUpdate(ctx, NULL, &n, payload, piece) != 1)
+            return -EIO;
+        payload += piece;
+        len -= (size_t)piece;
+    }
+    if (EVP_EncryptFinal_ex(ctx, none, &n) != 1 ||
+        EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, UP_FRAME_TAIL, tag) != 1)
+        return -EIO;
+    return 0;
 }
 
 /* ---- ptrace ---- */
@@ -432,7 +461,7 @@ struct dump_job {               /* shared by the workers of one up_dump_pages ca
     const struct up_range *runs;
     size_t nruns;
     uint64_t total, chunk, nchunks, base;
-    uint64_t *hashes;           /* per data frame: hash of its head and payload */
+    const uint8_t *key;         /* the image's frame key */
     volatile int stop;
 };
 
@@ -449,9 +478,13 @@ static void *dump_worker(void *arg)
     struct cursor cur = { j->runs, j->nruns, 0, 0 };
     uint64_t pos = 0;
     uint8_t *buf = j->map ? NULL : malloc(j->chunk);
+    EVP_CIPHER_CTX *ctx = tag_context(j->key);
 
-    if (!j->map && !buf) {
+    if ((!j->map && !buf) || !ctx) {
         w->err = -ENOMEM;
+        j->stop = 1;
+        free(buf);
+        EVP_CIPHER_CTX_free(ctx);
         return NULL;
     }
     for (uint64_t i = (uint64_t)w->k; i < j->nchunks && !j->stop; i += (uint64_t)j->nthreads) {
@@ -466,15 +499,21 @@ static void *dump_worker(void *arg)
             break;
         }
         uint32_t head32[2] = { UP_FRAME_DATA, (uint32_t)len };
-        uint8_t head[UP_FRAME_HEAD];
+        uint8_t head[UP_FRAME_HEAD], tag[UP_FRAME_TAIL];
         memcpy(head, head32, sizeof(head));
-        j->hashes[i] = frame_hash(head, dst, len);
+        r = frame_tag(ctx, j->base + off, head, dst, len, tag);  /* while dst is hot */
+        if (r < 0) {
+            w->err = r;
+            w->failed_op = 3;
+            break;
+        }
         if (j->map) {
             memcpy(j->map + off, head, sizeof(head));
+            memcpy(j->map + off + UP_FRAME_HEAD + len, tag, sizeof(tag));
             continue;
         }
-        struct iovec out[2] = { { head, sizeof(head) }, { buf, len } };
-        r = write_all(j->out_fd, out, 2, (int64_t)(j->base + off));
+        struct iovec out[3] = { { head, sizeof(head) }, { buf, len }, { tag, sizeof(tag) } };
+        r = write_all(j->out_fd, out, 3, (int64_t)(j->base + off));
         if (r < 0) {
             w->err = r;
             w->failed_op = 2;
@@ -484,26 +523,8 @@ static void *dump_worker(void *arg)
     if (w->err)
         j->stop = 1;
     free(buf);
+    EVP_CIPHER_CTX_free(ctx);
     return NULL;
-}
-
-/* After the workers: chain the frame hashes in order and write each frame's tail. */
-static int write_tails(struct dump_job *j, struct up_copy_stats *stats)
-{
-    for (uint64_t i = 0; i < j->nchunks; i++) {
-        uint64_t len = j->total - i * j->chunk < j->chunk ? j->total - i * j->chunk : j->chunk;
-        uint64_t off = j->base + i * (UP_FRAME_HEAD + j->chunk + UP_FRAME_TAIL);
-        stats->hash = chain_hash(stats->hash, j->hashes[i]);
-        if (j->map) {
-            memcpy(j->map + off - j->base + UP_FRAME_HEAD + len, &stats->hash, UP_FRAME_TAIL);
-            continue;
-        }
-        struct iovec tail = { &stats->hash, sizeof(stats->hash) };
-        int r = write_all(j->out_fd, &tail, 1, (int64_t)(off + UP_FRAME_HEAD + len));
-        if (r < 0)
-            return r;
-    }
-    return 0;
 }
 
 /* Map the image's next size bytes for the workers when the file system lets us
@@ -526,10 +547,11 @@ static int map_image(struct dump_job *j, uint64_t size, size_t *map_len)
 }
 
 long up_dump_pages(int pid, int mem_fd, const struct up_range *runs, size_t nruns,
-                   int out_fd, size_t chunk, int nthreads, struct up_copy_stats *stats)
+                   int out_fd, size_t chunk, int nthreads, const uint8_t *key,
+                   struct up_copy_stats *stats)
 {
     struct dump_job j = { .pid = pid, .mem_fd = mem_fd, .out_fd = out_fd, .runs = runs,
-                          .nruns = nruns, .chunk = chunk };
+                          .nruns = nruns, .chunk = chunk, .key = key };
     struct dump_worker w[UP_MAX_THREADS];
     off_t base = lseek(out_fd, 0, SEEK_CUR);
 
@@ -543,14 +565,10 @@ long up_dump_pages(int pid, int mem_fd, const struct up_range *runs, size_t nrun
     if (j.nchunks < (uint64_t)nthreads)
         nthreads = j.nchunks ? (int)j.nchunks : 1;
     j.nthreads = nthreads;
-    j.hashes = calloc(j.nchunks + 1, sizeof(uint64_t));
-    if (!j.hashes)
-        return -ENOMEM;
     uint64_t size = j.nchunks * (UP_FRAME_HEAD + UP_FRAME_TAIL) + j.total;
     size_t map_len = 0;
     int err = map_image(&j, size, &map_len);
     if (err) {
-        free(j.hashes);
         stats->failed_op = 2;
         return err;
     }
@@ -574,12 +592,6 @@ long up_dump_pages(int pid, int mem_fd, const struct up_range *runs, size_t nrun
             stats->failed_op = w[k].failed_op;
         }
     }
-    if (!err) {
-        err = write_tails(&j, stats);
-        if (err)
-            stats->failed_op = 2;
-    }
-    free(j.hashes);
     if (j.map)
         munmap(j.map - (j.base & 4095), map_len);
     if (err)
@@ -694,34 +706,141 @@ long up_fill_pages(int pid, int mem_fd, const struct up_range *src, size_t nsrc,
     return (long)total;
 }
 
-long up_verify_frames(const void *base, size_t len, size_t start, uint64_t seed,
-                      uint64_t max_payload, uint64_t *bad_off, uint64_t *end_hash)
+/* The frames of an image walked in order, checking types, lengths and the trailer
+ * last at the very end. Every frame that lies whole within the image is put in
+ * offs[] (malloc'd; *count of them), even when the walk then fails, so that their
+ * tags can still be checked: a frame that does not match its tag is what changed,
+ * and the strange structure only its consequence. Returns 0, or -ENODATA (cut
+ * short), -EINVAL (bad type or length), -EMSGSIZE (bytes after the trailer), with
+ * *bad_off where; -ENOMEM. */
+static long walk_frames(const uint8_t *img, size_t len, size_t start, uint64_t max_payload,
+                        uint64_t **offs, long *count, uint64_t *bad_off)
 {
-    const uint8_t *img = base;
-    size_t off = start;
-    long count = 0;
+    size_t off = start, cap = 1024;
+    uint64_t *out = malloc(cap * sizeof(*out));
 
+    *count = 0;
+    *offs = out;
+    if (!out)
+        return -ENOMEM;
     for (;;) {
         *bad_off = off;
         if (len - off < UP_FRAME_HEAD)
             return -ENODATA;
         uint32_t type = rd32(img + off), plen = rd32(img + off + 4);
-        if (type < 1 || type > 3 || plen > max_payload)
+        if (plen > max_payload)
             return -EINVAL;
         if (len - off - UP_FRAME_HEAD < (uint64_t)plen + UP_FRAME_TAIL)
             return -ENODATA;
-        uint64_t h = chain_hash(seed, frame_hash(img + off, img + off + UP_FRAME_HEAD, plen));
-        if (h != rd64(img + off + UP_FRAME_HEAD + plen))
-            return -EBADMSG;
-        seed = h;
+        if ((size_t)*count == cap) {
+            uint64_t *more = realloc(out, 2 * cap * sizeof(*out));
+            if (!more)
+                return -ENOMEM;
+            *offs = out = more;
+            cap *= 2;
+        }
+        out[(*count)++] = off;
+        if (type < 1 || type > 3)
+            return -EINVAL;
         off += UP_FRAME_HEAD + plen + UP_FRAME_TAIL;
-        count++;
         if (type == 3) {                /* trailer: must be the very end */
             *bad_off = off;
-            *end_hash = seed;
-            return off == len ? count : -EINVAL;
+            return off == len ? 0 : -EMSGSIZE;
         }
     }
+}
+
+struct verify_job {
+    const uint8_t *img, *key;
+    const uint64_t *offs;
+    long count;
+    int nthreads, k;
+    long bad;                   /* index of this worker's first bad frame, or -1 */
+    int err;
+    pthread_t th;
+};
+
+static void *verify_worker(void *arg)
+{
+    struct verify_job *v = arg;
+    EVP_CIPHER_CTX *ctx = tag_context(v->key);
+
+    v->bad = -1;
+    if (!ctx) {
+        v->err = -ENOMEM;
+        return NULL;
+    }
+    for (long i = v->k; i < v->count; i += v->nthreads) {
+        const uint8_t *f = v->img + v->offs[i];
+        uint32_t plen = rd32(f + 4);
+        uint8_t tag[UP_FRAME_TAIL];
+        int r = frame_tag(ctx, v->offs[i], f, f + UP_FRAME_HEAD, plen, tag);
+        if (r < 0) {
+            v->err = r;
+            break;
+        }
+        if (CRYPTO_memcmp(tag, f + UP_FRAME_HEAD + plen, UP_FRAME_TAIL) != 0) {
+            v->bad = i;         /* the first of this worker's: the lowest it has */
+            break;
+        }
+    }
+    EVP_CIPHER_CTX_free(ctx);
+    return NULL;
+}
+
+long up_verify_frames(const void *base, size_t len, size_t start, const uint8_t *key,
+                      uint64_t max_payload, int nthreads, uint64_t *bad_off)
+{
+    uint64_t *offs = NULL;
+    long count;
+    long shape = walk_frames(base, len, start, max_payload, &offs, &count, bad_off);
+    struct verify_job v[UP_MAX_THREADS];
+    int started = 0;
+    long err = 0, bad = -1;
+
+    if (shape == -ENOMEM || !key || !count)
+        goto out;               /* no key: the structure is all that can be checked */
+    if (nthreads < 1 || nthreads > UP_MAX_THREADS)
+        nthreads = 1;
+    if (count < nthreads)
+        nthreads = (int)count;
+    for (int k = 0; k < nthreads; k++) {
+        v[k] = (struct verify_job){ .img = base, .key = key, .offs = offs, .count = count,
+                                    .nthreads = nthreads, .k = k };
+        if (k > 0 && pthread_create(&v[k].th, NULL, verify_worker, &v[k]) != 0) {
+            err = -EAGAIN;
+            break;
+        }
+        started++;
+    }
+    if (started)
+        verify_worker(&v[0]);   /* this thread is worker 0 */
+    for (int k = 1; k < started; k++)
+        pthread_join(v[k].th, NULL);
+    for (int k = 0; k < started; k++) {
+        if (v[k].err && !err)
+            err = v[k].err;
+        if (v[k].bad >= 0 && (bad < 0 || v[k].bad < bad))
+            bad = v[k].bad;
+    }
+    if (!err && bad >= 0) {
+        *bad_off = offs[bad];
+        err = -EBADMSG;
+    }
+out:
+    free(offs);
+    return err ? err : shape ? shape : count;
+}
+
+int up_frame_tag(const uint8_t *key, uint64_t off, const void *head, const void *payload,
+                 size_t len, uint8_t *tag)
+{
+    EVP_CIPHER_CTX *ctx = tag_context(key);
+    if (!ctx)
+        return -ENOMEM;
+    int r = frame_tag(ctx, off, head, payload, len, tag);
+    EVP_CIPHER_CTX_free(ctx);
+    return r;
 }
 
 /* ---- processes ---- */
@@ -853,15 +972,6 @@ int up_kcmp(int pid1, int pid2, int type, uint64_t idx1, uint64_t idx2)
     return r < 0 ? -errno : (int)r;
 }
 
-uint64_t up_frame_hash(const void *head, const void *payload, size_t len)
-{
-    return frame_hash(head, payload, len);
-}
-
-uint64_t up_chain_hash(uint64_t prev, uint64_t frame)
-{
-    return chain_hash(prev, frame);
-}
 
 int up_link_fd(int fd, const char *path)
 {

@@ -10,14 +10,15 @@ struct up_range {               /* a run of address space: [start, end) */
 struct up_copy_stats {          /* filled by up_dump_pages */
     uint64_t bytes;             /* payload bytes written */
     uint64_t frames;            /* data frames written */
-    uint64_t hash;              /* chain hash after the last frame */
-    int failed_op;              /* 0 none, 1 read target, 2 write image */
+    int failed_op;              /* 0 none, 1 read target, 2 write image, 3 seal */
 };
 
-/* Frame header/trailer sizes of the image format (see upmig/image.py). */
+/* Frame head and tail sizes of the image format (see upmig/image.py); the tail is
+ * the frame's tag, made with a 32-byte key of the image's own. */
 #define UP_FRAME_HEAD 8
-#define UP_FRAME_TAIL 8
+#define UP_FRAME_TAIL 16
 #define UP_FRAME_DATA 2
+#define UP_FRAME_KEY 32
 
 /* PAGEMAP_SCAN page categories (linux/fs.h of 6.7+, absent from 6.1 headers). */
 #define UP_PAGE_IS_WPALLOWED 1
@@ -29,7 +30,7 @@ struct up_copy_stats {          /* filled by up_dump_pages */
 #define UP_PAGE_IS_HUGE 64
 #define UP_PAGE_IS_SOFT_DIRTY 128
 
-/* XXH64 of buf, chained through seed; the image's checksum. */
+/* XXH64 of buf, chained through seed (file contents' identity, object ids). */
 uint64_t up_xxh64(const void *buf, size_t len, uint64_t seed);
 
 /* ptrace(req, pid, addr, data); for PEEK* the word is stored in *out. */
@@ -88,11 +89,12 @@ long up_copy_same_addresses(int src_pid, int src_mem_fd, int dst_pid, int dst_me
 long up_syscall4(long nr, long a, long b, long c, uint64_t d);
 
 /* Copy the target's bytes in runs[] into out_fd (a file, from its current offset) as
- * data frames of chunk (<= 4 MiB) bytes, by nthreads threads (<= 8), chaining the
- * hash from stats->hash; leaves the offset at the end. Reads with process_vm_readv,
- * or pread of mem_fd (/proc/PID/mem) when mem_fd >= 0 (for unreadable mappings). */
+ * data frames of chunk (<= 4 MiB) bytes, each tagged with key, by nthreads threads
+ * (<= 8); leaves the offset at the end. Reads with process_vm_readv, or pread of
+ * mem_fd (/proc/PID/mem) when mem_fd >= 0 (for unreadable mappings). */
 long up_dump_pages(int pid, int mem_fd, const struct up_range *runs, size_t nruns,
-                   int out_fd, size_t chunk, int nthreads, struct up_copy_stats *stats);
+                   int out_fd, size_t chunk, int nthreads, const uint8_t *key,
+                   struct up_copy_stats *stats);
 
 /* Write local bytes (the concatenation of src[] ranges, addresses in this process)
  * into the target's runs dst[] (same total length), by nthreads threads:
@@ -100,15 +102,18 @@ long up_dump_pages(int pid, int mem_fd, const struct up_range *runs, size_t nrun
 long up_fill_pages(int pid, int mem_fd, const struct up_range *src, size_t nsrc,
                    const struct up_range *dst, size_t ndst, int nthreads);
 
-/* The image's checksums: a frame's own hash, and the chain of them in file order. */
-uint64_t up_frame_hash(const void *head, const void *payload, size_t len);
-uint64_t up_chain_hash(uint64_t prev, uint64_t frame);
+/* The tag (UP_FRAME_TAIL bytes, into tag) of the frame at offset off of an image
+ * whose frame key is key (UP_FRAME_KEY bytes): a GMAC of head and payload. */
+int up_frame_tag(const uint8_t *key, uint64_t off, const void *head, const void *payload,
+                 size_t len, uint8_t *tag);
 
-/* Walk the frames of an image mapped at base: check every frame's chained hash.
- * Returns the number of frames; *bad_off gets the offset of the first bad frame
- * (-EBADMSG: hash, -ENODATA: cut short, -EINVAL: bad type/length). */
-long up_verify_frames(const void *base, size_t len, size_t start, uint64_t seed,
-                      uint64_t max_payload, uint64_t *bad_off, uint64_t *end_hash);
+/* Walk the frames of an image mapped at base from start: types, lengths, the
+ * trailer last and at the very end; with a key (else NULL), check every frame's
+ * tag too, by nthreads threads. Returns the number of frames; *bad_off gets the
+ * offset of the first bad frame (-EBADMSG: tag, -ENODATA: cut short, -EINVAL: bad
+ * type/length or bytes after the trailer). */
+long up_verify_frames(const void *base, size_t len, size_t start, const uint8_t *key,
+                      uint64_t max_payload, int nthreads, uint64_t *bad_off);
 
 /* clone3 with extra flags (say CLONE_NEWPID) and set_tid (0: any pid); the child
  * moves pass_fd (if >= 0) to fd 3, closes the fds above, optionally calls

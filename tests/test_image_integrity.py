@@ -1,10 +1,13 @@
-"""Every damaged image is refused with an ImageError, before anything is rebuilt.
+"""Every damaged or forged image is refused with an ImageError, before anything is
+rebuilt.
 
 One real image (the counter victim, dumped with --leave-running) is cut at every
 frame boundary and at random points, and has bytes flipped in its header, in every
-frame head and tail and at random places in the payloads; upmig.image.load() must
-refuse each one with the right ImageError subclass. A few of them go through the
-command line too: exit status 6, one `upmig:` line, no process created."""
+frame head and tail and at random places in the payloads; upmig.image.load() with
+the session's key must refuse each one with the right ImageError subclass. Images
+changed and sealed again with another key, or with every tag left as it was, are
+refused too. A few of them go through the command line: exit status 6, one
+`upmig:` line, no process created."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import os
 import random
 import shutil
 import signal
+import struct
 import subprocess
 from pathlib import Path
 
@@ -20,12 +24,11 @@ import msgpack
 import pytest
 
 from conftest import ROOT, build_victim, run_upmig, wait_for
-from upmig import _native, _proc, image, keys
+from upmig import _proc, image, keys
 from upmig.errors import Corrupt, ImageError, NotSealed, Truncated, VersionTooNew
 from upmig.records import Pages, Vma
 
 H, FH, FT = image.HEADER.size, image.FRAME_HEAD.size, image.FRAME_TAIL.size
-SEAL = image.SEAL.size
 DAMAGED = (Corrupt, Truncated, VersionTooNew)
 STUB = ROOT / "upmig" / "upmig-stub"
 
@@ -56,11 +59,11 @@ def frames(real_image) -> list[tuple[int, int, int]]:
     """(offset, type, payload length) of every frame, walked with the format's structs."""
     out = []
     off = H
-    while off < len(real_image) - SEAL:
+    while off < len(real_image):
         ftype, length = image.FRAME_HEAD.unpack_from(real_image, off)
         out.append((off, ftype, length))
         off += FH + length + FT
-    assert off == len(real_image) - SEAL, "the frames and the seal must tile the image exactly"
+    assert off == len(real_image), "the frames must tile the image exactly"
     return out
 
 
@@ -71,10 +74,10 @@ def work(tmp_path, real_image) -> Path:
     return p
 
 
-def _load_fails(path: Path) -> ImageError | str:
+def _load_fails(path: Path, key: keys.Key) -> ImageError | str:
     """The ImageError load() raised, or a description of what went wrong instead."""
     try:
-        img = image.load(str(path))
+        img = image.load(str(path), key=key)
     except ImageError as e:
         return e
     except Exception as e:  # noqa: BLE001 - that is what is being checked
@@ -97,19 +100,19 @@ def _not_mapped_or_open(path: Path) -> None:
 
 # ---- the valid image
 
-def test_frame_walk(real_image, frames):
-    magic, version, reserved = image.HEADER.unpack_from(real_image, 0)
-    assert (magic, version, reserved) == (image.MAGIC, image.VERSION, 0)
+def test_frame_walk(real_image, frames, test_key):
+    magic, version, reserved, key_id, _ = image.HEADER.unpack_from(real_image, 0)
+    assert (magic, version, reserved, key_id) == (image.MAGIC, image.VERSION, 0, test_key.id)
     types = [t for _, t, _ in frames]
     assert types[0] == image.RECORD and types[-1] == image.TRAILER
     assert types.count(image.TRAILER) == 1
     assert image.DATA in types
 
 
-def test_valid_image_round_trip(tmp_path, real_image, frames):
+def test_valid_image_round_trip(tmp_path, real_image, frames, test_key):
     p = tmp_path / "ok.upmig"
     p.write_bytes(real_image)
-    img = image.load(str(p))
+    img = image.load(str(p), key=test_key)
     try:
         kinds = {r.kind for r in img.records}
         assert {"header", "task", "mm", "signals", "thread", "vma", "fd",
@@ -151,14 +154,14 @@ def _truncation_points(size: int, frames: list[tuple[int, int, int]]) -> list[in
     return sorted(c for c in cuts if 0 <= c < size)
 
 
-def test_truncated_everywhere_is_refused(work, real_image, frames):
+def test_truncated_everywhere_is_refused(work, real_image, frames, test_key):
     cuts = _truncation_points(len(real_image), frames)
     assert len(cuts) > 300
     bad = []
     # Cutting the same file shorter and shorter: each prefix is a cut image.
     for n in reversed(cuts):
         os.truncate(work, n)
-        got = _load_fails(work)
+        got = _load_fails(work, test_key)
         if not isinstance(got, Truncated):
             bad.append(f"cut at {n}: {got!r}")
     assert not bad, f"{len(bad)} of {len(cuts)} cuts not refused as Truncated:\n" + \
@@ -218,17 +221,21 @@ def _expected(pos: int, mask: int, frames: list[tuple[int, int, int]]) -> tuple[
         new = image.VERSION ^ (mask << (8 * (pos - 8)))
         return ((VersionTooNew,), "upgrade") if new > image.VERSION else \
             ((Corrupt,), "version")
-    if pos < H:                                  # reserved: covered by the first frame's hash
+    if pos < 16:                                 # reserved: must be zero
+        return (Corrupt,), "bad header"
+    if pos < 24:                                 # key id: not ours
+        return (NotSealed,), "not sealed with this machine's key"
+    if pos < H:                                  # salt: another frame key, no tag fits
         return (Corrupt,), f"frame at byte {H}"
     off, _, length = _frame_at(frames, pos)
     if off <= pos < off + 4:                     # frame type
         return (Corrupt,), f"frame at byte {off}"
     if pos < off + FH:                           # frame length: too long reads as a cut
         return (Corrupt, Truncated), ""
-    return (Corrupt,), f"frame at byte {off}"    # payload or hash: checksum mismatch
+    return (Corrupt,), f"frame at byte {off}"    # payload or tag: does not match its seal
 
 
-def test_flipped_bytes_are_refused(work, real_image, frames):
+def test_flipped_bytes_are_refused(work, real_image, frames, test_key):
     cases = _corruption_cases(len(real_image), frames)
     assert len(cases) > 1000
     bad = []
@@ -236,7 +243,7 @@ def test_flipped_bytes_are_refused(work, real_image, frames):
         for pos, mask in cases:
             f.seek(pos)
             f.write(bytes([real_image[pos] ^ mask]))
-            got = _load_fails(work)
+            got = _load_fails(work, test_key)
             f.seek(pos)
             f.write(real_image[pos:pos + 1])
             classes, text = _expected(pos, mask, frames)
@@ -246,7 +253,7 @@ def test_flipped_bytes_are_refused(work, real_image, frames):
     assert not bad, f"{len(bad)} of {len(cases)} flips not refused as expected:\n" + \
         "\n".join(bad[:20])
     # Flipped back, the image is whole again: the failures were the flips.
-    image.load(str(work)).close()
+    image.load(str(work), key=test_key).close()
     _not_mapped_or_open(work)
 
 
@@ -259,7 +266,7 @@ def _reframe(real_image: bytes, frames, order: list[int]) -> bytes:
     return b"".join(parts)
 
 
-def test_dropped_reordered_duplicated_frames(work, real_image, frames):
+def test_dropped_reordered_duplicated_frames(work, real_image, frames, test_key):
     n = len(frames)
     data_i = next(i for i, (_, t, _) in enumerate(frames) if t == image.DATA)
     variants = {
@@ -274,7 +281,7 @@ def test_dropped_reordered_duplicated_frames(work, real_image, frames):
     bad = []
     for what, order in variants.items():
         work.write_bytes(_reframe(real_image, frames, order))
-        got = _load_fails(work)
+        got = _load_fails(work, test_key)
         if not isinstance(got, DAMAGED):
             bad.append(f"{what}: {got!r}")
     assert not bad, "\n".join(bad)
@@ -283,8 +290,42 @@ def test_dropped_reordered_duplicated_frames(work, real_image, frames):
 def test_garbage_after_the_trailer(work, real_image):
     for extra in (b"\0", b"x" * 7, real_image[H:H + 64]):
         work.write_bytes(real_image + extra)
-        with pytest.raises(DAMAGED):
+        with pytest.raises(Corrupt, match="bytes after its trailer"):
             image.load(str(work))
+
+
+def test_newer_version(work, real_image):
+    data = bytearray(real_image)
+    struct.pack_into("<8sI", data, 0, image.MAGIC, image.VERSION + 1)
+    work.write_bytes(bytes(data))           # nothing else fixed: the version is read first
+    with pytest.raises(VersionTooNew) as e:
+        image.load(str(work))
+    msg = str(e.value)
+    assert "upgrade" in msg and str(image.VERSION + 1) in msg
+    assert e.value.exit_code == 6
+
+
+def _resealed(real_image: bytes, frames, key: keys.Key, change) -> bytes:
+    """The image with change(index, ftype, payload) applied to every frame's payload,
+    each frame sealed again under key (any key: a test's own, or a stolen one)."""
+    salt = os.urandom(16)
+    out = bytearray(image.header(key, salt))
+    frame_key = key.frame_key(salt)
+    for i, (off, ftype, length) in enumerate(frames):
+        payload = change(i, ftype, real_image[off + FH:off + FH + length])
+        out += image.frame(frame_key, len(out), ftype, payload)
+    return bytes(out)
+
+
+def test_record_that_is_not_msgpack_with_a_good_seal(work, real_image, frames, test_key):
+    """A frame whose seal is right but whose record is nonsense (a writer bug, or a
+    key holder's mischief) is still refused as Corrupt, not with a random exception."""
+    for bad in (b"\xc1", msgpack.packb(["no-such-kind", {}]), msgpack.packb(["task", {}]),
+                msgpack.packb(42)):
+        work.write_bytes(_resealed(real_image, frames, test_key,
+                                   lambda i, t, p, bad=bad: bad if i == 0 else p))
+        with pytest.raises(Corrupt, match="unreadable record"):
+            image.load(str(work), key=test_key)
 
 
 # ---- the seal
@@ -293,6 +334,7 @@ def test_sealed_with_the_sessions_key(work, test_key):
     img = image.load(str(work), key=test_key)
     assert img.sealed
     img.close()
+    assert image.HEADER.unpack_from(work.read_bytes(), 0)[3] == test_key.id
 
 
 def test_another_keys_image_is_refused_naming_both_keys(work, test_key, tmp_path):
@@ -304,46 +346,36 @@ def test_another_keys_image_is_refused_naming_both_keys(work, test_key, tmp_path
     _not_mapped_or_open(work)
 
 
-def _rechained(real_image: bytes, frames, change) -> bytes:
-    """The image with change(payload) applied to every record frame and every frame hash
-    made right again, as anyone can with upmig's own code: only the seal is stale."""
-    out = bytearray(real_image[:H])
-    chain = _native.xxh64(bytes(out))
-    for off, ftype, length in frames:
-        payload = real_image[off + FH:off + FH + length]
-        frame, chain = image.seal(chain, ftype, change(ftype, payload))
-        out += frame
-    return bytes(out) + real_image[-SEAL:]
+def _other_uid(_i, ftype, payload):
+    if ftype != image.RECORD:
+        return payload
+    kind, body = msgpack.unpackb(payload, raw=False)
+    if kind == "task":
+        body["uids"] = [4321] * 4
+    return msgpack.packb([kind, body], use_bin_type=True)
 
 
-def test_changed_after_sealing_is_refused(work, real_image, frames, test_key):
-    def other_uid(ftype, payload):
-        if ftype != image.RECORD:
-            return payload
-        kind, body = msgpack.unpackb(payload, raw=False)
-        if kind == "task":
-            body["uids"] = [4321] * 4
-        return msgpack.packb([kind, body], use_bin_type=True)
-
-    work.write_bytes(_rechained(real_image, frames, other_uid))
-    image.load(str(work)).close()  # every frame hash is right: only the seal can tell
-    with pytest.raises(NotSealed, match="changed after it was sealed"):
+def test_resealed_with_another_key_and_our_id_is_refused(work, real_image, frames, test_key,
+                                                          tmp_path):
+    """Someone without the key rewrites the image with upmig's own code, seals it
+    with a key of theirs and puts our key id in the header: no frame verifies."""
+    forger = keys.Key(test_key.path, test_key.id, os.urandom(32))
+    work.write_bytes(_resealed(real_image, frames, forger, _other_uid))
+    image.load(str(work)).close()  # well-formed: only the seal can tell
+    with pytest.raises(Corrupt, match=f"frame at byte {H} does not match its seal"):
         image.load(str(work), key=test_key)
 
 
-def test_a_flipped_byte_is_still_named_as_corruption(work, real_image, frames, test_key):
-    """With the seal wrong, the frame hashes say where the damage is."""
+def test_a_frame_moved_from_another_image_is_refused(work, real_image, frames, test_key):
+    """Two images sealed with one key: a frame of one, at the same place in the
+    other, does not verify there (each image has a key of its own)."""
+    twin = _resealed(real_image, frames, test_key, lambda i, t, p: p)
+    image.load(str(work), key=test_key).close()
     off, _, length = frames[len(frames) // 2]
-    work.write_bytes(_flip(real_image, off + FH + length // 2))
+    end = off + FH + length + FT
+    work.write_bytes(real_image[:off] + twin[off:end] + real_image[end:])
     with pytest.raises(Corrupt, match=f"frame at byte {off}"):
         image.load(str(work), key=test_key)
-
-
-def test_a_flipped_seal_is_refused(work, real_image, test_key):
-    for pos in (len(real_image) - 1, len(real_image) - SEAL):
-        work.write_bytes(_flip(real_image, pos))
-        with pytest.raises(NotSealed):
-            image.load(str(work), key=test_key)
 
 
 def test_cli_resume_refuses_another_keys_image(work, tmp_path):
@@ -366,39 +398,6 @@ def test_cli_inspect_says_whose_seal(work, tmp_path, test_key):
     other.chmod(0o600)
     text = run_upmig("inspect", "--key-file", str(other), str(work)).stdout
     assert f"key id {test_key.id.hex()}: NOT sealed with this user's key {other}" in text
-
-
-def test_newer_version(work, real_image):
-    data = bytearray(real_image)
-    image.HEADER.pack_into(data, 0, image.MAGIC, image.VERSION + 1, 0)
-    work.write_bytes(bytes(data))           # nothing else fixed: the version is read first
-    with pytest.raises(VersionTooNew) as e:
-        image.load(str(work))
-    msg = str(e.value)
-    assert "upgrade" in msg and str(image.VERSION + 1) in msg
-    assert e.value.exit_code == 6
-
-
-def test_record_that_is_not_msgpack_with_a_good_checksum(work, real_image, frames):
-    """A frame whose hash is right but whose record is nonsense (a writer bug, or a
-    file built by hand) is still refused as Corrupt, not with a random exception."""
-    from upmig import _native
-
-    off0 = frames[0][0]
-    for payload in (b"\xc1", msgpack.packb(["no-such-kind", {}]), msgpack.packb(["task", {}]),
-                    msgpack.packb(42)):
-        out = bytearray(real_image[:H])
-        chain = _native.xxh64(bytes(out))
-        frame, chain = image.seal(chain, image.RECORD, payload)
-        out += frame
-        # Re-chain the rest of the frames after the replaced first one.
-        for off, ftype, length in frames[1:]:
-            frame, chain = image.seal(chain, ftype, real_image[off + FH:off + FH + length])
-            out += frame
-        assert off0 == H
-        work.write_bytes(bytes(out) + real_image[-SEAL:])
-        with pytest.raises(Corrupt, match="unreadable record"):
-            image.load(str(work))
 
 
 # ---- the command line on damaged images
@@ -458,7 +457,7 @@ def _flip(data: bytes, pos: int) -> bytes:
 
 def _newer(data: bytes) -> bytes:
     b = bytearray(data)
-    image.HEADER.pack_into(b, 0, image.MAGIC, image.VERSION + 1, 0)
+    struct.pack_into("<8sI", b, 0, image.MAGIC, image.VERSION + 1)
     return bytes(b)
 
 
@@ -482,13 +481,24 @@ def _one_error_line(r: subprocess.CompletedProcess, path: Path) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("name", BAD)
+# Damage that leaves the structure whole: inspect shows such an image, as it shows
+# anyone's, and says the seal does not hold; only resume must refuse it.
+UNSEALED = ["bad-payload", "bad-tail"]
+
+
+@pytest.mark.parametrize("name", [n for n in BAD if n not in UNSEALED])
 def test_cli_inspect_refuses(bad_files, name):
     path = bad_files[name]
     line = _one_error_line(run_upmig("inspect", str(path), check=False), path)
     if name == "too-new":
         assert "upgrade" in line
     _one_error_line(run_upmig("inspect", "--json", str(path), check=False), path)
+
+
+@pytest.mark.parametrize("name", UNSEALED)
+def test_cli_inspect_shows_a_damaged_image_as_not_sealed(bad_files, name):
+    r = run_upmig("inspect", "--json", str(bad_files[name]))
+    assert json.loads(r.stdout)["seal"]["sealed_by_my_key"] is False
 
 
 @pytest.mark.parametrize("name", BAD)

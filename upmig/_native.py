@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from upmig._helper import ffi, lib
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+FRAME_TAIL, FRAME_KEY = lib.UP_FRAME_TAIL, lib.UP_FRAME_KEY  # the image's tags, its key
 
 # ptrace requests and options (linux/ptrace.h)
 PTRACE_CONT = 7
@@ -182,7 +183,6 @@ class Injector:
 class CopyStats:
     bytes: int
     frames: int
-    hash: int
 
 
 def new_ranges(ranges: list[tuple[int, int]]):
@@ -250,26 +250,28 @@ def copy_threads(nbytes: int) -> int:
 
 
 class PageWriter:
-    """Streams target memory into an image file as checksummed data frames."""
+    """Streams target memory into an image file as data frames tagged with the
+    image's frame key."""
 
-    CHUNK = 1 << 20  # fits in L2 with room: read, hash, write while it is hot
+    CHUNK = 1 << 20  # fits in L2 with room: read, tag, write while it is hot
+    FAILED = {1: "reading target memory", 2: "writing image", 3: "sealing image"}
 
-    def __init__(self):
+    def __init__(self, frame_key: bytes):
         self.stats = ffi.new("struct up_copy_stats *")
+        self.key = frame_key
 
-    def dump(self, pid: int, mem_fd: int, runs: list[tuple[int, int]], out_fd: int,
-             chain: int) -> CopyStats:
+    def dump(self, pid: int, mem_fd: int, runs: list[tuple[int, int]], out_fd: int
+             ) -> CopyStats:
         arr = new_ranges(runs)
         nbytes = sum(e - s for s, e in runs)
         self.stats.bytes = 0
         self.stats.frames = 0
-        self.stats.hash = chain
         rc = lib.up_dump_pages(pid, mem_fd, arr, len(runs), out_fd, self.CHUNK,
-                               copy_threads(nbytes), self.stats)
+                               copy_threads(nbytes), self.key, self.stats)
         if rc < 0:
-            call = "reading target memory" if self.stats.failed_op == 1 else "writing image"
-            check(rc, call, pid if self.stats.failed_op == 1 else None)
-        return CopyStats(int(self.stats.bytes), int(self.stats.frames), int(self.stats.hash))
+            failed = self.stats.failed_op
+            check(rc, self.FAILED.get(failed, "writing image"), pid if failed == 1 else None)
+        return CopyStats(int(self.stats.bytes), int(self.stats.frames))
 
 
 def fill_pages(pid: int, mem_fd: int, src: list[tuple[int, int]], dst: list[tuple[int, int]]
@@ -280,12 +282,12 @@ def fill_pages(pid: int, mem_fd: int, src: list[tuple[int, int]], dst: list[tupl
                                    len(dst), copy_threads(nbytes)), "writing target memory", pid)
 
 
-def frame_hash(head: bytes, payload: bytes) -> int:
-    return int(lib.up_frame_hash(head, ffi.from_buffer(payload), len(payload)))
-
-
-def chain_hash(prev: int, frame: int) -> int:
-    return int(lib.up_chain_hash(prev, frame))
+def frame_tag(frame_key: bytes, off: int, head: bytes, payload) -> bytes:
+    """The tag of the frame at offset off of an image (see upmig.image)."""
+    tag = ffi.new("uint8_t[]", FRAME_TAIL)
+    check(lib.up_frame_tag(frame_key, off, head, ffi.from_buffer(payload), len(payload), tag),
+          "sealing image")
+    return bytes(ffi.buffer(tag))
 
 
 def xxh64(data, seed: int = 0) -> int:
@@ -297,13 +299,16 @@ def buffer_address(buf) -> int:
     return int(ffi.cast("uintptr_t", ffi.from_buffer(buf)))
 
 
-def verify_frames(buf, start: int, seed: int, max_payload: int) -> tuple[int, int, int]:
-    """(rc, offset reached or of the bad frame, final chain hash)."""
+def verify_frames(buf, start: int, frame_key: bytes | None, max_payload: int,
+                  threads: int = 0) -> tuple[int, int]:
+    """(frames or -errno, offset reached or of the bad frame): the structure, and with
+    a frame key every frame's tag, by threads threads (0: one per CPU we may use)."""
     bad = ffi.new("uint64_t *")
-    end_hash = ffi.new("uint64_t *")
-    rc = lib.up_verify_frames(ffi.from_buffer(buf), len(buf), start, seed, max_payload, bad,
-                              end_hash)
-    return int(rc), int(bad[0]), int(end_hash[0])
+    key = ffi.NULL if frame_key is None else frame_key
+    threads = threads or max(1, min(len(os.sched_getaffinity(0)), 4))
+    rc = lib.up_verify_frames(ffi.from_buffer(buf), len(buf), start, key, max_payload, threads,
+                              bad)
+    return int(rc), int(bad[0])
 
 
 def spawn(path: str, set_tid: int, traceme: bool, flags: int = 0, pass_fd: int = -1) -> int:

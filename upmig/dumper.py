@@ -168,7 +168,7 @@ def _verify(path: str, pid: int) -> None:
     """Read back what was written: every frame and record in place, the trailer
     right. (The checksums were computed from these very bytes as they went out.)"""
     try:
-        image.load(path, checksums=False).close()
+        image.load(path).close()
     except ImageError as e:
         raise UpmigError(f"the image just written does not verify ({e.why}); the process "
                          "was left running", pid=pid) from None

@@ -1,37 +1,33 @@
-"""The image file: one stream of checksummed frames.
+"""The image file: one stream of sealed frames.
 
 Grammar (little-endian):
 
-    image   := header frame* trailer seal
-    header  := MAGIC (8 bytes) version:u32 reserved:u32
-    frame   := type:u32 length:u32 payload[length] hash:u64
+    image   := header frame* trailer
+    header  := MAGIC (8 bytes) version:u32 reserved:u32 key_id (8 bytes) salt (16 bytes)
+    frame   := type:u32 length:u32 payload[length] tag (16 bytes)
     type    := 1 RECORD  payload is msgpack [kind, {field: value}] (upmig.records)
              | 2 DATA    payload is page bytes belonging to the last "pages" record
              | 3 TRAILER payload is a RECORD body of kind "trailer"; the last frame
-    seal    := key_id (8 bytes) tag (32 bytes)
 
 Records come in order: the header, then one section per process of the tree, each
 opened by its "process" record (the root first, a parent before its children) and
 holding that process's records and page data.
 
-Each frame's tail is its own hash (XXH64 over head and payload) chained onto the
-previous tail (XXH64 of the frame hash seeded with it; the first is seeded with
-XXH64 of the header). Frames can be hashed in parallel while dumping; every frame
-can still be checked as it streams by, and the trailer's tail covers the whole
-image: a cut, a flipped byte, a dropped or reordered frame are all caught before
-anything is rebuilt.
-
-Those hashes are not keyed: anyone can write an image they accept. What makes an
-image trusted is its seal, a keyed BLAKE3 (upmig.keys) of every byte before the
-tag: resume checks it first and refuses an image its own key did not seal. When
-the seal is right the frame hashes are not checked again (the seal covers them);
-when it is wrong they tell a corrupted image from one sealed with another key.
+The seal: every frame's tag is a GMAC (AES-256-GCM) of its head and payload, with
+the frame's offset in the image as nonce, under a key of the image's own, derived
+from the sealing key (upmig.keys) and the header's random salt. So without the
+key no frame can be changed, moved, dropped or added, nor the salt or the trailer
+(which ends the image and counts its records); the header's key id says whose key
+sealed it. Frames are tagged in parallel as the pages are copied, while they are
+in the cache, and checked in parallel on every CPU before anything is rebuilt.
+GMAC rather than a keyed BLAKE3: on the CPUs this runs on (AES-NI and PCLMULQDQ,
+AVX2 only) it is two to three times as fast, and it replaces the unkeyed checksum
+the frames had, so sealing costs little more than that did.
 """
 
 from __future__ import annotations
 
 import errno
-import hmac
 import mmap
 import os
 import struct
@@ -41,54 +37,56 @@ from typing import Any
 
 import msgpack
 
-from upmig import _native, critical
+from upmig import _native
 from upmig.errors import Corrupt, ImageError, NotSealed, Truncated, VersionTooNew
 from upmig.keys import Key
 from upmig.records import Pages, Process, Trailer, from_wire, to_wire
 
 MAGIC = b"UPMIG\x00\x89\n"
 VERSION = 5  # 2: per-thread state in Thread; 3: process trees (Process sections);
-#             4: shared memory as Ghost files (no more "shmem" VMAs), CowPages; 5: seal
-HEADER = struct.Struct("<8sII")
-SEAL = struct.Struct("<8s32s")
-TAG_BYTES = 32
+#             4: shared memory as Ghost files (no more "shmem" VMAs), CowPages; 5: sealed frames
+HEADER = struct.Struct("<8sII8s16s")
 FRAME_HEAD = struct.Struct("<II")
-FRAME_TAIL = struct.Struct("<Q")
+FRAME_TAIL = struct.Struct(f"<{_native.FRAME_TAIL}s")
 RECORD, DATA, TRAILER = 1, 2, 3
 MAX_PAYLOAD = 1 << 26  # no record or data frame is larger; a bigger length is corruption
 RUNS_PER_RECORD = 1 << 16  # a pages record of this many runs packs to ~1.5 MiB
 
 
-def seal(chain: int, ftype: int, payload: bytes) -> tuple[bytes, int]:
-    """One whole frame following a frame whose tail was chain; and its own tail."""
+def frame(frame_key: bytes, off: int, ftype: int, payload: bytes) -> bytes:
+    """One whole frame, to sit at offset off of an image whose frame key is frame_key."""
     head = FRAME_HEAD.pack(ftype, len(payload))
-    chain = _native.chain_hash(chain, _native.frame_hash(head, payload))
-    return head + payload + FRAME_TAIL.pack(chain), chain
+    return head + payload + _native.frame_tag(frame_key, off, head, payload)
+
+
+def header(key: Key, salt: bytes) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, 0, key.id, salt)
 
 
 class ImageWriter:
-    """Writes records and page data to an open fd, keeping the hash chain."""
+    """Writes records and page data to an open fd (from its start), sealing each
+    frame with key."""
 
     def __init__(self, fd: int, key: Key, progress: Callable[[int], None] | None = None):
         self.fd = fd
-        self.key = key
         self.records = 0
         self.data_bytes = 0
         self.progress = progress
-        header = HEADER.pack(MAGIC, VERSION, 0)
-        self._write(header)
-        self.chain = _native.xxh64(header)
-        self._pages = _native.PageWriter()
+        salt = os.urandom(16)
+        self.frame_key = key.frame_key(salt)
+        self.off = 0  # where the next frame goes
+        self._write(header(key, salt))
+        self._pages = _native.PageWriter(self.frame_key)
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
             n = os.write(self.fd, view)
             view = view[n:]
+        self.off += len(data)
 
     def _frame(self, ftype: int, payload: bytes) -> None:
-        frame, self.chain = seal(self.chain, ftype, payload)
-        self._write(frame)
+        self._write(frame(self.frame_key, self.off, ftype, payload))
 
     def record(self, rec: Any) -> None:
         self._frame(RECORD, msgpack.packb(to_wire(rec), use_bin_type=True))
@@ -105,8 +103,8 @@ class ImageWriter:
             nbytes = sum(e - s for s, e in part)
             self.record(Pages(runs=[x for run in part for x in run], nbytes=nbytes,
                               target=target))
-            stats = self._pages.dump(pid, mem_fd, part, self.fd, self.chain)
-            self.chain = stats.hash
+            stats = self._pages.dump(pid, mem_fd, part, self.fd)
+            self.off += stats.bytes + stats.frames * (FRAME_HEAD.size + FRAME_TAIL.size)
             self.data_bytes += stats.bytes
             total += stats.bytes
             if self.progress:
@@ -114,25 +112,8 @@ class ImageWriter:
         return total
 
     def finish(self) -> None:
-        """The trailer, then the seal over everything written (read back from the
-        file: the pages went there straight from the process)."""
         trailer = Trailer(records=self.records + 1, data_bytes=self.data_bytes)
         self._frame(TRAILER, msgpack.packb(to_wire(trailer), use_bin_type=True))
-        size = os.lseek(self.fd, 0, os.SEEK_CUR)
-        with mmap.mmap(self.fd, size, prot=mmap.PROT_READ) as data:
-            self._write(self.key.id + seal_tag(self.key, data, self.key.id))
-
-
-def seal_tag(key: Key, frames, key_id: bytes) -> bytes:
-    """The keyed hash of an image's frames (header to trailer) and its key id."""
-    # The hash runs on a pool of threads made at its first use, which inherit this
-    # thread's signal mask: made with the stop signals blocked, they never take one
-    # meant for upmig (say, once Python's handlers are gone at exit).
-    with critical.deferred():
-        h = key.hasher()
-        h.update(frames)
-        h.update(key_id)
-        return h.digest(TAG_BYTES)
 
 
 @dataclass
@@ -191,12 +172,12 @@ class Image(Records):
             self.data = None
 
 
-def load(path: str, *, key: Key | None = None, checksums: bool = True) -> Image:
+def load(path: str, *, key: Key | None = None) -> Image:
     """Open, check, then parse. Raises an ImageError subclass.
-    key: refuse (NotSealed) an image this key did not seal; the image is then
-    Image.sealed. Without a key the seal is not looked at; checksums=False then
-    checks only the structure and the records (for an image this process has just
-    written and hashed itself)."""
+    key: refuse an image this key did not seal (NotSealed: another key's; Corrupt: a
+    frame that does not match its tag); the image is then Image.sealed. Without a
+    key only the structure and the records are checked (inspect, or an image this
+    process has just written)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
@@ -211,7 +192,7 @@ def load(path: str, *, key: Key | None = None, checksums: bool = True) -> Image:
     finally:
         os.close(fd)
     try:
-        return _parse(path, data, key, checksums)
+        return _parse(path, data, key)
     except BaseException:
         data.close()
         raise
@@ -219,11 +200,18 @@ def load(path: str, *, key: Key | None = None, checksums: bool = True) -> Image:
 
 def sealed_by(img: Image, key: Key) -> bool:
     """Whether key sealed this (loaded) image."""
-    return _seal_holds(img.data, img.size - SEAL.size, key)
+    _, _, _, key_id, salt = HEADER.unpack_from(img.data, 0)
+    if key_id != key.id:
+        return False
+    rc, _ = _native.verify_frames(img.data, HEADER.size, key.frame_key(salt), MAX_PAYLOAD)
+    return rc >= 0
 
 
-def _parse(path: str, data: mmap.mmap, key: Key | None, checksums: bool) -> Image:
-    magic, version, _ = HEADER.unpack_from(data, 0)
+def _parse(path: str, data: mmap.mmap, key: Key | None) -> Image:
+    if len(data) < HEADER.size:
+        raise Truncated(f"image is truncated ({len(data)} bytes, not even a header)",
+                        what=path)
+    magic, version, reserved, key_id, salt = HEADER.unpack_from(data, 0)
     if magic != MAGIC:
         raise Corrupt("not an upmig image (bad magic)", what=path)
     if version > VERSION:
@@ -232,45 +220,19 @@ def _parse(path: str, data: mmap.mmap, key: Key | None, checksums: bool) -> Imag
     if version != VERSION:
         raise Corrupt(f"image format version {version} is older than this upmig reads ({VERSION}); "
                       "resume it with the upmig that made it", what=path)
-    if len(data) < HEADER.size + SEAL.size:
-        raise Truncated(f"image is truncated at byte {len(data)}", what=path)
-    end = len(data) - SEAL.size  # where the frames end and the seal begins
-    frames = memoryview(data)[:end]
-    try:
-        sealed = key is not None and _seal_holds(data, end, key)
-        if (key is not None and not sealed) or (key is None and checksums):
-            _check_frames(path, frames)
-        if key is not None and not sealed:
-            raise _not_sealed(path, data, end, key)
-    finally:
-        frames.release()
-    img = _records(path, data, end)
-    img.sealed = sealed
-    return img
-
-
-def _seal_holds(data: mmap.mmap, end: int, key: Key) -> bool:
-    key_id, tag = SEAL.unpack_from(data, end)
-    with memoryview(data)[:end] as frames:
-        return hmac.compare_digest(seal_tag(key, frames, key_id), tag)
-
-
-def _check_frames(path: str, frames: memoryview) -> None:
-    seed = _native.xxh64(frames[:HEADER.size])
-    rc, off, _ = _native.verify_frames(frames, HEADER.size, seed, MAX_PAYLOAD)
+    if reserved:  # the one header field no tag covers: it must be what it was
+        raise Corrupt("image is corrupt: bad header", what=path)
+    if key is not None and key_id != key.id:
+        raise NotSealed(f"the image was not sealed with this machine's key ({key.path}, id "
+                        f"{key.id.hex()}) but with key id {key_id.hex()}; resume it where "
+                        "that key is, or share the key", what=path)
+    frame_key = key.frame_key(salt) if key is not None else None
+    rc, off = _native.verify_frames(data, HEADER.size, frame_key, MAX_PAYLOAD)
     if rc < 0:
-        _verify_failed(path, rc, off, len(frames))
-
-
-def _not_sealed(path: str, data: mmap.mmap, end: int, key: Key) -> NotSealed:
-    """The frames are intact (checked): the seal is another key's, or was forged."""
-    key_id, _ = SEAL.unpack_from(data, end)
-    if key_id != key.id:
-        return NotSealed(f"the image was not sealed with this machine's key ({key.path}, id "
-                         f"{key.id.hex()}) but with key id {key_id.hex()}; resume it where "
-                         "that key is, or share the key", what=path)
-    return NotSealed(f"the image's seal does not match its contents: it was changed after "
-                     f"it was sealed (key {key.path})", what=path)
+        _verify_failed(path, rc, off, len(data))
+    img = _records(path, data)
+    img.sealed = key is not None
+    return img
 
 
 def _verify_failed(path: str, rc: int, off: int, size: int) -> None:
@@ -278,13 +240,16 @@ def _verify_failed(path: str, rc: int, off: int, size: int) -> None:
         raise Truncated(f"image is truncated at byte {size} (a frame at {off} is cut short "
                         "or the trailer is missing)", what=path)
     if rc == -errno.EBADMSG:
-        raise Corrupt(f"image is corrupt: checksum mismatch in the frame at byte {off}",
-                      what=path)
+        raise Corrupt(f"image is corrupt or was changed after it was sealed: the frame at "
+                      f"byte {off} does not match its seal", what=path)
+    if rc == -errno.EMSGSIZE:
+        raise Corrupt(f"image has bytes after its trailer (from byte {off})", what=path)
     raise Corrupt(f"image is corrupt: bad frame at byte {off}", what=path)
 
 
-def _records(path: str, data: mmap.mmap, end: int) -> Image:
-    """Every record and where each pages record's bytes are; frames end at end."""
+def _records(path: str, data: mmap.mmap) -> Image:
+    """Every record, and where each pages record's bytes are."""
+    end = len(data)
     records: list[Any] = []
     pages: list[PageData] = []
     sections: list[Section] = []
@@ -312,8 +277,7 @@ def _records(path: str, data: mmap.mmap, end: int) -> Image:
                 if not isinstance(rec, Trailer) or rec.records != len(records) + 1:
                     raise Corrupt("trailer does not match the records", what=path)
                 if body + length + FRAME_TAIL.size != end:
-                    raise Corrupt("image has bytes between its trailer and its seal",
-                                  what=path)
+                    raise Corrupt("image has bytes after its trailer", what=path)
                 for sec in sections:
                     sec.data = data
                 return Image(path, records, pages, data, len(data), sections)

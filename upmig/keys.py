@@ -25,6 +25,7 @@ MAX_BYTES = 1 << 16  # a key file, not a data file: anything bigger is a mistake
 SEAL_CONTEXT = "upmig 2026-12 image seal v1"
 ID_CONTEXT = "upmig 2026-12 key id v1"
 ID_BYTES = 8
+FRAME_KEY_LABEL = b"upmig image frame key\0"
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,10 @@ class Key:
     id: bytes                                        # safe to show and to store
     secret: bytes = field(repr=False)                # the 32-byte BLAKE3 key
 
-    def hasher(self) -> blake3.blake3:
-        return blake3.blake3(key=self.secret, max_threads=blake3.blake3.AUTO)
+    def frame_key(self, salt: bytes) -> bytes:
+        """The key an image with this salt tags its frames with (upmig.image): each
+        image its own, so that frame offsets are nonces never used twice."""
+        return blake3.blake3(FRAME_KEY_LABEL + salt, key=self.secret).digest()
 
 
 def default_path() -> str:

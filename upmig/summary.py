@@ -42,7 +42,7 @@ def summary(path: str, key_file: str | None = None) -> dict:
 
 def _seal(img: image.Image, key_file: str | None) -> dict:
     """Whether this user's key sealed the image (any image can be inspected)."""
-    key_id = img.data[img.size - image.SEAL.size:][:8].hex()
+    key_id = image.HEADER.unpack_from(img.data, 0)[3].hex()
     try:
         key = keys.load(key_file)
     except KeyProblem as e:
