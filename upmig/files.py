@@ -339,7 +339,8 @@ def restore(s: Session, pid: int, img: Records, ghost_fds: dict[int, int],
         if r.type == "ghost":
             src = ghosts.reopen(s, ghost_fds[r.obj], _open_flags(r))
             _place(s, src, r)
-            s.call(nr.lseek, r.fd, r.pos, 0, what=f"lseek(fd {r.fd})")
+            if not r.flags & O_PATH:  # (an O_PATH fd has no offset)
+                s.call(nr.lseek, r.fd, r.pos, 0, what=f"lseek(fd {r.fd})")
             continue
         if r.type == "pipe":
             if r.obj not in made:  # both ends at once, at their first fd

@@ -29,6 +29,7 @@ from upmig.records import Fd, Ghost, Vma
 from upmig.syscalls import nr
 
 O_RDWR, O_CREAT, O_EXCL, O_TMPFILE = 0o2, 0o100, 0o200, 0o20200000
+O_NOFOLLOW = 0o400000
 AT_FDCWD = -100
 F_DUPFD_CLOEXEC = 1030
 MFD_CLOEXEC, MFD_ALLOW_SEALING = 1, 2
@@ -298,9 +299,12 @@ def _named_then_unlinked(s: Session, where: str, g: Ghost) -> int:
 
 
 def reopen(s: Session, tmp: int, flags: int) -> int:
-    """Another open file description of the recreated file, with these flags."""
+    """Another open file description of the recreated file, with these flags but
+    O_NOFOLLOW: the file is reached through the magic link /proc/self/fd/TMP, which
+    O_NOFOLLOW would refuse (ELOOP; or, with O_PATH, open the link itself). It only
+    said how the process's own path was to be looked up, which is done with."""
     s.write(s.scratch, f"/proc/self/fd/{tmp}".encode() + b"\0")
-    fd = s.raw(nr.openat, AT_FDCWD, s.scratch, flags, 0)
+    fd = s.raw(nr.openat, AT_FDCWD, s.scratch, flags & ~O_NOFOLLOW, 0)
     if fd < 0:
         raise RestoreError(f"cannot reopen a recreated file: {os.strerror(-fd)}")
     return fd
