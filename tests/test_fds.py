@@ -408,6 +408,20 @@ def test_files_with_no_name_move_with_their_flags(run_victim, broken):
         assert r.output() == "READY\nPASS\n"
 
 
+@pytest.mark.parametrize("defines", [(), ("BREAK",)], ids=["intact", "break"])
+def test_named_files_and_directories_move_with_their_flags(run_victim, defines):
+    """O_NOFOLLOW, O_PATH, O_DIRECTORY and a linked O_TMPFILE file, reopened by path."""
+    r = run_victim("openflags", defines=defines)
+    r.wait_output("READY\n")
+    r.hop()
+    if defines:
+        assert r.finish() == 1
+        assert r.output().startswith("READY\nFAIL: nofollow.txt: not at offset 10")
+    else:
+        assert r.finish() == 0, r.output()
+        assert r.output() == "READY\nPASS\n"
+
+
 SHM_HOLDER = """
 import _posixshmem, fcntl, os, signal, sys
 fd = _posixshmem.shm_open(sys.argv[1], os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -438,3 +452,21 @@ def test_a_posix_shm_object_held_open_moves(run_victim, tmp_path):
         if os.path.exists(f"/dev/shm{name}"):
             os.unlink(f"/dev/shm{name}")
 
+
+def test_a_file_unlinked_here_but_named_elsewhere_is_refused(run_victim, tmp_path):
+    """/proc says deleted, yet the file has a name in another directory: a copy would
+    not be the file, and upmig cannot tell where that name is. Refused, not copied."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = run_victim([sys.executable, "-c", "import os, time\n"
+                    "f = open('kept.bin', 'w+b'); f.write(b'bytes'); f.flush()\n"
+                    f"os.link('kept.bin', {str(elsewhere / 'kept.bin')!r})\n"
+                    "os.unlink('kept.bin')\n"
+                    "print('READY', flush=True); time.sleep(60)"])
+    r.wait_output("READY\n")
+    res = r.refused()
+    assert res.stderr == (f"upmig: pid {r.pid} holds {r.cwd}/kept.bin on fd 3, which has a "
+                          f"name again outside {r.cwd} (a hard link, or an O_TMPFILE file "
+                          "given a name with linkat); upmig cannot find it, and a copy would "
+                          "not be the same file\n")
+    assert r.proc.poll() is None

@@ -165,6 +165,7 @@ def capture(pid: int, tids: list[int], repairs: inet.Repairs | None = None,
     out = []
     by_inode: dict[tuple[int, int], list[Fd]] = {}
     for e in seen:
+        e.target = _named_again(pid, e)
         d = diags.get(e.st.st_ino) if e.st is not None and e.target.startswith("socket:") \
             else None
         if d and not (e.fd <= 2 and d.peer and d.peer not in inside):
@@ -210,6 +211,28 @@ def capture(pid: int, tids: list[int], repairs: inet.Repairs | None = None,
     _one_description_per_end(pid, out)
     unix.capture_queues(pid, out, diags)
     return out, pipes.capture(pid, out, tree)
+
+
+def _named_again(pid: int, e: _Seen) -> str:
+    """The path of a file /proc calls deleted that still has a name: an O_TMPFILE file
+    given one with linkat (/proc shows "DIR/#INODE (deleted)"), or a file unlinked
+    under this name but linked under another. Copied as if deleted, it would come
+    back as another file; found in the same directory, it is reopened there."""
+    if not (e.target.endswith(" (deleted)") and e.st is not None and
+            stat.S_ISREG(e.st.st_mode) and e.st.st_nlink > 0):
+        return e.target
+    where = os.path.dirname(e.target)
+    try:
+        with os.scandir(where) as entries:
+            for entry in entries:
+                if entry.inode() == e.st.st_ino and \
+                        entry.stat(follow_symlinks=False).st_dev == e.st.st_dev:
+                    return entry.path
+    except OSError:
+        pass
+    raise CantMigrate(f"holds {e.target[:-10]} on fd {e.fd}, which has a name again outside "
+                      f"{where} (a hard link, or an O_TMPFILE file given a name with linkat); "
+                      "upmig cannot find it, and a copy would not be the same file", pid=pid)
 
 
 def _peer_elsewhere(pid: int, tree: sharing.TreeFds, d: unix.Diag, extra: dict,
