@@ -35,6 +35,13 @@ def readlink(pid: int, name: str) -> str:
         raise AccessDenied(f"cannot read /proc/{pid}/{name}", pid=pid) from None
 
 
+def boot_id() -> str:
+    """This boot of this machine, a random id: inode numbers and IPC ids seen at dump
+    still mean the same objects only if it is the same."""
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
 @dataclass
 class MapsLine:
     start: int

@@ -61,7 +61,7 @@ def capture(maps: dict[int, list[_proc.MapsLine]]) -> Found:
                     raise CantMigrate("uses SysV shared memory of another IPC namespace, "
                                       "which is not supported yet", pid=pid)
                 found.source.setdefault(line.inode, memmap.map_file(pid, line.start, line.end))
-    boot = _boot_id()
+    boot = _proc.boot_id()
     for row in _table("shm"):
         shmid = int(row["shmid"])
         if shmid in found.source or int(row["cpid"]) in pids:
@@ -77,11 +77,6 @@ def capture(maps: dict[int, list[_proc.MapsLine]]) -> Found:
                                      values=_sem_values(semid, nsems), ctime=int(row["ctime"]),
                                      boot=boot, last_pid=last[0]))
     return found
-
-
-def _boot_id() -> str:
-    with open("/proc/sys/kernel/random/boot_id") as f:
-        return f.read().strip()
 
 
 def _table(what: str) -> list[dict[str, str]]:
@@ -169,7 +164,7 @@ def _make_shm(seg: SysvShm, made: Made, data, pages: list[PageData]) -> None:
     if stat is not None:  # still there: ours only if it is the very same one
         key, size = IPC_PERM.unpack_from(stat)[0], struct.unpack_from("<Q", stat, SHM_SEGSZ_AT)[0]
         ctime = struct.unpack_from("<q", stat, SHM_CTIME_AT)[0]
-        if (key, size, ctime, _boot_id()) != (seg.key, seg.size, seg.ctime, seg.boot):
+        if (key, size, ctime, _proc.boot_id()) != (seg.key, seg.size, seg.ctime, seg.boot):
             raise Mismatch(f"SysV shared memory id {seg.id} is taken here by another segment "
                            f"(key {key:#x}, {size} bytes)")
     else:
@@ -202,7 +197,7 @@ def _make_sem(sem: SysvSem, made: Made) -> None:
     if stat is not None:  # still there: ours only if it is the very same one
         key, have = IPC_PERM.unpack_from(stat)[0], struct.unpack_from("<Q", stat, SEM_NSEMS_AT)[0]
         ctime = struct.unpack_from("<q", stat, SEM_CTIME_AT)[0]
-        if (key, have, ctime, _boot_id()) != (sem.key, nsems, sem.ctime, sem.boot):
+        if (key, have, ctime, _proc.boot_id()) != (sem.key, nsems, sem.ctime, sem.boot):
             raise Mismatch(f"SysV semaphore id {sem.id} is taken here by another set "
                            f"(key {key:#x}, {have} semaphores)")
     else:
