@@ -257,9 +257,10 @@ class Run:
         elif self.proc.returncode is None:
             assert self.proc.wait(timeout=10) == -signal.SIGKILL
 
-    def resume(self, img: Path, stdin=subprocess.DEVNULL) -> None:
+    def resume(self, img: Path, *flags: str, stdin=subprocess.DEVNULL) -> None:
         """`upmig resume IMAGE` in wait mode; the process is its child."""
-        self.resumer = subprocess.Popen([*UPMIG, "resume", str(img)], cwd=ROOT, stdin=stdin,
+        self.resumer = subprocess.Popen([*UPMIG, "resume", *flags, str(img)], cwd=ROOT,
+                                        stdin=stdin,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         close_fds=True)
         wait_for(lambda: self._alive_again(), 20, "the resumed process")

@@ -116,6 +116,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="print the PID and return at once, leaving the process running")
     r.add_argument("--json", action="store_true",
                    help="print one JSON object on stdout (after it exits, unless --detach)")
+    r.add_argument("--allow-changed-files", action="store_true",
+                   help="resume even if a regular file the process holds open has another "
+                        "size or modification time than at the dump (say, a log others "
+                        "append to): it then reads the file as it is now. A file shorter "
+                        "than the process's offset in it, of another type, replaced by "
+                        "another file or reached through a symlink is refused all the same")
     ids = r.add_mutually_exclusive_group()
     ids.add_argument("--pidns", action="store_const", dest="pids", const="pidns",
                      default="same",
@@ -219,7 +225,8 @@ def _resume(a: argparse.Namespace) -> int:
     # undo anything (detached).
     res = resume(a.image, pids=a.pids, notice=stderr_notice,
                  on_ready=(lambda _pid: _too_late_to_stop()) if a.detach else forward_signals,
-                 terminal=not a.detach, key_file=a.key_file)
+                 terminal=not a.detach, key_file=a.key_file,
+                 allow_changed_files=a.allow_changed_files)
     if a.detach:
         print(json.dumps(res.__dict__) if a.json else res.pid, flush=True)
         return 0

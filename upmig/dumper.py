@@ -244,6 +244,7 @@ def _capture_process(w: ImageWriter, fz: freeze.Frozen, note: Progress,
         mm = memmap.capture_mm(pid, brk)
         vmas = memmap.list_vmas(pid)      # again: the scratch page is gone now
         fds, pipe_recs = files.capture(pid, fz.tids, repairs, shared)
+        held = fileid.capture_held(pid, [r.fd for r in files.by_path(fds)])
         ghost_recs = ghosts.capture(pid, fds, vmas, ghost_limit)
         mapped = sorted({v.path for v in vmas if v.role == "file"} | {tsk.exe})
         identities = [fileid.still(known.get(p)) or fileid.identify(p) for p in mapped]
@@ -261,7 +262,7 @@ def _capture_process(w: ImageWriter, fz: freeze.Frozen, note: Progress,
         for at in range(0, len(same), RUNS_PER_RECORD):  # records of bounded size
             part = same[at:at + RUNS_PER_RECORD]
             w.record(CowPages(source=parent, runs=[x for run in part for x in run]))
-        for rec in (*fds, *pipe_recs, *ghost_recs):
+        for rec in (*fds, *held, *pipe_recs, *ghost_recs):
             w.record(rec)
         ghosts.write_contents(w, pid, ghost_recs, fds, vmas, written)
         return len(vmas), len(fds)

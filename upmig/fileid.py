@@ -1,15 +1,23 @@
-"""The identity of a file a process maps (its executable, its libraries): what must
-be the same on the target for the restored mappings to be the ones it had."""
+"""The identity of the files a process maps (its executable, its libraries) or
+holds by path (its fds' files and directories, its working directory): what must be
+the same on the target for the restored process to have the files it had."""
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import stat
 import struct
+import time
+from typing import TYPE_CHECKING
 
-from upmig import _native
-from upmig.errors import Mismatch
-from upmig.records import MappedFile
+from upmig import _native, _proc
+from upmig.errors import Corrupt, Mismatch, RestoreError
+from upmig.records import FileIdentity, MappedFile
+
+if TYPE_CHECKING:
+    from upmig.inject import Session
 
 PT_NOTE = 4
 NT_GNU_BUILD_ID = 3
@@ -70,8 +78,12 @@ def still(rec: MappedFile | None) -> MappedFile | None:
 
 
 def check(rec: MappedFile) -> None:
-    """Raise Mismatch naming the file if the target's copy is not the one dumped."""
+    """Raise Mismatch naming the file if the target's copy is not the one dumped (or
+    is reached through a symlink: resume opens it through none)."""
     try:
+        link = _walk(rec.path)[1]
+        if link:
+            raise Mismatch(f"mapped file {rec.path} {_through(rec.path, link)}")
         here = identify(rec.path)
     except OSError as e:
         raise Mismatch(f"mapped file {rec.path} cannot be opened here: {e.strerror}") from None
@@ -87,3 +99,138 @@ def object_id(st: os.stat_result) -> int:
     """One number for a file object (a pipe, a FIFO, a deleted file) across the whole
     process: its inode number is unique only within its filesystem."""
     return _native.xxh64(struct.pack("<QQ", st.st_dev, st.st_ino)) >> 1
+
+
+# ---- files held by path
+
+KINDS = {stat.S_IFREG: "regular file", stat.S_IFDIR: "directory", stat.S_IFIFO: "FIFO",
+         stat.S_IFCHR: "character device", stat.S_IFBLK: "block device",
+         stat.S_IFLNK: "symlink", stat.S_IFSOCK: "socket"}
+
+
+def identity(fd: int, st: os.stat_result, boot: str) -> FileIdentity:
+    return FileIdentity(fd=fd, mode=st.st_mode, size=st.st_size, mtime_ns=st.st_mtime_ns,
+                        dev=st.st_dev, ino=st.st_ino, rdev=st.st_rdev, boot=boot)
+
+
+def capture_held(pid: int, fds: list[int]) -> list[FileIdentity]:
+    """The identity of the (frozen) process's working directory and of the files open
+    at fds, read through /proc: what they are, not what their paths name now."""
+    boot = _proc.boot_id()
+    links = [(-1, "cwd"), *((fd, f"fd/{fd}") for fd in fds)]
+    return [identity(fd, os.stat(f"/proc/{pid}/{link}"), boot) for fd, link in links]
+
+
+def _walk(path: str) -> tuple[os.stat_result, str]:
+    """lstat of path, and the first of it and the directories on its way that is a
+    symlink (or "")."""
+    if not path.startswith("/"):
+        raise OSError(errno.EINVAL, "not an absolute path")
+    at = ""
+    for name in path.split("/")[1:]:
+        at = f"{at}/{name}"
+        st = os.lstat(at)
+        if stat.S_ISLNK(st.st_mode):
+            return st, at
+    return st, ""
+
+
+def _through(path: str, link: str) -> str:
+    return "is a symlink now" if link == path else f"resolves through the symlink {link} now"
+
+
+class Held:
+    """The files and directories the processes of an image hold by path, checked in
+    two steps. check(), before any process is made: each path, followed through no
+    symlink (the paths /proc gave at dump are canonical), against its identity record,
+    for a clean refusal. open(), in the stub: openat2 through no symlink, then the fd
+    opened must be the very file check() found, still matching its record; so a file
+    swapped in between is refused too.
+
+    What must match: the type; the inode, on the same boot of the same host; a
+    device's number; a regular file must be at least as long as the fd's offset and,
+    unless allow_changed, of the same size and mtime. A directory's size and mtime are
+    not compared: its entries come and go (the image itself may be written there)."""
+
+    def __init__(self, allow_changed: bool = False):
+        self.allow_changed = allow_changed
+        self.boot = _proc.boot_id()
+        self.found: dict[str, tuple[int, int]] = {}  # path -> (dev, ino) found by check
+
+    def check(self, pid: int, path: str, rec: FileIdentity | None, what: str,
+              pos: int = 0) -> None:
+        """path, held as what ("fd 3") by pid (its PID in the image) at offset pos."""
+        if rec is None:
+            raise Corrupt(f"{what} of pid {pid} ({path}) has no identity record")
+        try:
+            st, link = _walk(path)
+        except OSError as e:
+            why = "is not here" if e.errno == errno.ENOENT else \
+                f"cannot be looked at here ({e.strerror})"
+            raise Mismatch(f"{path} ({what}) {why}", pid=pid) from None
+        if link:
+            raise Mismatch(f"{path} ({what}) {_through(path, link)}", pid=pid)
+        self._compare(pid, path, what, rec, st, pos)
+        self.found[path] = (st.st_dev, st.st_ino)
+
+    def open(self, s: Session, here: int, pid: int, path: str, flags: int,
+             rec: FileIdentity | None, what: str, pos: int = 0) -> int:
+        """path opened with flags in the process s drives (here: its PID as we see it),
+        through no symlink, and checked: the new fd."""
+        fd = s.open_path(path, flags)
+        if fd == -errno.ELOOP:
+            raise Mismatch(f"{path} ({what}) resolves through a symlink now", pid=pid)
+        if fd < 0:
+            raise RestoreError(f"cannot reopen {path} for {what} of pid {pid}: "
+                               f"{os.strerror(-fd)}")
+        st = os.stat(f"/proc/{here}/fd/{fd}")
+        if rec is None or self.found.get(path) != (st.st_dev, st.st_ino):
+            raise Mismatch(f"{path} ({what}) was replaced while resume was opening it",
+                           pid=pid)
+        self._compare(pid, path, what, rec, st, pos)
+        return fd
+
+    def _compare(self, pid: int, path: str, what: str, rec: FileIdentity,
+                 st: os.stat_result, pos: int) -> None:
+        why = self._change(rec, st, pos)
+        if why:
+            raise Mismatch(f"{path} ({what}) {why}", pid=pid)
+
+    def _change(self, rec: FileIdentity, st: os.stat_result, pos: int) -> str:
+        """What makes st not the file rec describes, in words; "" if nothing."""
+        if stat.S_IFMT(st.st_mode) != stat.S_IFMT(rec.mode):
+            return f"is {_kind(st.st_mode)} now, was {_kind(rec.mode)}"
+        if rec.boot == self.boot and (st.st_dev, st.st_ino) != (rec.dev, rec.ino):
+            return "is another file now: it was replaced since the dump"
+        if (stat.S_ISCHR(rec.mode) or stat.S_ISBLK(rec.mode)) and st.st_rdev != rec.rdev:
+            return (f"is another device now ({_devno(st.st_rdev)}, was "
+                    f"{_devno(rec.rdev)})")
+        if not stat.S_ISREG(rec.mode):
+            return ""
+        if st.st_size < pos:
+            return f"is {st.st_size} bytes now, shorter than the fd's offset {pos}"
+        if self.allow_changed or (st.st_size, st.st_mtime_ns) == (rec.size, rec.mtime_ns):
+            return ""
+        changes = [f"size {st.st_size}, was {rec.size}"] if st.st_size != rec.size else []
+        if st.st_mtime_ns != rec.mtime_ns:
+            changes.append(f"modified {_when(st.st_mtime_ns)}, was {_when(rec.mtime_ns)}")
+        return (f"changed since the dump ({'; '.join(changes)}); resume with "
+                "--allow-changed-files to use it as it is now")
+
+
+def kind(mode: int) -> str:
+    """The type of a file of st_mode mode, in words."""
+    return KINDS.get(stat.S_IFMT(mode), f"file of type {stat.S_IFMT(mode):o}")
+
+
+def _kind(mode: int) -> str:
+    return f"a {kind(mode)}"
+
+
+def _devno(rdev: int) -> str:
+    return f"{os.major(rdev)}:{os.minor(rdev)}"
+
+
+def _when(ns: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns // 10**9)) + \
+        f".{ns % 10**9:09d}"

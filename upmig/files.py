@@ -27,20 +27,25 @@ from upmig import (
 from upmig.errors import CantMigrate, RestoreError
 from upmig.image import Records
 from upmig.inject import Session
-from upmig.records import Fd, Pipe
+from upmig.records import Fd, FileIdentity, Pipe, Task
 from upmig.syscalls import nr
 
 O_CLOEXEC = 0o2000000
 O_CREAT, O_EXCL, O_NOCTTY, O_TRUNC, O_PATH = 0o100, 0o200, 0o400, 0o1000, 0o10000000
 O_TMPFILE = 0o20200000  # __O_TMPFILE | O_DIRECTORY
-O_NONBLOCK = 0o4000
-AT_FDCWD = -100
+O_NONBLOCK, O_RDWR, O_DIRECTORY, O_NOFOLLOW = 0o4000, 0o2, 0o200000, 0o400000
+# The kernel's VALID_OPEN_FLAGS (x86-64 values): openat2 refuses any other bit.
+VALID_OPEN_FLAGS = (0o3 | O_CREAT | O_EXCL | O_NOCTTY | O_TRUNC | 0o2000 | O_NONBLOCK  # APPEND
+                    | 0o4010000 | 0o20000 | 0o40000 | 0o100000  # O_SYNC, ASYNC, DIRECT, LARGEFILE
+                    | O_DIRECTORY | O_NOFOLLOW | 0o1000000 | O_CLOEXEC | O_PATH  # NOATIME
+                    | O_TMPFILE)
 F_DUPFD, F_SETFD, F_SETFL = 0, 2, 4
 # Devices with no state of their own: reopened by path on the target.
 PLAIN_DEVICES = {"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"}
 MOVABLE_ANON = {"[eventfd]": "eventfd", "[eventpoll]": "epoll", "[timerfd]": "timerfd",
                 "[signalfd]": "signalfd", "inotify": "inotify"}
 PATH_TYPES = {"file", "dir", "chardev", "ghost", "fifo"}
+BY_PATH = {"file", "dir", "chardev", "fifo"}  # opened again by their path on resume
 # Made anew rather than opened: their status flags are set by hand.
 CREATED_TYPES = {"pipe", "eventfd", "epoll", "timerfd", "signalfd", "inotify", "unix",
                  "unix_pair",
@@ -294,11 +299,21 @@ def _link_shared(pid: int, rec: Fd, descriptions: list[Fd]) -> None:
     descriptions.insert(lo, rec)
 
 
+def by_path(recs: list[Fd]) -> list[Fd]:
+    """The fds that resume opens by their path (the first fd of each description):
+    their files' identity is recorded at dump and checked on resume (upmig.fileid)."""
+    return [r for r in recs if r.type in BY_PATH and r.shared_with < 0]
+
+
 def _open_flags(rec: Fd) -> int:
+    """rec's flags but those that acted only at its open, and only those openat2 takes
+    (with O_PATH: O_DIRECTORY and O_NOFOLLOW; any other bit is EINVAL)."""
+    if rec.flags & O_PATH:
+        return rec.flags & (O_PATH | O_DIRECTORY | O_NOFOLLOW)
     # A file made nameless with O_TMPFILE keeps that flag, O_DIRECTORY included: it
     # would make opening the recreated file fail with ENOTDIR.
     tmpfile = O_TMPFILE if rec.flags & O_TMPFILE == O_TMPFILE else 0
-    return rec.flags & ~(O_CREAT | O_EXCL | O_TRUNC | tmpfile) | O_NOCTTY
+    return rec.flags & VALID_OPEN_FLAGS & ~(O_CREAT | O_EXCL | O_TRUNC | tmpfile) | O_NOCTTY
 
 
 def spare_fd(img: Records) -> int:
@@ -307,12 +322,19 @@ def spare_fd(img: Records) -> int:
 
 
 def restore(s: Session, pid: int, img: Records, ghost_fds: dict[int, int],
-            reg: sharing.Registry, inner: int) -> None:
+            reg: sharing.Registry, inner: int, held: fileid.Held) -> None:
     """Put every fd at its number. Inherited fds are the stub's own 0-2 already.
     ghost_fds: the ghost files, recreated (upmig.ghosts.make_all; parked in reg).
     reg: the descriptions earlier processes of the tree made (taken, not made
-    again), to which this one's are added; inner: the process's PID as it sees it."""
+    again), to which this one's are added; inner: the process's PID as it sees it;
+    held: the files opened by path, checked already (each open is checked again)."""
     recs: list[Fd] = img.of(Fd)
+    who = img.one(Task).pid  # its PID in the image, for the messages
+    ids: dict[int, FileIdentity] = {i.fd: i for i in img.of(FileIdentity)}
+
+    def open_by_path(r: Fd, flags: int) -> int:
+        return held.open(s, pid, who, r.path, flags, ids.get(r.fd), f"fd {r.fd}", r.pos)
+
     pipe_recs: list[Pipe] = img.of(Pipe)
     fifo_fds: dict[int, int] = {}   # FIFO inode -> an fd holding both its ends meanwhile
     wanted = {r.fd for r in recs}
@@ -349,13 +371,13 @@ def restore(s: Session, pid: int, img: Records, ghost_fds: dict[int, int],
             _place(s, inet.make(s, pid, r), r)
             continue
         if r.type == "fifo":
-            if r.obj not in fifo_fds:  # both ends held open while the fds are made
-                made_fifo = pipes.make_fifo(s, pid, r.path, pipes_by_id.get(r.obj))
+            if r.obj not in fifo_fds:  # both ends held open (O_RDWR never blocks) and
+                # filled while the fds are made
+                made_fifo = open_by_path(r, O_RDWR | O_NONBLOCK)
+                pipes.fill_fifo(s, pid, made_fifo, pipes_by_id.get(r.obj))
                 fifo_fds[r.obj] = s.call(nr.fcntl, made_fifo, F_DUPFD, spare, what="fcntl")
                 s.call(nr.close, made_fifo, what="close")
-            s.write(s.scratch, os.fsencode(r.path) + b"\0")
-            src = s.call(nr.openat, AT_FDCWD, s.scratch, _open_flags(r) | O_NONBLOCK,
-                         what=f"open FIFO {r.path}")
+            src = open_by_path(r, _open_flags(r) | O_NONBLOCK)
             _place(s, src, r)
             s.call(nr.fcntl, r.fd, F_SETFL, r.flags & ~fdowner.O_ASYNC, what="fcntl(F_SETFL)")
             continue
@@ -376,11 +398,7 @@ def restore(s: Session, pid: int, img: Records, ghost_fds: dict[int, int],
         if r.type in evfds.TYPES:
             _place(s, evfds.create(s, r), r)
             continue
-        path = os.fsencode(r.path) + b"\0"
-        s.write(s.scratch, path)
-        src = s.raw(nr.openat, AT_FDCWD, s.scratch, _open_flags(r), 0)
-        if src < 0:
-            raise RestoreError(f"cannot reopen {r.path} for fd {r.fd}: {os.strerror(-src)}")
+        src = open_by_path(r, _open_flags(r))
         _place(s, src, r)
         if r.pos and r.type != "chardev" and not r.flags & O_PATH:
             s.call(nr.lseek, r.fd, r.pos, 0, what=f"lseek(fd {r.fd})")

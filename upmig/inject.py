@@ -7,6 +7,7 @@ The process's registers and signal mask are restored however the block ends."""
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ PROT_RW = 0x3
 MAP_PRIVATE_ANON = 0x22
 ALL_SIGNALS = (1 << 64) - 1
 SCRATCH = 16 * 4096
+AT_FDCWD = -100
+RESOLVE_NO_SYMLINKS = 0x04  # openat2(2): nor magic links
+OPEN_HOW = struct.Struct("<QQQ")  # struct open_how: flags, mode, resolve
 
 
 @dataclass
@@ -42,6 +46,15 @@ class Session:
 
     def write(self, addr: int, data: bytes) -> None:
         os.pwrite(self.mem_fd, data, addr)
+
+    def open_path(self, path: str, flags: int, mode: int = 0) -> int:
+        """openat2(path) in the process following no symlink on the way: the new fd, or
+        -errno (-ELOOP where one is). The paths an image names are the canonical ones
+        the kernel gave at dump: one that resolves through a symlink now is another
+        file. openat2 takes only valid flags, and a mode only with O_CREAT/O_TMPFILE."""
+        how = OPEN_HOW.pack(flags, mode, RESOLVE_NO_SYMLINKS)
+        self.write(self.scratch, how + os.fsencode(path) + b"\0")
+        return self.raw(nr.openat2, AT_FDCWD, self.scratch + len(how), self.scratch, len(how))
 
 
 @contextmanager

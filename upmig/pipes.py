@@ -13,7 +13,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from upmig import _native as nat
-from upmig.errors import CantMigrate, RestoreError
+from upmig.errors import CantMigrate
 from upmig.inject import Session
 from upmig.records import Fd, Pipe
 from upmig.syscalls import nr
@@ -21,8 +21,7 @@ from upmig.syscalls import nr
 if TYPE_CHECKING:
     from upmig.sharing import TreeFds
 
-O_ACCMODE, O_WRONLY, O_RDWR, O_NONBLOCK = 0o3, 0o1, 0o2, 0o4000
-AT_FDCWD = -100
+O_ACCMODE, O_WRONLY, O_RDWR = 0o3, 0o1, 0o2
 F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
 
 
@@ -62,17 +61,12 @@ def capture(pid: int, recs: list[Fd], tree: TreeFds | None = None) -> list[Pipe]
     return out
 
 
-def make_fifo(s: Session, pid: int, path: str, pipe: Pipe | None) -> int:
-    """The FIFO at path opened read-write (which never blocks) and filled: an fd that
-    holds both its ends while the process's own fds are opened. pipe is None when an
-    earlier process of the tree has filled it (and holds it open still)."""
-    s.write(s.scratch, os.fsencode(path) + b"\0")
-    fd = s.raw(nr.openat, AT_FDCWD, s.scratch, O_RDWR | O_NONBLOCK, 0)
-    if fd < 0:
-        raise RestoreError(f"cannot open the FIFO {path}: {os.strerror(-fd)}")
+def fill_fifo(s: Session, pid: int, fd: int, pipe: Pipe | None) -> None:
+    """Put a FIFO's bytes back through fd, which holds both its ends (opened O_RDWR)
+    while the process's own fds are opened. pipe is None when an earlier process of
+    the tree has filled it (and holds it open still)."""
     if pipe is not None:
         _fill(s, pid, fd, pipe)
-    return fd
 
 
 def _fill(s: Session, pid: int, wr: int, pipe: Pipe) -> None:

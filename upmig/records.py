@@ -182,6 +182,23 @@ class Fd:
 
 
 @dataclass
+class FileIdentity:
+    """What a file the process holds by path was at dump (an fd's regular file,
+    directory, FIFO or device; its working directory), read while it was frozen:
+    resume refuses a file that is not this one any more (see upmig.fileid.Held)."""
+
+    kind: ClassVar[str] = "file_identity"
+    fd: int                  # the fd holding it (the first of its description), or -1: the cwd
+    mode: int                # st_mode: its type and permissions
+    size: int
+    mtime_ns: int
+    dev: int                 # st_dev and st_ino: compared only on the same boot (boot)
+    ino: int
+    rdev: int = 0            # a device's number
+    boot: str = ""           # /proc/sys/kernel/random/boot_id at dump
+
+
+@dataclass
 class Ghost:
     """A file whose bytes travel in the image, in pages records whose target is
     "ghost:ID" (written once per tree, by the first process holding it): a regular
@@ -250,7 +267,7 @@ class Trailer:
 
 RECORD_TYPES: dict[str, type] = {
     cls.kind: cls for cls in (Header, Process, Task, MM, Vma, MappedFile, Pages, CowPages, Fd,
-                              Pipe, Ghost, SysvShm, SysvSem, Signals, Thread, Trailer)
+                              FileIdentity, Pipe, Ghost, SysvShm, SysvSem, Signals, Thread, Trailer)
 }
 
 
@@ -267,5 +284,5 @@ def from_wire(kind: str, body: dict) -> Any:
 
 
 __all__ = ["Header", "Process", "Task", "MM", "Vma", "MappedFile", "Pages", "CowPages", "Fd",
-           "Pipe", "Ghost", "SysvShm", "SysvSem",
+           "FileIdentity", "Pipe", "Ghost", "SysvShm", "SysvSem",
            "Signals", "Thread", "Trailer", "RECORD_TYPES", "to_wire", "from_wire"]

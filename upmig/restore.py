@@ -43,6 +43,7 @@ from upmig.records import (
     MM,
     CowPages,
     Fd,
+    FileIdentity,
     Ghost,
     Header,
     MappedFile,
@@ -89,7 +90,8 @@ PIDS = ("same", "new", "pidns")
 
 def resume(image_path: str, *, pids: str = "same", notice: Notice | None = None,
            on_ready: Callable[[int], None] | None = None, terminal: bool = False,
-           key_file: str | None = None) -> ResumeResult:
+           key_file: str | None = None, allow_changed_files: bool = False
+           ) -> ResumeResult:
     """Rebuild the process; it is left running detached from ptrace, a child of ours.
 
     pids: "same" gives every thread its original id and refuses if one is taken;
@@ -98,7 +100,9 @@ def resume(image_path: str, *, pids: str = "same", notice: Notice | None = None,
     terminal: if our stdin is a terminal whose foreground we hold, give it to the
     process group of the tree that held its terminal's foreground (a --shell-job
     that leads its own group); ResumeResult.foreground says so.
-    key_file: the key the image must be sealed with (default: upmig.keys.default_path)."""
+    key_file: the key the image must be sealed with (default: upmig.keys.default_path).
+    allow_changed_files: a regular file the processes hold may have another size or
+    mtime than at dump (say, a log others append to); see fileid.Held."""
     if pids not in PIDS:
         raise ValueError(f"pids must be one of {PIDS}")
     began = time.perf_counter()
@@ -112,6 +116,7 @@ def resume(image_path: str, *, pids: str = "same", notice: Notice | None = None,
             raise Corrupt("the image holds no live process", what=image_path)
         live = [sec for sec in sections if not sec.process.zombie]
         _check_machine(img, head, live)
+        held = _check_files(live, allow_changed_files)
         want = sections[0].process.pid
         if pids == "same":
             ids = [t.tid for sec in live for t in sec.of(Thread)]
@@ -132,7 +137,7 @@ def resume(image_path: str, *, pids: str = "same", notice: Notice | None = None,
             contents = _contents(img)
             ipc = sysv.make_all(img.of(SysvShm), img.of(SysvSem), img.data, contents,
                                 {sec.process.pid for sec in live})
-            teams = _rebuild_tree(pid, img, pids != "new", ipc, reg, contents)
+            teams = _rebuild_tree(pid, img, pids != "new", ipc, reg, contents, held)
             fg = _foreground_group(sections, teams) if terminal else 0
 
             def go(root: int) -> None:
@@ -238,6 +243,19 @@ def _check_machine(img: image.Image, head: Header, live: list[image.Section]) ->
         mine.check_same_shape(memmap.VdsoBlock.of(sec.of(Vma)))
     if not STUB.exists():
         raise RestoreError(f"the stub loader {STUB} is missing (run make)")
+
+
+def _check_files(live: list[image.Section], allow_changed: bool) -> fileid.Held:
+    """Every file and directory the processes hold by path (fds, working directory),
+    as it is here, against its identity at dump: refused before any process exists."""
+    held = fileid.Held(allow_changed)
+    for sec in live:
+        tsk: Task = sec.one(Task)
+        ids = {i.fd: i for i in sec.of(FileIdentity)}
+        held.check(tsk.pid, tsk.cwd, ids.get(-1), "its working directory")
+        for r in files.by_path(sec.of(Fd)):
+            held.check(tsk.pid, r.path, ids.get(r.fd), f"fd {r.fd}", r.pos)
+    return held
 
 
 def _wait_ids_free(pid: int, tids: list[int], say: Notice) -> None:
@@ -362,15 +380,15 @@ def _contents(img: image.Image) -> dict[str, list[image.PageData]]:
 
 
 def _rebuild_tree(root: int, img: image.Image, set_tid: bool, ipc: sysv.Made,
-                  reg: sharing.Registry, contents: dict[str, list[image.PageData]]
-                  ) -> list[list[Member]]:
+                  reg: sharing.Registry, contents: dict[str, list[image.PageData]],
+                  held: fileid.Held) -> list[list[Member]]:
     """Every process made from the stub `root`, then rebuilt one by one; all left
     stopped under ptrace. The root's team comes first. ipc: the SysV objects, made;
-    reg: where what the processes share is kept track of."""
+    reg: where what the processes share is kept track of; held: their files, checked."""
     sections = img.processes()
     by_pid = {sec.process.pid: sec for sec in sections}
     born = tree.create(root, [sec.process for sec in sections], set_tid)
-    t = _Tree(reg, contents, {b.rec.pid: b.outer for b in born}, ipc)
+    t = _Tree(reg, contents, {b.rec.pid: b.outer for b in born}, ipc, held)
     teams = [_rebuild(b, by_pid[b.rec.pid], set_tid, t) for b in born]
     for team in teams:  # every process has taken what it shares from the others
         team[0].s.inj.held_signals |= t.reg.close_parked(team[0].outer, team[0].s.inj.gadget)
@@ -386,6 +404,7 @@ class _Tree:
     contents: dict[str, list[image.PageData]]  # each ghost's bytes, by pages target
     outer: dict[int, int]                   # a process's PID in the image -> here
     ipc: sysv.Made                          # the SysV objects, made (upmig.sysv)
+    held: fileid.Held                       # the files held by path, checked
 
 
 def _rebuild(b: tree.Born, img: image.Section, set_tid: bool, t: _Tree) -> list[Member]:
@@ -420,7 +439,7 @@ def _rebuild(b: tree.Born, img: image.Section, set_tid: bool, t: _Tree) -> list[
         with inject.pinned_with(pid, cpu):
             memmap.finish_vmas(s, vmas)
             memmap.restore_mm(s, img.one(MM), tsk.exe)
-            _stage_process(s, pid, b.inner, img, ghost_fds, t.reg)
+            _stage_process(s, pid, b.inner, img, ghost_fds, t.reg, t.held)
             sysv.set_values(s, t.ipc, b.rec.pid)
             team = _stage_threads(s, pid, b.inner, img.of(Thread), set_tid)
             for m in team:  # credentials last: they may drop our rights over it
@@ -463,11 +482,13 @@ def _let_go(root: int, teams: list[list[Member]], on_ready: Callable[[int], None
 
 
 def _stage_process(s: Session, pid: int, tgid: int, img: image.Records,
-                   ghost_fds: dict[int, int], reg: sharing.Registry) -> None:
+                   ghost_fds: dict[int, int], reg: sharing.Registry, held: fileid.Held
+                   ) -> None:
     """What the threads share: limits, cwd and ids, files, signal dispositions."""
     tsk: Task = img.one(Task)
-    task.restore_early(s, tsk)
-    files.restore(s, pid, img, ghost_fds, reg, tgid)
+    cwd = next((i for i in img.of(FileIdentity) if i.fd == -1), None)
+    task.restore_early(s, pid, tsk, held, cwd)
+    files.restore(s, pid, img, ghost_fds, reg, tgid, held)
     task.restore_limits(s, pid, tsk)  # after the fds: upmig's own wait above the process's
     signals.restore(s, tgid, img.one(Signals))
 

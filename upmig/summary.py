@@ -5,11 +5,12 @@ from __future__ import annotations
 import errno
 import time
 
-from upmig import image, inet, keys, regs, signals
+from upmig import fileid, image, inet, keys, regs, signals
 from upmig.errors import KeyProblem
 from upmig.records import (
     MM,
     Fd,
+    FileIdentity,
     Ghost,
     Header,
     MappedFile,
@@ -95,9 +96,11 @@ def _process(img: image.Records) -> dict:
     vmas: list[Vma] = img.of(Vma)
     pipes = {p.id: p for p in img.of(Pipe)}
     ghosts = {g.id: g for g in img.of(Ghost)}
+    ids = {i.fd: _identity(i) for i in img.of(FileIdentity)}
     return {
         "process": {"pid": tsk.pid, "comm": tsk.comm, "cmdline": tsk.cmdline, "exe": tsk.exe,
-                    "cwd": tsk.cwd, "uid": tsk.uids[0], "gid": tsk.gids[0],
+                    "cwd": tsk.cwd, **({"cwd_identity": ids[-1]} if -1 in ids else {}),
+                    "uid": tsk.uids[0], "gid": tsk.gids[0],
                     "umask": f"{tsk.umask:04o}", "session_leader": tsk.session_leader,
                     "brk": mm.brk},
         "privileges": _privileges(tsk),
@@ -109,6 +112,7 @@ def _process(img: image.Records) -> dict:
         "fds": [{"fd": f.fd, "type": f.type, "path": f.path or f.note, "flags": f"{f.flags:o}",
                  "pos": f.pos, "cloexec": f.cloexec,
                  **({"shares": f.shared_with} if f.shared_with >= 0 else {}),
+                 **({"identity": ids[f.fd]} if f.fd in ids else {}),
                  **_fd_extra(f, pipes, ghosts)}
                 for f in img.of(Fd)],
         "signals": signals.describe(img.one(Signals)),
@@ -134,6 +138,12 @@ def _privileges(tsk: Task) -> dict:
                              if k in CAP_NAMES},
             "no_new_privs": bool(tsk.no_new_privs),
             "seccomp": SECCOMP_MODES.get(tsk.seccomp, str(tsk.seccomp))}
+
+
+def _identity(i: FileIdentity) -> dict:
+    """What a file held by path was at dump, as resume checks it (fileid.Held)."""
+    return {"type": fileid.kind(i.mode), "mode": f"{i.mode & 0o7777:04o}", "size": i.size,
+            "mtime_ns": i.mtime_ns, "dev": i.dev, "ino": i.ino, "boot": i.boot}
 
 
 def _unnamed(v: Vma) -> str:
@@ -198,6 +208,12 @@ def _state(th: Thread) -> str:
     res = th.syscall_result
     shown = f"-{errno.errorcode.get(-res, -res)}" if -4096 < res < 0 else str(res)
     return f"returning {shown} from {name}"
+
+
+def _when(identity: dict) -> str:
+    ns = identity["mtime_ns"]
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns // 10**9)) + \
+        f".{ns % 10**9:09d}"
 
 
 def _size(n: int) -> str:
@@ -283,6 +299,8 @@ def _render_process(s: dict) -> list[str]:
                     "deleted_bytes", "recv_queue", "send_queue"):
             if key in f:
                 extra += f"  {key} {f[key]}"
+        if f.get("identity", {}).get("type") == "regular file":
+            extra += f"  size {f['identity']['size']}  modified {_when(f['identity'])}"
         out.append(f"          {f['fd']:>4} {f['type']:<8} {f['path']}  flags {f['flags']} "
                    f"pos {f['pos']}{' cloexec' if f['cloexec'] else ''}{extra}")
     sig = s["signals"]

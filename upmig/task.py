@@ -7,10 +7,10 @@ import os
 import resource
 import struct
 
-from upmig import _proc
+from upmig import _proc, fileid
 from upmig.errors import CantMigrate, Mismatch
 from upmig.inject import Session
-from upmig.records import Task
+from upmig.records import FileIdentity, Task
 from upmig.syscalls import nr
 
 PR_GET_DUMPABLE, PR_SET_DUMPABLE, PR_SET_KEEPCAPS = 3, 4, 8
@@ -20,6 +20,7 @@ PR_CAP_AMBIENT_RAISE = 2
 CAP_VERSION_3 = 0x20080522
 CAP_SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
 RLIM_INFINITY = (1 << 64) - 1
+O_DIRECTORY, O_CLOEXEC, O_PATH = 0o200000, 0o2000000, 0o10000000
 
 
 def capture(s: Session, pid: int) -> Task:
@@ -63,16 +64,15 @@ def capabilities(status: dict[str, str]) -> dict[str, int]:
     return {name: int(status[name], 16) for name in CAP_SETS}
 
 
-def _str(s: Session, text: str, at: int = 0) -> int:
-    """Put a NUL-terminated string into the scratch area; its address."""
-    data = os.fsencode(text) + b"\0"
-    s.write(s.scratch + at, data)
-    return s.scratch + at
-
-
-def restore_early(s: Session, rec: Task) -> None:
-    """What needs the stub's privileges or must precede the files: cwd, umask, ids."""
-    s.call(nr.chdir, _str(s, rec.cwd), what=f"chdir({rec.cwd})")
+def restore_early(s: Session, pid: int, rec: Task, held: fileid.Held,
+                  cwd: FileIdentity | None) -> None:
+    """What needs the stub's privileges or must precede the files: cwd, umask, ids.
+    pid: the process as we see it; the cwd is opened through no symlink and checked
+    against its identity (cwd; see fileid.Held) before the process moves into it."""
+    fd = held.open(s, pid, rec.pid, rec.cwd, O_PATH | O_DIRECTORY | O_CLOEXEC, cwd,
+                   "its working directory")
+    s.call(nr.fchdir, fd, what=f"fchdir({rec.cwd})")
+    s.call(nr.close, fd, what="close")
     s.call(nr.umask, rec.umask, what="umask")
     s.call(nr.personality, rec.personality, what="personality")
     if rec.subreaper:  # orphans below it come to it, not to init

@@ -1,8 +1,8 @@
 // openflags.c - upmig test victim: named files and directories held with the open
 // flags real programs use, each reopened by its path on resume.
 //
-// fds: nofollow.txt (O_RDONLY|O_NOFOLLOW|O_CLOEXEC, offset 10), path.txt (O_PATH) and
-// again (O_PATH|O_NOFOLLOW), the directory sub (O_RDONLY|O_DIRECTORY|O_NOFOLLOW|
+// fds: nofollow.txt (O_RDONLY|O_NOFOLLOW|O_NONBLOCK|O_CLOEXEC, offset 10), path.txt
+// (O_PATH) and again (O_PATH|O_NOFOLLOW), the directory sub (O_RDONLY|O_DIRECTORY|O_NOFOLLOW|
 // O_CLOEXEC, as fts and nftw open one) and again (O_PATH|O_DIRECTORY), and linked.bin:
 // made with O_TMPFILE|O_RDWR, then given its name with linkat (its flags keep
 // O_TMPFILE). On SIGTERM every fd's flags (exactly; for linked.bin but O_TMPFILE,
@@ -61,7 +61,7 @@ int main(void)
     if (mkdir("sub", 0755) != 0 && errno != EEXIST)
         fail("mkdir sub: %s", strerror(errno));
     put("sub/inner.txt", "inner");
-    fd[NOFOLLOW] = open("nofollow.txt", O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    fd[NOFOLLOW] = open("nofollow.txt", O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
     fd[PATH] = open("path.txt", O_PATH);
     fd[PATH_NOFOLLOW] = open("path.txt", O_PATH | O_NOFOLLOW);
     fd[DIR_] = open("sub", O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
