@@ -162,15 +162,22 @@ def test_a_working_directory_replaced_by_a_symlink_is_refused(dumped):
                                "is a symlink now\n")
 
 
-def test_an_executable_reached_through_a_symlink_is_refused(run_victim, tmp_path):
-    """The same bytes, but its directory is a symlink now."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    exe = bin_dir / "counter"
+@pytest.fixture
+def own_executable(run_victim, tmp_path):
+    """A victim run from its own copy of its executable, dumped: (its Run, its image,
+    the executable's path)."""
+    exe = tmp_path / "bin" / "counter"
+    exe.parent.mkdir()
     shutil.copy2(build_victim("counter"), exe)
     r = run_victim([str(exe)])
     r.wait_output("READY\n")
-    img = r.dump()
+    return r, r.dump(), exe
+
+
+def test_an_executable_reached_through_a_symlink_is_refused(own_executable, tmp_path):
+    """The same bytes, but its directory is a symlink now."""
+    r, img, exe = own_executable
+    bin_dir = exe.parent
     os.rename(bin_dir, tmp_path / "bin.real")
     bin_dir.symlink_to("bin.real")
     assert refused(r, img) == (f"upmig: mapped file {exe} resolves through the symlink "
@@ -224,3 +231,31 @@ def test_a_file_swapped_after_the_check_is_refused_by_the_open(dumped, monkeypat
     monkeypatch.setattr(fileid._proc, "boot_id", lambda: "another boot")
     err = resume_in_process(img, r.pid)
     assert str(err) == f"pid {r.pid}: {a} (fd 3) was replaced while resume was opening it"
+
+
+def test_an_executable_behind_a_symlink_the_first_check_missed(own_executable, tmp_path,
+                                                               monkeypatch):
+    r, img, exe = own_executable
+    os.rename(exe.parent, tmp_path / "bin.real")
+    exe.parent.symlink_to("bin.real")
+    monkeypatch.setattr(fileid, "_walk", lambda path: (os.stat(path), ""))  # blind to links
+    err = resume_in_process(img, r.pid)
+    assert str(err) == f"mapped file {exe} resolves through a symlink now"
+
+
+def test_an_executable_swapped_after_the_check_is_refused_by_the_open(own_executable,
+                                                                      monkeypatch):
+    """The same bytes (a copy) put in its place right after its contents were checked:
+    the stub maps only the very file that was checked."""
+    r, img, exe = own_executable
+    check_mapped = fileid.Held.check_mapped
+
+    def check_then_swap(self, rec):
+        check_mapped(self, rec)
+        if rec.path == str(exe):
+            shutil.copy2(exe, exe.parent / "copy")
+            os.replace(exe.parent / "copy", exe)
+
+    monkeypatch.setattr(fileid.Held, "check_mapped", check_then_swap)
+    err = resume_in_process(img, r.pid)
+    assert str(err) == f"mapped file {exe} was replaced while resume was opening it"

@@ -58,12 +58,17 @@ def content_hash(f, size: int) -> str:
 
 
 def identify(path: str) -> MappedFile:
+    return _identified(path)[0]
+
+
+def _identified(path: str) -> tuple[MappedFile, os.stat_result]:
+    """The identity of the file at path, and the stat of the very file it was read from."""
     with open(path, "rb") as f:
         st = os.fstat(f.fileno())
         build_id = elf_build_id(f)
         digest = "" if build_id else content_hash(f, st.st_size)
     return MappedFile(path=path, size=st.st_size, mtime=st.st_mtime, build_id=build_id,
-                      content_hash=digest)
+                      content_hash=digest), st
 
 
 def still(rec: MappedFile | None) -> MappedFile | None:
@@ -77,14 +82,15 @@ def still(rec: MappedFile | None) -> MappedFile | None:
     return rec if (st.st_size, st.st_mtime) == (rec.size, rec.mtime) else None
 
 
-def check(rec: MappedFile) -> None:
+def check(rec: MappedFile) -> os.stat_result:
     """Raise Mismatch naming the file if the target's copy is not the one dumped (or
-    is reached through a symlink: resume opens it through none)."""
+    is reached through a symlink: resume opens it through none); the stat of the
+    file found, if it is."""
     try:
         link = _walk(rec.path)[1]
         if link:
             raise Mismatch(f"mapped file {rec.path} {_through(rec.path, link)}")
-        here = identify(rec.path)
+        here, st = _identified(rec.path)
     except OSError as e:
         raise Mismatch(f"mapped file {rec.path} cannot be opened here: {e.strerror}") from None
     if here.size != rec.size:
@@ -93,6 +99,7 @@ def check(rec: MappedFile) -> None:
     if (here.build_id, here.content_hash) != (rec.build_id, rec.content_hash):
         what = "build-id" if rec.build_id else "contents"
         raise Mismatch(f"mapped file {rec.path} differs here ({what} changed)")
+    return st
 
 
 def object_id(st: os.stat_result) -> int:
@@ -145,7 +152,8 @@ class Held:
     symlink (the paths /proc gave at dump are canonical), against its identity record,
     for a clean refusal. open(), in the stub: openat2 through no symlink, then the fd
     opened must be the very file check() found, still matching its record; so a file
-    swapped in between is refused too.
+    swapped in between is refused too. Mapped files the same way: check_mapped() (by
+    their contents, see check()), then open_mapped().
 
     What must match: the type; the inode, on the same boot of the same host; a
     device's number; a regular file must be at least as long as the fd's offset and,
@@ -173,22 +181,48 @@ class Held:
         self._compare(pid, path, what, rec, st, pos)
         self.found[path] = (st.st_dev, st.st_ino)
 
-    def open(self, s: Session, here: int, pid: int, path: str, flags: int,
-             rec: FileIdentity | None, what: str, pos: int = 0) -> int:
-        """path opened with flags in the process s drives (here: its PID as we see it),
-        through no symlink, and checked: the new fd."""
+    def open(self, s: Session, pid: int, path: str, flags: int, rec: FileIdentity | None,
+             what: str, pos: int = 0) -> int:
+        """path opened with flags in the process s drives, through no symlink, and
+        checked (as check() was told): the new fd."""
         fd = s.open_path(path, flags)
         if fd == -errno.ELOOP:
             raise Mismatch(f"{path} ({what}) resolves through a symlink now", pid=pid)
         if fd < 0:
             raise RestoreError(f"cannot reopen {path} for {what} of pid {pid}: "
                                f"{os.strerror(-fd)}")
-        st = os.stat(f"/proc/{here}/fd/{fd}")
-        if rec is None or self.found.get(path) != (st.st_dev, st.st_ino):
-            raise Mismatch(f"{path} ({what}) was replaced while resume was opening it",
-                           pid=pid)
+        st = self._found_again(s, fd, path, f"{path} ({what})", pid)
+        if rec is None:
+            raise Corrupt(f"{what} of pid {pid} ({path}) has no identity record")
         self._compare(pid, path, what, rec, st, pos)
         return fd
+
+    def check_mapped(self, rec: MappedFile) -> None:
+        """A mapped file (the executable, a library): see check()."""
+        st = check(rec)
+        self.found[rec.path] = (st.st_dev, st.st_ino)
+
+    def open_mapped(self, s: Session, path: str, flags: int) -> int:
+        """A mapped file opened in the process s drives, through no symlink, and
+        checked to be the file check_mapped() found: the new fd."""
+        fd = s.open_path(path, flags)
+        if fd == -errno.ELOOP:
+            raise Mismatch(f"mapped file {path} resolves through a symlink now")
+        if fd < 0:
+            raise RestoreError(f"cannot open the mapped file {path}: {os.strerror(-fd)}")
+        self._found_again(s, fd, path, f"mapped file {path}")
+        return fd
+
+    def _found_again(self, s: Session, fd: int, path: str, what: str,
+                     pid: int | None = None) -> os.stat_result:
+        """The stat of fd (in the process s drives), which must be the file found at
+        path by the first check."""
+        if path not in self.found:
+            raise Corrupt(f"{what} has no identity record in the image")
+        st = os.stat(f"/proc/{s.inj.pid}/fd/{fd}")
+        if self.found[path] != (st.st_dev, st.st_ino):
+            raise Mismatch(f"{what} was replaced while resume was opening it", pid=pid)
+        return st
 
     def _compare(self, pid: int, path: str, what: str, rec: FileIdentity,
                  st: os.stat_result, pos: int) -> None:

@@ -333,7 +333,7 @@ def restore(s: Session, pid: int, img: Records, ghost_fds: dict[int, int],
     ids: dict[int, FileIdentity] = {i.fd: i for i in img.of(FileIdentity)}
 
     def open_by_path(r: Fd, flags: int) -> int:
-        return held.open(s, pid, who, r.path, flags, ids.get(r.fd), f"fd {r.fd}", r.pos)
+        return held.open(s, who, r.path, flags, ids.get(r.fd), f"fd {r.fd}", r.pos)
 
     pipe_recs: list[Pipe] = img.of(Pipe)
     fifo_fds: dict[int, int] = {}   # FIFO inode -> an fd holding both its ends meanwhile

@@ -291,18 +291,28 @@ def free_gap(vmas: list, size: int, start: int = 1 << 33) -> int:
 
 
 class FileOpener:
-    """Opens each backing file once in the target; closes them all at the end."""
+    """Opens each backing file once in the target; closes them all at the end.
+    held: the mapped files as checked before (fileid.Held): each is opened through no
+    symlink and must be the very file checked."""
 
-    def __init__(self, s):
+    def __init__(self, s, held: fileid.Held):
         self.s = s
+        self.held = held
         self.fds: dict[tuple[str, int], int] = {}
 
     def fd(self, path: str, mode: int) -> int:
         key = (path, mode)
         if key not in self.fds:
-            self.s.write(self.s.scratch, os.fsencode(path) + b"\0")
+            self.fds[key] = self.held.open_mapped(self.s, path, mode | O_CLOEXEC)
+        return self.fds[key]
+
+    def ghost(self, fd: int, mode: int) -> int:
+        """A file resume made (fd), opened again with mode through /proc/self/fd."""
+        key = (f"/proc/self/fd/{fd}", mode)
+        if key not in self.fds:
+            self.s.write(self.s.scratch, os.fsencode(key[0]) + b"\0")
             self.fds[key] = self.s.call(nr.openat, -100, self.s.scratch, mode | O_CLOEXEC, 0,
-                                        what=f"open({path})")
+                                        what=f"open({key[0]})")
         return self.fds[key]
 
     def close(self) -> None:
@@ -311,10 +321,11 @@ class FileOpener:
         self.fds.clear()
 
 
-def map_vmas(s, vmas: list[Vma], ghost_fds: dict[int, int]) -> None:
+def map_vmas(s, vmas: list[Vma], ghost_fds: dict[int, int], held: fileid.Held) -> None:
     """mmap every VMA at its address; writable for now where page data goes in.
-    ghost_fds: the recreated deleted files, by Ghost id, as fds of the process."""
-    files = FileOpener(s)
+    ghost_fds: the recreated deleted files, by Ghost id, as fds of the process;
+    held: the mapped files, checked (see FileOpener)."""
+    files = FileOpener(s, held)
     try:
         for v in vmas:
             if v.role in VDSO_ROLES or v.role == "sysv":  # attached already (upmig.sysv)
@@ -330,8 +341,7 @@ def map_vmas(s, vmas: list[Vma], ghost_fds: dict[int, int]) -> None:
             if v.role == "ghost":  # made read-write; a mapping that may not write gets
                 # a read-only open (a memfd's F_SEAL_WRITE needs no writable mapping)
                 writes = shared and "mw" in v.vmflags
-                fd = ghost_fds[v.ghost] if writes else \
-                    files.fd(f"/proc/self/fd/{ghost_fds[v.ghost]}", O_RDONLY)
+                fd = ghost_fds[v.ghost] if writes else files.ghost(ghost_fds[v.ghost], O_RDONLY)
                 off = v.offset
             elif v.role == "file":
                 mode = O_RDWR if shared and "mw" in v.vmflags else O_RDONLY
@@ -364,12 +374,12 @@ def finish_vmas(s, vmas: list[Vma]) -> None:
             s.call(nr.mlock, v.start, v.end - v.start, what="mlock")
 
 
-def restore_mm(s, mm: MM, exe: str) -> None:
-    """PR_SET_MM_MAP: code/data/brk/stack/arg/env boundaries, auxv, and /proc/PID/exe."""
+def restore_mm(s, mm: MM, exe: str, held: fileid.Held) -> None:
+    """PR_SET_MM_MAP: code/data/brk/stack/arg/env boundaries, auxv, and /proc/PID/exe
+    (opened through no symlink, the very file checked: see fileid.Held)."""
     auxv_at, map_at = s.scratch + 8192, s.scratch + 4096  # the path takes up to 4 KiB
+    exe_fd = held.open_mapped(s, exe, O_RDONLY | O_CLOEXEC)
     s.write(auxv_at, mm.auxv)
-    s.write(s.scratch, os.fsencode(exe) + b"\0")
-    exe_fd = s.call(nr.openat, -100, s.scratch, O_RDONLY | O_CLOEXEC, 0, what=f"open({exe})")
     try:
         packed = struct.pack("<11QQII", mm.start_code, mm.end_code, mm.start_data, mm.end_data,
                              mm.start_brk, mm.brk, mm.start_stack, mm.arg_start, mm.arg_end,

@@ -115,8 +115,9 @@ def resume(image_path: str, *, pids: str = "same", notice: Notice | None = None,
         if not sections or sections[0].process.zombie:
             raise Corrupt("the image holds no live process", what=image_path)
         live = [sec for sec in sections if not sec.process.zombie]
-        _check_machine(img, head, live)
-        held = _check_files(live, allow_changed_files)
+        held = fileid.Held(allow_changed_files)
+        _check_machine(img, head, live, held)
+        _check_files(live, held)
         want = sections[0].process.pid
         if pids == "same":
             ids = [t.tid for sec in live for t in sec.of(Thread)]
@@ -230,14 +231,15 @@ def wait(pid: int) -> int:
 
 # ---- before any process exists
 
-def _check_machine(img: image.Image, head: Header, live: list[image.Section]) -> None:
+def _check_machine(img: image.Image, head: Header, live: list[image.Section],
+                   held: fileid.Held) -> None:
     machine = os.uname().machine
     if head.arch != machine:
         raise Mismatch(f"image is for {head.arch}, this machine is {machine}")
     if head.page_size != nat.PAGE:
         raise Mismatch(f"image has {head.page_size}-byte pages, this machine {nat.PAGE}")
     for rec in img.of(MappedFile):
-        fileid.check(rec)
+        held.check_mapped(rec)
     mine = memmap.VdsoBlock.of_pid(os.getpid())
     for sec in live:
         mine.check_same_shape(memmap.VdsoBlock.of(sec.of(Vma)))
@@ -245,17 +247,15 @@ def _check_machine(img: image.Image, head: Header, live: list[image.Section]) ->
         raise RestoreError(f"the stub loader {STUB} is missing (run make)")
 
 
-def _check_files(live: list[image.Section], allow_changed: bool) -> fileid.Held:
+def _check_files(live: list[image.Section], held: fileid.Held) -> None:
     """Every file and directory the processes hold by path (fds, working directory),
     as it is here, against its identity at dump: refused before any process exists."""
-    held = fileid.Held(allow_changed)
     for sec in live:
         tsk: Task = sec.one(Task)
         ids = {i.fd: i for i in sec.of(FileIdentity)}
         held.check(tsk.pid, tsk.cwd, ids.get(-1), "its working directory")
         for r in files.by_path(sec.of(Fd)):
             held.check(tsk.pid, r.path, ids.get(r.fd), f"fd {r.fd}", r.pos)
-    return held
 
 
 def _wait_ids_free(pid: int, tids: list[int], say: Notice) -> None:
@@ -433,12 +433,12 @@ def _rebuild(b: tree.Born, img: image.Section, set_tid: bool, t: _Tree) -> list[
             sysv.attach(s, vmas, t.ipc.sizes)
             ghost_fds = ghosts.make_all(s, pid, b.inner, img, files.spare_fd(img), t.reg,
                                         t.contents)
-            memmap.map_vmas(s, vmas, ghost_fds)
+            memmap.map_vmas(s, vmas, ghost_fds, t.held)
         _fill_memory(pid, img)
         _copy_cow(pid, mem_fd, img, t.outer)
         with inject.pinned_with(pid, cpu):
             memmap.finish_vmas(s, vmas)
-            memmap.restore_mm(s, img.one(MM), tsk.exe)
+            memmap.restore_mm(s, img.one(MM), tsk.exe, t.held)
             _stage_process(s, pid, b.inner, img, ghost_fds, t.reg, t.held)
             sysv.set_values(s, t.ipc, b.rec.pid)
             team = _stage_threads(s, pid, b.inner, img.of(Thread), set_tid)
@@ -487,7 +487,7 @@ def _stage_process(s: Session, pid: int, tgid: int, img: image.Records,
     """What the threads share: limits, cwd and ids, files, signal dispositions."""
     tsk: Task = img.one(Task)
     cwd = next((i for i in img.of(FileIdentity) if i.fd == -1), None)
-    task.restore_early(s, pid, tsk, held, cwd)
+    task.restore_early(s, tsk, held, cwd)
     files.restore(s, pid, img, ghost_fds, reg, tgid, held)
     task.restore_limits(s, pid, tsk)  # after the fds: upmig's own wait above the process's
     signals.restore(s, tgid, img.one(Signals))

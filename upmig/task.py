@@ -64,12 +64,12 @@ def capabilities(status: dict[str, str]) -> dict[str, int]:
     return {name: int(status[name], 16) for name in CAP_SETS}
 
 
-def restore_early(s: Session, pid: int, rec: Task, held: fileid.Held,
-                  cwd: FileIdentity | None) -> None:
+def restore_early(s: Session, rec: Task, held: fileid.Held, cwd: FileIdentity | None
+                  ) -> None:
     """What needs the stub's privileges or must precede the files: cwd, umask, ids.
-    pid: the process as we see it; the cwd is opened through no symlink and checked
-    against its identity (cwd; see fileid.Held) before the process moves into it."""
-    fd = held.open(s, pid, rec.pid, rec.cwd, O_PATH | O_DIRECTORY | O_CLOEXEC, cwd,
+    The cwd is opened through no symlink and checked against its identity (cwd; see
+    fileid.Held) before the process moves into it."""
+    fd = held.open(s, rec.pid, rec.cwd, O_PATH | O_DIRECTORY | O_CLOEXEC, cwd,
                    "its working directory")
     s.call(nr.fchdir, fd, what=f"fchdir({rec.cwd})")
     s.call(nr.close, fd, what="close")
