@@ -259,3 +259,43 @@ def test_an_executable_swapped_after_the_check_is_refused_by_the_open(own_execut
     monkeypatch.setattr(fileid.Held, "check_mapped", check_then_swap)
     err = resume_in_process(img, r.pid)
     assert str(err) == f"mapped file {exe} was replaced while resume was opening it"
+
+
+WATCHER = """
+import ctypes, os, time
+libc = ctypes.CDLL(None, use_errno=True)
+os.makedirs("sub/watched")
+ino = libc.inotify_init1(os.O_NONBLOCK)
+assert libc.inotify_add_watch(ino, b"sub/watched", 0x100) == 1  # IN_CREATE
+print("READY", flush=True)
+time.sleep(60)
+"""
+
+
+def test_an_inotify_watch_redirected_by_a_symlink_is_refused(run_victim, tmp_path):
+    """A watch shows the names of the files made in a directory: one moved by a
+    symlink into a directory only root may read must not be added there."""
+    private = tmp_path / "root-only"
+    private.mkdir(mode=0o700)
+    r = run_victim([sys.executable, "-c", WATCHER])
+    r.wait_output("READY\n")
+    img = r.dump()
+    os.rename(r.cwd / "sub", r.cwd / "sub.real")
+    (r.cwd / "sub").symlink_to(private)
+    (private / "watched").mkdir()
+    assert refused(r, img) == (f"upmig: {r.cwd}/sub/watched (watched by inotify on fd 3) "
+                               "resolves through a symlink now\n")
+
+
+def test_a_deleted_files_directory_turned_into_a_symlink_is_refused(run_victim, tmp_path):
+    """The file travels in the image and is made again, nameless, in its directory:
+    not in another one a symlink leads to."""
+    r = run_victim([sys.executable, "-c", "import os, time\n"
+                    "os.mkdir('sub'); f = open('sub/x.bin', 'w+b'); os.unlink('sub/x.bin')\n"
+                    "print('READY', flush=True); time.sleep(60)"])
+    r.wait_output("READY\n")
+    img = r.dump()
+    os.rename(r.cwd / "sub", r.cwd / "sub.real")
+    (r.cwd / "sub").symlink_to(tmp_path)
+    assert refused(r, img) == (f"upmig: the directory {r.cwd}/sub of the deleted file "
+                               f"{r.cwd}/sub/x.bin resolves through a symlink now\n")

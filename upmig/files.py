@@ -27,7 +27,7 @@ from upmig import (
 from upmig.errors import CantMigrate, RestoreError
 from upmig.image import Records
 from upmig.inject import Session
-from upmig.records import Fd, FileIdentity, Pipe, Task
+from upmig.records import Fd, FileIdentity, Ghost, Pipe, Task
 from upmig.syscalls import nr
 
 O_CLOEXEC = 0o2000000
@@ -331,6 +331,7 @@ def restore(s: Session, pid: int, img: Records, ghost_fds: dict[int, int],
     recs: list[Fd] = img.of(Fd)
     who = img.one(Task).pid  # its PID in the image, for the messages
     ids: dict[int, FileIdentity] = {i.fd: i for i in img.of(FileIdentity)}
+    ghost_by_id: dict[int, Ghost] = {g.id: g for g in img.of(Ghost)}
 
     def open_by_path(r: Fd, flags: int) -> int:
         return held.open(s, who, r.path, flags, ids.get(r.fd), f"fd {r.fd}", r.pos)
@@ -382,7 +383,7 @@ def restore(s: Session, pid: int, img: Records, ghost_fds: dict[int, int],
             s.call(nr.fcntl, r.fd, F_SETFL, r.flags & ~fdowner.O_ASYNC, what="fcntl(F_SETFL)")
             continue
         if r.type == "ghost":
-            src = ghosts.reopen(s, ghost_fds[r.obj], _open_flags(r))
+            src = ghosts.reopen(s, who, ghost_by_id[r.obj], ghost_fds[r.obj], _open_flags(r))
             _place(s, src, r)
             if not r.flags & O_PATH:  # (an O_PATH fd has no offset)
                 s.call(nr.lseek, r.fd, r.pos, 0, what=f"lseek(fd {r.fd})")

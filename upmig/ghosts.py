@@ -22,7 +22,7 @@ import os
 
 from upmig import _native as nat
 from upmig import _proc, fileid, memmap
-from upmig.errors import CantMigrate, RestoreError
+from upmig.errors import CantMigrate, Mismatch, RestoreError
 from upmig.image import ImageWriter, PageData, Records
 from upmig.inject import Session
 from upmig.records import Fd, Ghost, Vma
@@ -225,12 +225,14 @@ def make(s: Session, pid: int, g: Ghost, data, pages: list[PageData], made: list
 
 
 def _make_deleted(s: Session, pid: int, g: Ghost) -> int:
-    """Unlinked, in its old directory."""
+    """Unlinked, in its old directory (reached through no symlink)."""
     where = os.path.dirname(g.path) or "/"
-    s.write(s.scratch, os.fsencode(where) + b"\0")
-    fd = s.raw(nr.openat, AT_FDCWD, s.scratch, O_TMPFILE | O_RDWR, g.mode & 0o7777)
+    fd = s.open_path(where, O_TMPFILE | O_RDWR, g.mode & 0o7777)
     if fd in (-errno.EOPNOTSUPP, -errno.EISDIR, -errno.EINVAL):
         fd = _named_then_unlinked(s, where, g)
+    if fd == -errno.ELOOP:
+        raise Mismatch(f"the directory {where} of the deleted file {g.path} resolves "
+                       "through a symlink now")
     if fd < 0:
         raise RestoreError(f"cannot recreate the deleted file {g.path} in {where}: "
                            f"{os.strerror(-fd)}")
@@ -260,13 +262,12 @@ def _make_shmem(s: Session, pid: int, g: Ghost) -> int:
 
 def _open_posix(s: Session, pid: int, g: Ghost, made: list[str]) -> int:
     """Made where it was (and listed in made, to be removed if resume fails); or,
-    when it is still there (the same machine), that one."""
-    s.write(s.scratch, os.fsencode(g.path) + b"\0")
-    fd = s.raw(nr.openat, AT_FDCWD, s.scratch, O_RDWR | O_CREAT | O_EXCL, g.mode & 0o7777)
+    when it is still there (the same machine), that one. Through no symlink."""
+    fd = s.open_path(g.path, O_RDWR | O_CREAT | O_EXCL, g.mode & 0o7777)
     if fd >= 0:
         made.append(g.path)
     elif fd == -errno.EEXIST:
-        fd = s.raw(nr.openat, AT_FDCWD, s.scratch, O_RDWR, 0)
+        fd = s.open_path(g.path, O_RDWR)
     if fd < 0:
         raise RestoreError(f"cannot make the POSIX shared memory object {g.path}: "
                            f"{os.strerror(-fd)}")
@@ -291,20 +292,29 @@ def _check_same_object(mine: int, g: Ghost, fresh: bool) -> None:
 
 def _named_then_unlinked(s: Session, where: str, g: Ghost) -> int:
     name = os.path.join(where, f".upmig-ghost-{g.id}-{os.getpid()}")
-    s.write(s.scratch, os.fsencode(name) + b"\0")
-    fd = s.raw(nr.openat, AT_FDCWD, s.scratch, O_RDWR | O_CREAT | O_EXCL, g.mode & 0o7777)
+    fd = s.open_path(name, O_RDWR | O_CREAT | O_EXCL, g.mode & 0o7777)
     if fd >= 0:
+        s.write(s.scratch, os.fsencode(name) + b"\0")
         s.call(nr.unlink, s.scratch, what=f"unlink({name})")
     return fd
 
 
-def reopen(s: Session, tmp: int, flags: int) -> int:
-    """Another open file description of the recreated file, with these flags but
-    O_NOFOLLOW: the file is reached through the magic link /proc/self/fd/TMP, which
-    O_NOFOLLOW would refuse (ELOOP; or, with O_PATH, open the link itself). It only
-    said how the process's own path was to be looked up, which is done with."""
-    s.write(s.scratch, f"/proc/self/fd/{tmp}".encode() + b"\0")
-    fd = s.raw(nr.openat, AT_FDCWD, s.scratch, flags & ~O_NOFOLLOW, 0)
+def reopen(s: Session, pid: int, g: Ghost, tmp: int, flags: int) -> int:
+    """Another open file description of g, recreated at tmp, with these flags. A POSIX
+    object is opened by its name, as shm_open does (its O_NOFOLLOW kept), and must be
+    the very object made. Any other is reached through the magic link
+    /proc/self/fd/TMP, without O_NOFOLLOW: that would refuse it (ELOOP; with O_PATH,
+    open the link itself), and only said how a path was to be looked up."""
+    if g.type != "posix":
+        s.write(s.scratch, f"/proc/self/fd/{tmp}".encode() + b"\0")
+        fd = s.raw(nr.openat, AT_FDCWD, s.scratch, flags & ~O_NOFOLLOW, 0)
+    else:
+        fd = s.open_path(g.path, flags)
     if fd < 0:
-        raise RestoreError(f"cannot reopen a recreated file: {os.strerror(-fd)}")
+        raise RestoreError(f"cannot reopen the recreated {g.path or 'shared memory'}: "
+                           f"{os.strerror(-fd)}")
+    here = s.inj.pid
+    if g.type == "posix" and not os.path.samestat(os.stat(f"/proc/{here}/fd/{fd}"),
+                                                  os.stat(f"/proc/{here}/fd/{tmp}")):
+        raise Mismatch(f"{g.path} was replaced while resume was opening it", pid=pid)
     return fd

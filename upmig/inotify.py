@@ -10,13 +10,14 @@ events of the time the process was away are not delivered."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
 import struct
 
 from upmig import _native as nat
-from upmig.errors import CantMigrate, RestoreError
+from upmig.errors import CantMigrate, Mismatch, RestoreError
 from upmig.inject import Session
 from upmig.records import Fd
 from upmig.syscalls import nr
@@ -24,7 +25,7 @@ from upmig.syscalls import nr
 WATCH = re.compile(r"^inotify wd:(\d+) ino:[0-9a-f]+ sdev:([0-9a-f]+) mask:([0-9a-f]+) "
                    r"ignored_mask:[0-9a-f]+ fhandle-bytes:([0-9a-f]+) fhandle-type:([0-9a-f]+) "
                    r"f_handle:([0-9a-f]+)", re.M)
-O_PATH = 0o10000000
+O_PATH, O_NOFOLLOW, O_CLOEXEC = 0o10000000, 0o400000, 0o2000000
 FIONREAD = 0x541B
 AT_FDCWD = -100
 BURNERS = ("/dev/null", "/", "/proc")  # throwaway watches that burn wd numbers
@@ -118,8 +119,23 @@ def _add_all(s: Session, rec: Fd) -> None:
 
 
 def _add(s: Session, rec: Fd, path: str, mask: int) -> int:
-    s.write(s.scratch, os.fsencode(path) + b"\0")
-    wd = s.raw(nr.inotify_add_watch, rec.fd, s.scratch, mask)
+    """Watch path again. It is opened first (O_PATH) through no symlink on its way,
+    and the watch added through /proc/self/fd: a path redirected by a symlink would
+    show the process the names of files in a directory it may not read. (The path
+    itself is not followed either: a file watched through a symlink to it was dumped
+    by its own path.)"""
+    at = s.open_path(path, O_PATH | O_NOFOLLOW | O_CLOEXEC)
+    if at == -errno.ELOOP:
+        raise Mismatch(f"{path} (watched by inotify on fd {rec.fd}) resolves through a "
+                       "symlink now")
+    if at < 0:
+        raise RestoreError(f"cannot watch {path} again (inotify, fd {rec.fd}): "
+                           f"{os.strerror(-at)}")
+    try:
+        s.write(s.scratch, f"/proc/self/fd/{at}".encode() + b"\0")
+        wd = s.raw(nr.inotify_add_watch, rec.fd, s.scratch, mask)
+    finally:
+        s.call(nr.close, at, what="close")
     if wd < 0:
         raise RestoreError(f"cannot watch {path} again (inotify, fd {rec.fd}): "
                            f"{os.strerror(-wd)}")
