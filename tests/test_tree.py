@@ -199,9 +199,11 @@ def test_a_fifo_opened_by_two_processes_keeps_its_bytes_once(run_victim, mode):
     r = run_victim([sys.executable, "-c", FIFO_TWICE.replace("{mode}", mode)])
     r.wait_output("READY\n")
     r.hop()
+    child, = descendants(r.pid)  # pauses for ever: ended here, once its parent has
     assert r.finish() == 0
     assert r.output() == "READY\nb'queued once'\n"
-    r.kill()
+    os.kill(child, signal.SIGKILL)  # (orphaned, it came to us, the subreaper)
+    reap(child)
 
 
 SUBREAPER = """
