@@ -205,9 +205,12 @@ class Run:
     writing to the same file after every resume."""
 
     def __init__(self, argv: list[str], cwd: Path, stdin=subprocess.DEVNULL, preexec_fn=None,
-                 pass_fds=()):
+                 pass_fds=(), owner: tuple[int, int] | None = None):
         self.cwd = cwd
         self.out_path = cwd / "stdout.txt"
+        if owner:  # a victim that runs as another user: resume opens its stdout as it
+            self.out_path.touch()
+            os.chown(self.out_path, *owner)
         def setup() -> None:
             no_terminal()
             if preexec_fn:
@@ -320,19 +323,34 @@ class Run:
 
 
 @pytest.fixture
+def open_tmp():
+    """A directory that every user can reach (pytest's tmp_path is root's alone), for
+    victims that run as another user: resume opens their files with their rights."""
+    d = Path(tempfile.mkdtemp(prefix="upmig-test-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
 def run_victim(tmp_path):
-    """Start a victim by name (or an argv); everything started is killed at the end."""
+    """Start a victim by name (or an argv); everything started is killed at the end.
+    owner=(uid, gid): its directory and stdout are that user's, made in where (a
+    directory the user can reach: tmp_path is root's alone)."""
     runs: list[Run] = []
 
     def start(name_or_argv, *args: str, stdin=subprocess.DEVNULL, defines=(),
-              preexec_fn=None, pass_fds=()) -> Run:
+              preexec_fn=None, pass_fds=(), owner: tuple[int, int] | None = None,
+              where: Path | None = None) -> Run:
         if isinstance(name_or_argv, str):
             argv = [str(build_victim(name_or_argv, *defines)), *args]
         else:
             argv = list(name_or_argv)
-        d = tmp_path / f"run{len(runs)}"
+        d = (where or tmp_path) / f"run{len(runs)}"
         d.mkdir(exist_ok=True)
-        r = Run(argv, d, stdin=stdin, preexec_fn=preexec_fn, pass_fds=pass_fds)
+        if owner:
+            os.chown(d, *owner)
+        r = Run(argv, d, stdin=stdin, preexec_fn=preexec_fn, pass_fds=pass_fds, owner=owner)
         runs.append(r)
         return r
 

@@ -152,12 +152,10 @@ def proc_view(pid: int) -> dict:
     }
 
 
-def test_task_state_is_the_same_after_resume(run_victim, tmp_path):
+def test_task_state_is_the_same_after_resume(run_victim, open_tmp):
     """A process run as another user, with its own umask, limits, affinity, name and
     personality looks the same to the kernel after resume."""
     import resource
-
-    tmp_path.chmod(0o777)
 
     def become_someone_else():
         os.umask(0o027)
@@ -169,8 +167,8 @@ def test_task_state_is_the_same_after_resume(run_victim, tmp_path):
         os.setresuid(65534, 65534, 65534)
 
     argv = [str(__import__("conftest").build_victim("waiter")), "pause"]
-    (tmp_path / "run0").mkdir(mode=0o777)
-    r = run_victim(["setarch", "x86_64", "-R", *argv], preexec_fn=become_someone_else)
+    r = run_victim(["setarch", "x86_64", "-R", *argv], preexec_fn=become_someone_else,
+                   owner=(65534, 65534), where=open_tmp)
     r.wait_output("READY\n")
     before = proc_view(r.pid)
     r.hop()

@@ -185,12 +185,21 @@ class Held:
              what: str, pos: int = 0) -> int:
         """path opened with flags in the process s drives, through no symlink, and
         checked (as check() was told): the new fd."""
+        fd = self.try_open(s, pid, path, flags, rec, what, pos)
+        if fd < 0:
+            raise RestoreError(f"cannot reopen {path} for {what} of pid {pid}: "
+                               f"{os.strerror(-fd)}")
+        return fd
+
+    def try_open(self, s: Session, pid: int, path: str, flags: int,
+                 rec: FileIdentity | None, what: str, pos: int = 0) -> int:
+        """As open(), but what the kernel refuses to open is -errno, not raised (the
+        caller may try otherwise: see task._enter_cwd)."""
         fd = s.open_path(path, flags)
         if fd == -errno.ELOOP:
             raise Mismatch(f"{path} ({what}) resolves through a symlink now", pid=pid)
         if fd < 0:
-            raise RestoreError(f"cannot reopen {path} for {what} of pid {pid}: "
-                               f"{os.strerror(-fd)}")
+            return fd
         st = self._found_again(s, fd, path, f"{path} ({what})", pid)
         if rec is None:
             raise Corrupt(f"{what} of pid {pid} ({path}) has no identity record")

@@ -205,19 +205,20 @@ def make_all(s: Session, pid: int, inner: int, img: Records, spare: int, reg,
     return out
 
 
-def make(s: Session, pid: int, g: Ghost, data, pages: list[PageData], made: list[str]
-         ) -> int:
-    """The file again, filled: its fd in the process (any number). made: the paths
-    of POSIX objects made here, to be removed if resume fails."""
-    before = len(made)
-    fd = _open_posix(s, pid, g, made) if g.type == "posix" else \
-        {"memfd": _make_memfd, "shmem": _make_shmem}.get(g.type, _make_deleted)(s, pid, g)
+def make(s: Session, pid: int, g: Ghost, data, pages: list[PageData],
+         made: list[tuple[str, int]]) -> int:
+    """The file again, filled: its fd in the process (any number). The stub works
+    with the process's filesystem rights (upmig.rights): it makes the file as the
+    process would have. made: the POSIX objects made here (path, object id), to be
+    removed if resume fails."""
+    fd, fresh = _open_posix(s, pid, g, made) if g.type == "posix" else \
+        ({"memfd": _make_memfd, "shmem": _make_shmem}.get(g.type, _make_deleted)(s, pid, g),
+         True)
     with nat.borrowed_fd(pid, fd) as mine:
         if g.type == "posix":
-            _check_same_object(mine, g, fresh=len(made) > before)
+            _check_same_object(mine, g, fresh)
+            _owner_and_mode(s, fd, mine, g)
             os.ftruncate(mine, 0)  # the image's bytes, not what this one held since
-            os.fchmod(mine, g.mode & 0o7777)
-            os.fchown(mine, g.uid, g.gid)
         fill_file(pid, mine, data, pages)
         if os.fstat(mine).st_size != g.size:
             os.ftruncate(mine, g.size)
@@ -260,18 +261,40 @@ def _make_shmem(s: Session, pid: int, g: Ghost) -> int:
         s.call(nr.munmap, at, g.size, what="munmap")
 
 
-def _open_posix(s: Session, pid: int, g: Ghost, made: list[str]) -> int:
+def _open_posix(s: Session, pid: int, g: Ghost, made: list[tuple[str, int]]
+                ) -> tuple[int, bool]:
     """Made where it was (and listed in made, to be removed if resume fails); or,
-    when it is still there (the same machine), that one. Through no symlink."""
+    when it is still there (the same machine), that one: (its fd, made here).
+    Through no symlink."""
     fd = s.open_path(g.path, O_RDWR | O_CREAT | O_EXCL, g.mode & 0o7777)
-    if fd >= 0:
-        made.append(g.path)
+    fresh = fd >= 0
+    if fresh:
+        with nat.borrowed_fd(pid, fd) as mine:  # what to remove: this file, no other
+            made.append((g.path, fileid.object_id(os.fstat(mine))))
     elif fd == -errno.EEXIST:
         fd = s.open_path(g.path, O_RDWR)
     if fd < 0:
         raise RestoreError(f"cannot make the POSIX shared memory object {g.path}: "
                            f"{os.strerror(-fd)}")
-    return fd
+    return fd, fresh
+
+
+def _owner_and_mode(s: Session, fd: int, mine: int, g: Ghost) -> None:
+    """The object's recorded owner and mode, given by the process itself (the stub
+    works with its rights): an owner it could not have given, say another user's
+    object it must make again here, is refused, never given by upmig as root."""
+    st = os.fstat(mine)
+    if (st.st_uid, st.st_gid) != (g.uid, g.gid):
+        rc = s.raw(nr.fchown, fd, g.uid, g.gid)  # before fchmod: it may clear set-id bits
+        if rc < 0:
+            raise RestoreError(f"the POSIX shared memory object {g.path} belonged to uid "
+                               f"{g.uid}, gid {g.gid}, which the process cannot give it: "
+                               f"{os.strerror(-rc)}")
+    if st.st_mode & 0o7777 != g.mode & 0o7777:
+        rc = s.raw(nr.fchmod, fd, g.mode & 0o7777)
+        if rc < 0:
+            raise RestoreError(f"cannot give the POSIX shared memory object {g.path} its "
+                               f"mode {g.mode & 0o7777:o}: {os.strerror(-rc)}")
 
 
 def _check_same_object(mine: int, g: Ghost, fresh: bool) -> None:

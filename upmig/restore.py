@@ -30,6 +30,7 @@ from upmig import (
     memmap,
     pidns,
     regs,
+    rights,
     sharing,
     signals,
     sysv,
@@ -431,6 +432,10 @@ def _rebuild(b: tree.Born, img: image.Section, set_tid: bool, t: _Tree) -> list[
             s = Session(inj, scratch, mem_fd)
             task.open_fd_limit(pid, tsk, files.spare_fd(img) + 64 + len(img.of(Ghost)))
             sysv.attach(s, vmas, t.ipc.sizes)
+            # From here to its fds, every path the image names is opened, created or
+            # bound with the process's own filesystem rights, never with upmig's.
+            acting = rights.Acting(s, pid, tsk)
+            acting.take()
             ghost_fds = ghosts.make_all(s, pid, b.inner, img, files.spare_fd(img), t.reg,
                                         t.contents)
             memmap.map_vmas(s, vmas, ghost_fds, t.held)
@@ -438,8 +443,11 @@ def _rebuild(b: tree.Born, img: image.Section, set_tid: bool, t: _Tree) -> list[
         _copy_cow(pid, mem_fd, img, t.outer)
         with inject.pinned_with(pid, cpu):
             memmap.finish_vmas(s, vmas)
+            # The executable is opened as the process, which must be allowed to run it;
+            # PR_SET_MM_MAP itself wants CAP_CHECKPOINT_RESTORE, which acting keeps.
             memmap.restore_mm(s, img.one(MM), tsk.exe, t.held)
-            _stage_process(s, pid, b.inner, img, ghost_fds, t.reg, t.held)
+            _stage_process(s, pid, b.inner, img, ghost_fds, t.reg, t.held, acting)
+            acting.give_back()  # threads are cloned with upmig's rights; credentials last
             sysv.set_values(s, t.ipc, b.rec.pid)
             team = _stage_threads(s, pid, b.inner, img.of(Thread), set_tid)
             for m in team:  # credentials last: they may drop our rights over it
@@ -482,12 +490,13 @@ def _let_go(root: int, teams: list[list[Member]], on_ready: Callable[[int], None
 
 
 def _stage_process(s: Session, pid: int, tgid: int, img: image.Records,
-                   ghost_fds: dict[int, int], reg: sharing.Registry, held: fileid.Held
-                   ) -> None:
-    """What the threads share: limits, cwd and ids, files, signal dispositions."""
+                   ghost_fds: dict[int, int], reg: sharing.Registry, held: fileid.Held,
+                   acting: rights.Acting) -> None:
+    """What the threads share: limits, cwd and ids, files, signal dispositions; the
+    stub acting with the process's filesystem rights."""
     tsk: Task = img.one(Task)
     cwd = next((i for i in img.of(FileIdentity) if i.fd == -1), None)
-    task.restore_early(s, tsk, held, cwd)
+    task.restore_early(s, tsk, held, cwd, acting)
     files.restore(s, pid, img, ghost_fds, reg, tgid, held)
     task.restore_limits(s, pid, tsk)  # after the fds: upmig's own wait above the process's
     signals.restore(s, tgid, img.one(Signals))

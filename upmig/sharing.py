@@ -140,13 +140,16 @@ class Registry:
         self.made: dict[Hashable, tuple[int, int]] = {}
         self.parked: dict[int, list[int]] = {}       # holder as we see it -> fds
         self.seals: dict[int, list[tuple[int, int]]] = {}  # holder -> (fd, memfd seals)
-        self.files: list[str] = []  # named files made (POSIX shm): removed if resume fails
+        # Named files made (POSIX shm), with their object ids: removed if resume fails.
+        self.files: list[tuple[str, int]] = []
 
     def remove_files(self) -> None:
-        """Resume failed: the named files it made go."""
-        for path in self.files:
+        """Resume failed: the named files it made go; a path that names another file
+        now (the process's owner may have changed it meanwhile) is left alone."""
+        for path, obj in self.files:
             try:
-                os.unlink(path)
+                if fileid.object_id(os.lstat(path)) == obj:
+                    os.unlink(path)
             except OSError:
                 pass
         self.files.clear()

@@ -3,12 +3,13 @@ capabilities, personality, session and group leadership."""
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import struct
 
-from upmig import _proc, fileid
-from upmig.errors import CantMigrate, Mismatch
+from upmig import _proc, fileid, rights
+from upmig.errors import CantMigrate, Mismatch, RestoreError
 from upmig.inject import Session
 from upmig.records import FileIdentity, Task
 from upmig.syscalls import nr
@@ -64,19 +65,51 @@ def capabilities(status: dict[str, str]) -> dict[str, int]:
     return {name: int(status[name], 16) for name in CAP_SETS}
 
 
-def restore_early(s: Session, rec: Task, held: fileid.Held, cwd: FileIdentity | None
-                  ) -> None:
-    """What needs the stub's privileges or must precede the files: cwd, umask, ids.
-    The cwd is opened through no symlink and checked against its identity (cwd; see
-    fileid.Held) before the process moves into it."""
-    fd = held.open(s, rec.pid, rec.cwd, O_PATH | O_DIRECTORY | O_CLOEXEC, cwd,
-                   "its working directory")
-    s.call(nr.fchdir, fd, what=f"fchdir({rec.cwd})")
-    s.call(nr.close, fd, what="close")
+def _str(s: Session, text: str, at: int = 0) -> int:
+    """Put a NUL-terminated string into the scratch area; its address."""
+    data = os.fsencode(text) + b"\0"
+    s.write(s.scratch + at, data)
+    return s.scratch + at
+
+
+def restore_early(s: Session, rec: Task, held: fileid.Held, cwd: FileIdentity | None,
+                  acting: rights.Acting) -> None:
+    """What must precede the files: cwd, umask, personality, subreaper. cwd: the
+    identity of the working directory (see fileid.Held)."""
+    _enter_cwd(s, rec, held, cwd, acting)
     s.call(nr.umask, rec.umask, what="umask")
     s.call(nr.personality, rec.personality, what="personality")
     if rec.subreaper:  # orphans below it come to it, not to init
         s.call(nr.prctl, PR_SET_CHILD_SUBREAPER, 1, what="prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def _enter_cwd(s: Session, rec: Task, held: fileid.Held, ident: FileIdentity | None,
+               acting: rights.Acting) -> None:
+    """Into its working directory, opened through no symlink and checked against its
+    identity, with its own rights. A process can hold one it cannot reach or search
+    (a daemon started in /root that then became www-data): upmig enters that one for
+    it, but only if the process cannot search it (every lookup below it, and "..",
+    needs that right), so that holding it gives nothing. One it could use but not
+    reach, it could not have entered: refused."""
+    what, flags = "its working directory", O_PATH | O_DIRECTORY | O_CLOEXEC
+    fd = held.try_open(s, rec.pid, rec.cwd, flags, ident, what)
+    try:
+        rc = s.raw(nr.fchdir, fd) if fd >= 0 else fd  # fchdir wants the search right
+        if rc == -errno.EACCES:
+            with acting.as_upmig():
+                if fd < 0:
+                    fd = held.open(s, rec.pid, rec.cwd, flags, ident, what)
+                s.call(nr.fchdir, fd, what=f"fchdir({rec.cwd})")
+            if s.raw(nr.chdir, _str(s, ".")) == 0:
+                raise RestoreError(f"cannot reach its working directory {rec.cwd} with its "
+                                   f"own rights (uid {rec.uids[3]}, gid {rec.gids[3]}), "
+                                   "though it could use it once there", pid=rec.pid)
+        elif rc < 0:
+            raise RestoreError(f"cannot enter its working directory {rec.cwd}: "
+                               f"{os.strerror(-rc)}", pid=rec.pid)
+    finally:
+        if fd >= 0:
+            s.raw(nr.close, fd)
 
 
 def open_fd_limit(pid: int, rec: Task, needed: int) -> None:

@@ -235,8 +235,8 @@ def make_socket(s: Session, r: Fd) -> int:
     name = bytes.fromhex(x["name"])
     if name:
         if not name.startswith(b"\0"):
-            _clear_stale(os.fsdecode(name.rstrip(b"\0")))
-        addr = _sockaddr(name)
+            _clear_stale(s, os.fsdecode(name.rstrip(b"\0")))
+        addr = _sockaddr(name)  # bound with the process's own rights (upmig.rights)
         s.write(s.scratch, addr)
         rc = s.raw(nr.bind, fd, s.scratch, len(addr))
         if rc < 0:
@@ -247,9 +247,10 @@ def make_socket(s: Session, r: Fd) -> int:
     return fd
 
 
-def _clear_stale(path: str) -> None:
+def _clear_stale(s: Session, path: str) -> None:
     """A socket file left by the dumped process (or a copy of it) is in the way of the
-    bind; one that somebody still listens on is not ours to remove."""
+    bind; one that somebody still listens on is not ours to remove. The process
+    removes it itself, with its own rights: the path is the image's."""
     try:
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             return
@@ -259,7 +260,11 @@ def _clear_stale(path: str) -> None:
     try:
         probe.connect(path)
     except ConnectionRefusedError:
-        os.unlink(path)
+        s.write(s.scratch, os.fsencode(path) + b"\0")
+        rc = s.raw(nr.unlink, s.scratch)
+        if rc < 0 and rc != -errno.ENOENT:
+            raise RestoreError(f"cannot remove the stale unix socket {path}: "
+                               f"{os.strerror(-rc)}") from None
     except OSError as e:
         if e.errno == errno.EPROTOTYPE:  # a dgram socket: cannot tell; leave it
             return
