@@ -116,6 +116,7 @@ def resume(image_path: str, *, pids: str = "same", notice: Notice | None = None,
         if not sections or sections[0].process.zombie:
             raise Corrupt("the image holds no live process", what=image_path)
         live = [sec for sec in sections if not sec.process.zombie]
+        rights.check_grantable([sec.one(Task) for sec in live])
         held = fileid.Held(allow_changed_files)
         _check_machine(img, head, live, held)
         _check_files(live, held)

@@ -1,4 +1,5 @@
-"""Whose rights the stub works with while it rebuilds a process.
+"""Whose rights the stub works with while it rebuilds a process, and which
+credentials upmig resume may give the process.
 
 An image is data from outside, and the stub starts as upmig resume's child with
 its credentials: root's, as a rule. So every path an image names (fds, the cwd,
@@ -18,7 +19,11 @@ capability, and CAP_SETGID, which setgroups wants, is not a filesystem one.
 The kernel ties fsuid and capabilities: setfsuid from 0 to another id takes
 FS_CAPS out of the effective set; back to 0 puts in those of them that are
 permitted. Acting sets the effective set explicitly after either.
-"""
+
+The credentials themselves (task.restore_creds) are given only as the resumer can
+grant them: root gives what a sealed image says; anyone else only their own ids
+and capabilities they hold, and check_grantable refuses the rest before any
+process exists."""
 
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ from upmig.syscalls import nr
 # MAC_OVERRIDE: what setfsuid(non-zero) takes out of root's effective set (measured
 # on 6.18: the kernel's CAP_FS_SET).
 FS_CAPS = sum(1 << cap for cap in (0, 1, 2, 3, 4, 9, 27, 32))
+CAP_SETGID, CAP_SETUID, CAP_SETPCAP, CAP_SYS_ADMIN, CAP_CHECKPOINT_RESTORE = 6, 7, 8, 21, 40
 CAP_VERSION_3 = 0x20080522
 NO_ID = 0xFFFFFFFF  # setfsuid(-1) changes nothing and says what the fsuid is
 ARGS_AT = 12 * 4096  # where in the scratch area a switch puts its arguments: clear of
@@ -142,3 +148,60 @@ class Acting:
             raise AccessDenied(f"the stub cannot take the filesystem rights of uid "
                                f"{to.fsuid}, gid {to.fsgid} ({call} refused)", pid=self.pid)
 
+
+# ---- what the resumer may grant
+
+def check_grantable(tasks: list[Task]) -> None:
+    """Refuse, before any process exists, what upmig resume could not do or give. It
+    rebuilds nothing without CAP_CHECKPOINT_RESTORE (PR_SET_MM_MAP, chosen PIDs).
+    Without CAP_SETUID and CAP_SETGID it gives only its own ids and groups, and no
+    capabilities it lacks, nor keeps in the bounding set what the process had
+    dropped without CAP_SETPCAP. Root gives what the image says."""
+    me = _own_creds()
+    eff = me.caps["CapEff"]
+    if not (eff >> CAP_CHECKPOINT_RESTORE & 1 or eff >> CAP_SYS_ADMIN & 1):
+        raise AccessDenied(f"upmig resume, run by uid {me.uids[0]}, needs "
+                           "CAP_CHECKPOINT_RESTORE (or root) to rebuild a process")
+    if eff >> CAP_SETUID & 1 and eff >> CAP_SETGID & 1:
+        return  # root: what root lacks here is this machine's (task.restore_creds says)
+    for t in tasks:
+        _same_ids(t, me)
+        if not t.caps:
+            continue
+        extra = (t.caps["CapPrm"] | t.caps["CapEff"] | t.caps["CapAmb"]) & ~me.caps["CapPrm"]
+        if extra:
+            raise AccessDenied(f"held capabilities upmig resume lacks ({_caps(extra)}); "
+                               "only a resumer that holds them can give them", pid=t.pid)
+        dropped = me.caps["CapBnd"] & ~t.caps["CapBnd"]
+        if dropped and not eff >> CAP_SETPCAP & 1:
+            raise AccessDenied(f"had dropped {_caps(dropped)} from its bounding set, which "
+                               "upmig resume cannot do without CAP_SETPCAP", pid=t.pid)
+
+
+def _same_ids(t: Task, me: _Creds) -> None:
+    if set(t.uids) == {me.uids[0]} and set(t.gids) == {me.gids[0]} and \
+            tuple(sorted(set(t.groups))) == me.groups:
+        return
+    raise AccessDenied(f"ran as uids {_ids(t.uids)}, gids {_ids(t.gids)}, groups "
+                       f"{_ids(t.groups) or 'none'}; upmig resume runs as uid {me.uids[0]} "
+                       "without CAP_SETUID and CAP_SETGID and can give only its own ids: "
+                       "resume it as root", pid=t.pid)
+
+
+def _ids(ids: list[int] | tuple[int, ...]) -> str:
+    return ",".join(map(str, ids))
+
+
+CAP_NAMES = (
+    "chown", "dac_override", "dac_read_search", "fowner", "fsetid", "kill", "setgid",
+    "setuid", "setpcap", "linux_immutable", "net_bind_service", "net_broadcast",
+    "net_admin", "net_raw", "ipc_lock", "ipc_owner", "sys_module", "sys_rawio",
+    "sys_chroot", "sys_ptrace", "sys_pacct", "sys_admin", "sys_boot", "sys_nice",
+    "sys_resource", "sys_time", "sys_tty_config", "mknod", "lease", "audit_write",
+    "audit_control", "setfcap", "mac_override", "mac_admin", "syslog", "wake_alarm",
+    "block_suspend", "audit_read", "perfmon", "bpf", "checkpoint_restore")
+
+
+def _caps(mask: int) -> str:
+    return ", ".join(CAP_NAMES[cap] if cap < len(CAP_NAMES) else f"capability {cap}"
+                     for cap in range(64) if mask >> cap & 1)

@@ -142,7 +142,8 @@ def restore_creds(s: Session, pid: int, tid: int, rec: Task) -> None:
     each thread): ids, then capabilities (dropping root ends our right to change the
     rest)."""
     caps = rec.caps or {}
-    have = capabilities(_proc.parse_status(_proc.read_text(pid, f"task/{tid}/status")))
+    status = _proc.parse_status(_proc.read_text(pid, f"task/{tid}/status"))
+    have = capabilities(status)
     for cap in range(64):  # the bounding set can only shrink: drop what it lacked
         if caps and have["CapBnd"] >> cap & 1 and not caps["CapBnd"] >> cap & 1:
             s.call(nr.prctl, PR_CAPBSET_DROP, cap, what=f"prctl(PR_CAPBSET_DROP, {cap})")
@@ -150,8 +151,11 @@ def restore_creds(s: Session, pid: int, tid: int, rec: Task) -> None:
     if keep:  # a non-root process that holds capabilities keeps them across setresuid
         s.call(nr.prctl, PR_SET_KEEPCAPS, 1, what="prctl(PR_SET_KEEPCAPS)")
     groups = rec.groups
-    s.write(s.scratch, struct.pack(f"<{len(groups)}I", *groups))
-    s.call(nr.setgroups, len(groups), s.scratch, what="setgroups")
+    if sorted(set(groups)) != sorted(int(g) for g in status["Groups"].split()):
+        # Only if they differ: without CAP_SETGID (a resumer that is not root, giving
+        # the process its own ids: upmig.rights) even the same groups are refused.
+        s.write(s.scratch, struct.pack(f"<{len(groups)}I", *groups))
+        s.call(nr.setgroups, len(groups), s.scratch, what="setgroups")
     s.call(nr.setresgid, *rec.gids[:3], what="setresgid")
     s.call(nr.setresuid, *rec.uids[:3], what="setresuid")
     if caps:
