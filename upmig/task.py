@@ -158,6 +158,12 @@ def restore_creds(s: Session, pid: int, tid: int, rec: Task) -> None:
         s.call(nr.setgroups, len(groups), s.scratch, what="setgroups")
     s.call(nr.setresgid, *rec.gids[:3], what="setresgid")
     s.call(nr.setresuid, *rec.uids[:3], what="setresuid")
+    # setres[ug]id made the fs ids the effective ones; a process may have had others
+    # (setfsuid), always ones it could set again: real, effective or saved.
+    if rec.gids[3] != rec.gids[1]:
+        _set_fs_id(s, pid, nr.setfsgid, rec.gids[3], "fsgid")
+    if rec.uids[3] != rec.uids[1]:
+        _set_fs_id(s, pid, nr.setfsuid, rec.uids[3], "fsuid")
     if caps:
         _set_caps(s, pid, caps)
     if keep:
@@ -168,6 +174,12 @@ def restore_creds(s: Session, pid: int, tid: int, rec: Task) -> None:
         s.call(nr.prctl, PR_SET_DUMPABLE, rec.dumpable, what="prctl(PR_SET_DUMPABLE)")
     if rec.no_new_privs:
         s.call(nr.prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, what="prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+def _set_fs_id(s: Session, pid: int, call: int, want: int, what: str) -> None:
+    s.raw(call, want)  # says the old one, changed or not: ask again
+    if s.raw(call, rights.NO_ID) != want:
+        raise Mismatch(f"the {what} {want} of pid {pid} cannot be given back here")
 
 
 def _set_caps(s: Session, pid: int, caps: dict[str, int]) -> None:
