@@ -111,6 +111,12 @@ class ImageWriter:
                 self.progress(stats.bytes)
         return total
 
+    def data(self, payload: bytes) -> None:
+        """Page bytes for the last pages record, as given: for a tool that re-encodes
+        an image (its pages records go through record())."""
+        self._frame(DATA, payload)
+        self.data_bytes += len(payload)
+
     def finish(self) -> None:
         trailer = Trailer(records=self.records + 1, data_bytes=self.data_bytes)
         self._frame(TRAILER, msgpack.packb(to_wire(trailer), use_bin_type=True))
