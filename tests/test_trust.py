@@ -282,6 +282,30 @@ def test_a_working_directory_the_user_cannot_use_is_kept(run_victim, user, open_
     assert r.finish() == 0, r.output()
 
 
+
+def test_a_tree_of_root_and_the_user_moves(run_victim, user, open_tmp):
+    """A root parent and its child that became the user (a server's master and
+    worker), both in a directory the user can search but not reach, the child
+    holding a root-only file the parent opened: what the child inherited comes back
+    through its parent, with the parent's rights; what the child opens itself, with
+    its own."""
+    secret = root_only_file(open_tmp)
+    inner = open_tmp / "root-private" / "inner"
+    inner.mkdir(mode=0o755, parents=True)
+    inner.parent.chmod(0o700)
+    r = run_victim("dropper", str(user.uid), str(user.gid), str(secret),
+                   preexec_fn=lambda: os.chdir(inner))
+    r.wait_output("READY\n")
+    wait_for(lambda: [processes_of(user.uid)] == [descendants(r.pid)] != [[]], 10,
+             "the child to become the user")
+    r.hop()
+    (child,) = descendants(r.pid)
+    assert status(child)["Uid"].split() == [str(user.uid)] * 4
+    assert os.readlink(f"/proc/{child}/cwd") == str(inner)
+    assert r.finish() == 0, r.output()
+    assert r.output() == "READY\nPASS\n"
+
+
 # ---- attacks
 
 def test_symlink_swap_opens_nothing(run_victim, user, open_tmp):

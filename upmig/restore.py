@@ -390,7 +390,8 @@ def _rebuild_tree(root: int, img: image.Image, set_tid: bool, ipc: sysv.Made,
     sections = img.processes()
     by_pid = {sec.process.pid: sec for sec in sections}
     born = tree.create(root, [sec.process for sec in sections], set_tid)
-    t = _Tree(reg, contents, {b.rec.pid: b.outer for b in born}, ipc, held)
+    t = _Tree(reg, contents, {b.rec.pid: b.outer for b in born}, ipc, held,
+              {sec.process.pid: sec.one(Task).cwd for sec in sections if not sec.process.zombie})
     teams = [_rebuild(b, by_pid[b.rec.pid], set_tid, t) for b in born]
     for team in teams:  # every process has taken what it shares from the others
         team[0].s.inj.held_signals |= t.reg.close_parked(team[0].outer, team[0].s.inj.gadget)
@@ -407,6 +408,7 @@ class _Tree:
     outer: dict[int, int]                   # a process's PID in the image -> here
     ipc: sysv.Made                          # the SysV objects, made (upmig.sysv)
     held: fileid.Held                       # the files held by path, checked
+    cwds: dict[int, str]                    # each process's working directory
 
 
 def _rebuild(b: tree.Born, img: image.Section, set_tid: bool, t: _Tree) -> list[Member]:
@@ -447,7 +449,8 @@ def _rebuild(b: tree.Born, img: image.Section, set_tid: bool, t: _Tree) -> list[
             # The executable is opened as the process, which must be allowed to run it;
             # PR_SET_MM_MAP itself wants CAP_CHECKPOINT_RESTORE, which acting keeps.
             memmap.restore_mm(s, img.one(MM), tsk.exe, t.held)
-            _stage_process(s, pid, b.inner, img, ghost_fds, t.reg, t.held, acting)
+            inherited = t.cwds.get(b.rec.ppid) == tsk.cwd  # its parent's, entered before
+            _stage_process(s, pid, b.inner, img, ghost_fds, t.reg, t.held, acting, inherited)
             acting.give_back()  # threads are cloned with upmig's rights; credentials last
             sysv.set_values(s, t.ipc, b.rec.pid)
             team = _stage_threads(s, pid, b.inner, img.of(Thread), set_tid)
@@ -492,12 +495,13 @@ def _let_go(root: int, teams: list[list[Member]], on_ready: Callable[[int], None
 
 def _stage_process(s: Session, pid: int, tgid: int, img: image.Records,
                    ghost_fds: dict[int, int], reg: sharing.Registry, held: fileid.Held,
-                   acting: rights.Acting) -> None:
+                   acting: rights.Acting, inherited_cwd: bool) -> None:
     """What the threads share: limits, cwd and ids, files, signal dispositions; the
-    stub acting with the process's filesystem rights."""
+    stub acting with the process's filesystem rights. inherited_cwd: its parent in
+    the tree has the same working directory."""
     tsk: Task = img.one(Task)
     cwd = next((i for i in img.of(FileIdentity) if i.fd == -1), None)
-    task.restore_early(s, tsk, held, cwd, acting)
+    task.restore_early(s, tsk, held, cwd, acting, inherited_cwd)
     files.restore(s, pid, img, ghost_fds, reg, tgid, held)
     task.restore_limits(s, pid, tsk)  # after the fds: upmig's own wait above the process's
     signals.restore(s, tgid, img.one(Signals))

@@ -73,10 +73,11 @@ def _str(s: Session, text: str, at: int = 0) -> int:
 
 
 def restore_early(s: Session, rec: Task, held: fileid.Held, cwd: FileIdentity | None,
-                  acting: rights.Acting) -> None:
+                  acting: rights.Acting, inherited_cwd: bool) -> None:
     """What must precede the files: cwd, umask, personality, subreaper. cwd: the
-    identity of the working directory (see fileid.Held)."""
-    _enter_cwd(s, rec, held, cwd, acting)
+    identity of the working directory (see fileid.Held); inherited_cwd: its parent,
+    rebuilt before it, has the same one."""
+    _enter_cwd(s, rec, held, cwd, acting, inherited_cwd)
     s.call(nr.umask, rec.umask, what="umask")
     s.call(nr.personality, rec.personality, what="personality")
     if rec.subreaper:  # orphans below it come to it, not to init
@@ -84,13 +85,14 @@ def restore_early(s: Session, rec: Task, held: fileid.Held, cwd: FileIdentity | 
 
 
 def _enter_cwd(s: Session, rec: Task, held: fileid.Held, ident: FileIdentity | None,
-               acting: rights.Acting) -> None:
+               acting: rights.Acting, inherited: bool) -> None:
     """Into its working directory, opened through no symlink and checked against its
     identity, with its own rights. A process can hold one it cannot reach or search
     (a daemon started in /root that then became www-data): upmig enters that one for
-    it, but only if the process cannot search it (every lookup below it, and "..",
+    it if its parent, which entered it with its own rights, has it too (fork passes
+    it on), or if the process cannot search it (every lookup below it, and "..",
     needs that right), so that holding it gives nothing. One it could use but not
-    reach, it could not have entered: refused."""
+    reach, it could not have entered by itself: refused."""
     what, flags = "its working directory", O_PATH | O_DIRECTORY | O_CLOEXEC
     fd = held.try_open(s, rec.pid, rec.cwd, flags, ident, what)
     try:
@@ -100,7 +102,7 @@ def _enter_cwd(s: Session, rec: Task, held: fileid.Held, ident: FileIdentity | N
                 if fd < 0:
                     fd = held.open(s, rec.pid, rec.cwd, flags, ident, what)
                 s.call(nr.fchdir, fd, what=f"fchdir({rec.cwd})")
-            if s.raw(nr.chdir, _str(s, ".")) == 0:
+            if not inherited and s.raw(nr.chdir, _str(s, ".")) == 0:
                 raise RestoreError(f"cannot reach its working directory {rec.cwd} with its "
                                    f"own rights (uid {rec.uids[3]}, gid {rec.gids[3]}), "
                                    "though it could use it once there", pid=rec.pid)
