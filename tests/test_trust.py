@@ -25,7 +25,7 @@ import pytest
 
 import upmig.cli
 import upmig.restore  # noqa: F401  (imported before upmig_as drops root: see there)
-from conftest import descendants, reap, run_upmig, wait_for
+from conftest import build_victim, descendants, reap, run_upmig, straight_run, wait_for
 from upmig import fileid, ghosts, image
 from upmig.records import Fd, Ghost, Pages, Task, Vma
 
@@ -304,6 +304,22 @@ def test_a_tree_of_root_and_the_user_moves(run_victim, user, open_tmp):
     assert os.readlink(f"/proc/{child}/cwd") == str(inner)
     assert r.finish() == 0, r.output()
     assert r.output() == "READY\nPASS\n"
+
+
+
+def test_a_users_tree_sharing_memory_of_every_kind_moves(run_victim, user, tmp_path):
+    """Shared anonymous memory (reopened through /proc/self/map_files), a memfd, a
+    POSIX shm object (made again, by the user's process) and a named semaphore,
+    shared by the user's three processes: they go on together as an unmoved run."""
+    expected = straight_run([str(build_victim("sharedmem")), "1200"], tmp_path)
+    r = run_victim("sharedmem", "1200", preexec_fn=user.become, owner=user.owner,
+                   where=user.home)
+    r.wait_output("READY\n")
+    img = r.dump()
+    for name in shm_files_of(user.uid):  # as on another machine
+        os.unlink(f"/dev/shm/{name}")
+    r.resume(img)
+    r.ends_as(expected)
 
 
 # ---- attacks
