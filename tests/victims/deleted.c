@@ -7,24 +7,19 @@
 #include <unistd.h>
 #include "victim.h"
 
-static volatile sig_atomic_t got_term;
-
-static void on_term(int sig) { (void)sig; got_term = 1; }
-
 int main(int argc, char **argv)
 {
     static const char text[] = "bytes only this process still has\n";
     char got[sizeof text] = { 0 };
     if (argc != 2)
         fail("usage: deleted PATH");
-    catch_sigterm(on_term);
+    hold_sigterm();
     setvbuf(stdout, NULL, _IONBF, 0);
     int fd = open(argv[1], O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0640);
     if (fd < 0 || write(fd, text, sizeof text - 1) != sizeof text - 1 || unlink(argv[1]) != 0)
         fail("make %s", argv[1]);
     printf("READY\n");
-    while (!got_term)
-        pause();
+    wait_for_sigterm();
     struct stat st;
     if (fstat(fd, &st) != 0 || st.st_nlink != 0)
         fail("the file has a name again");

@@ -10,18 +10,13 @@
 #include <unistd.h>
 #include "victim.h"
 
-static volatile sig_atomic_t got_term;
-
-static void on_term(int sig) { (void)sig; got_term = 1; }
-
 static int child(int fd, uid_t uid, gid_t gid)
 {
     char got[64] = { 0 };
     if (setgroups(0, NULL) != 0 || setresgid(gid, gid, gid) != 0 ||
         setresuid(uid, uid, uid) != 0)
         return 2;
-    while (!got_term)
-        pause();
+    wait_for_sigterm();
     if (getuid() != uid || getgid() != gid || geteuid() != uid)
         return 3;
     if (pread(fd, got, sizeof got - 1, 0) <= 0 || strncmp(got, "root's", 6) != 0)
@@ -33,7 +28,7 @@ int main(int argc, char **argv)
 {
     if (argc != 4)
         fail("usage: dropper UID GID FILE");
-    catch_sigterm(on_term);
+    hold_sigterm();
     setvbuf(stdout, NULL, _IONBF, 0);
     int fd = open(argv[3], O_RDONLY);
     if (fd < 0)
@@ -42,8 +37,7 @@ int main(int argc, char **argv)
     if (pid == 0)
         _exit(child(fd, atoi(argv[1]), atoi(argv[2])));
     printf("READY\n");
-    while (!got_term)
-        pause();
+    wait_for_sigterm();
     int status;
     kill(pid, SIGTERM);
     if (waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status))

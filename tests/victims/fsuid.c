@@ -6,10 +6,6 @@
 #include <unistd.h>
 #include "victim.h"
 
-static volatile sig_atomic_t got_term;
-
-static void on_term(int sig) { (void)sig; got_term = 1; }
-
 /* The four ids of a "Uid:" or "Gid:" line of /proc/self/status, as printed. */
 static void ids(const char *key, char *out, size_t size)
 {
@@ -28,13 +24,12 @@ int main(int argc, char **argv)
     char want[64], got[64];
     if (argc != 3)
         fail("usage: fsuid UID GID");
-    catch_sigterm(on_term);
+    hold_sigterm();
     setvbuf(stdout, NULL, _IONBF, 0);
     setfsgid(atoi(argv[2]));
     setfsuid(atoi(argv[1]));
     printf("READY\n");
-    while (!got_term)
-        pause();
+    wait_for_sigterm();
     snprintf(want, sizeof want, "\t0\t0\t0\t%s\n", argv[1]);
     ids("Uid:", got, sizeof got);
     if (strcmp(got, want) != 0)

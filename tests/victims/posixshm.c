@@ -15,16 +15,12 @@
 #define SIZE (256 << 10)
 #define PAGE 4096
 
-static volatile sig_atomic_t got_term;
-
-static void on_term(int sig) { (void)sig; got_term = 1; }
-
 int main(int argc, char **argv)
 {
     char path[256];
     if (argc != 2 || snprintf(path, sizeof path, "/dev/shm%s", argv[1]) >= (int)sizeof path)
         fail("usage: posixshm /NAME");
-    catch_sigterm(on_term);
+    hold_sigterm();
     setvbuf(stdout, NULL, _IONBF, 0);
     int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0 || ftruncate(fd, SIZE) != 0)
@@ -35,8 +31,7 @@ int main(int argc, char **argv)
     for (size_t off = 0; off < SIZE; off += 4 * PAGE)
         m[off / 8] = off ^ 0x5eed;
     printf("READY\n");
-    while (!got_term)
-        pause();
+    wait_for_sigterm();
     struct stat held, named;
     if (fstat(fd, &held) != 0 || stat(path, &named) != 0 || held.st_ino != named.st_ino ||
         held.st_dev != named.st_dev)

@@ -6,24 +6,19 @@
 #include <unistd.h>
 #include "victim.h"
 
-static volatile sig_atomic_t got_term;
-
-static void on_term(int sig) { (void)sig; got_term = 1; }
-
 int main(int argc, char **argv)
 {
     struct sockaddr_un addr = { .sun_family = AF_UNIX };
     if (argc != 2 || strlen(argv[1]) >= sizeof addr.sun_path)
         fail("usage: unixlisten PATH");
     strcpy(addr.sun_path, argv[1]);
-    catch_sigterm(on_term);
+    hold_sigterm();
     setvbuf(stdout, NULL, _IONBF, 0);
     int srv = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (srv < 0 || bind(srv, (struct sockaddr *)&addr, sizeof addr) != 0 || listen(srv, 4) != 0)
         fail("listen on %s", argv[1]);
     printf("READY\n");
-    while (!got_term)
-        pause();
+    wait_for_sigterm();
     int c = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (c < 0 || connect(c, (struct sockaddr *)&addr, sizeof addr) != 0)
         fail("connect to %s", argv[1]);

@@ -8,10 +8,6 @@
 #include <unistd.h>
 #include "victim.h"
 
-static volatile sig_atomic_t got_term;
-
-static void on_term(int sig) { (void)sig; got_term = 1; }
-
 static void same_file(int fd, const char *path)
 {
     struct stat held, named;
@@ -27,7 +23,7 @@ int main(int argc, char **argv)
     char before[256] = { 0 }, after[256] = { 0 };
     if (argc != 3)
         fail("usage: userfiles READ WRITE");
-    catch_sigterm(on_term);
+    hold_sigterm();
     setvbuf(stdout, NULL, _IONBF, 0);
     int rd = open(argv[1], O_RDONLY), rw = open(argv[2], O_RDWR);
     if (rd < 0 || rw < 0)
@@ -35,8 +31,7 @@ int main(int argc, char **argv)
     if (read(rd, before, sizeof before - 1) <= 0 || lseek(rd, 0, SEEK_SET) != 0)
         fail("read %s", argv[1]);
     printf("READY\n");
-    while (!got_term)
-        pause();
+    wait_for_sigterm();
     same_file(rd, argv[1]);
     same_file(rw, argv[2]);
     if (read(rd, after, sizeof after - 1) <= 0 || strcmp(before, after) != 0)

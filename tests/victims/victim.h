@@ -31,4 +31,31 @@ static void catch_sigterm(void (*handler)(int))
     if (sigaction(SIGTERM, &sa, NULL) != 0)
         fail("sigaction(SIGTERM)");
 }
+
+/* SIGTERM caught, and blocked but while wait_for_sigterm() waits for it: one sent
+ * between a test of the flag and the wait (say, right after a resume, which puts
+ * the process back just before its wait) is not lost. */
+static volatile sig_atomic_t sigterm_seen;
+static void note_sigterm(int sig) __attribute__((unused));
+static void note_sigterm(int sig) { (void)sig; sigterm_seen = 1; }
+
+static void hold_sigterm(void) __attribute__((unused));
+static void hold_sigterm(void)
+{
+    sigset_t term;
+    catch_sigterm(note_sigterm);
+    sigemptyset(&term);
+    sigaddset(&term, SIGTERM);
+    if (sigprocmask(SIG_BLOCK, &term, NULL) != 0)
+        fail("sigprocmask");
+}
+
+static void wait_for_sigterm(void) __attribute__((unused));
+static void wait_for_sigterm(void)
+{
+    sigset_t none;
+    sigemptyset(&none);
+    while (!sigterm_seen)
+        sigsuspend(&none);
+}
 #endif
