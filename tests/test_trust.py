@@ -21,12 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import blake3
 import pytest
 
 import upmig.cli
 import upmig.restore  # noqa: F401  (imported before upmig_as drops root: see there)
 from conftest import build_victim, descendants, reap, run_upmig, straight_run, wait_for
-from upmig import fileid, ghosts, image
+from upmig import fileid, ghosts, image, keys
 from upmig.records import Fd, Ghost, Pages, Task, Vma
 
 EXIT_ACCESS, EXIT_IMAGE, EXIT_RESTORE, EXIT_MISMATCH = 4, 6, 7, 8
@@ -164,13 +165,13 @@ def resume_detached(img: Path) -> subprocess.CompletedProcess:
     return run_upmig("resume", "-d", str(img), check=False)
 
 
-def rewrite(img: Path, out: Path, change: Callable[[object], None]) -> Path:
-    """img re-encoded with upmig's own writer, each record passed to change first:
-    what anyone can do to an image whose checksums are not keyed."""
+def rewrite(img: Path, out: Path, change: Callable[[object], None], key: keys.Key) -> Path:
+    """img re-encoded with upmig's own writer and sealed with key, each record passed
+    to change first."""
     src = image.load(str(img))
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)  # (mapped)
     try:
-        w = image.ImageWriter(fd)
+        w = image.ImageWriter(fd, key)
         pages = iter(src.pages)
         for rec in src.records:
             change(rec)
@@ -183,6 +184,23 @@ def rewrite(img: Path, out: Path, change: Callable[[object], None]) -> Path:
         os.close(fd)
         src.close()
     return out
+
+
+def new_key(path: Path) -> keys.Key:
+    material = os.urandom(32)
+    path.write_bytes(material)
+    path.chmod(0o600)
+    return keys.derive(str(path), material)
+
+
+def forge(img: Path, change: Callable[[object], None], key: keys.Key) -> Path:
+    """img rewritten with change. Sealed with a key of the attacker's, root's resume
+    refuses it (exit 6) before anything is made; the image returned is sealed with
+    key, as one who stole it could: what stands behind the seal must refuse it too."""
+    attackers = new_key(img.parent / "attackers.key")
+    res = resume_detached(rewrite(img, img.parent / "forged-own-key.upmig", change, attackers))
+    assert "not sealed" in refusal(res, EXIT_IMAGE)
+    return rewrite(img, img.parent / "forged.upmig", change, key)
 
 
 def files_job(run_victim, user: User):
@@ -274,7 +292,8 @@ def test_a_working_directory_the_user_cannot_use_is_kept(run_victim, user, open_
     holding it gives nothing, and resume gives it back."""
     private = open_tmp / "root-private"
     private.mkdir(mode=0o700)
-    r = run_victim("waiter", "pause", preexec_fn=lambda: (os.chdir(private), user.become()),
+    r = run_victim("deleted", str(user.home / "scratch.bin"),
+                   preexec_fn=lambda: (os.chdir(private), user.become()),
                    owner=user.owner, where=user.home)
     r.wait_output("READY\n")
     r.hop()
@@ -344,7 +363,7 @@ def test_symlink_swap_opens_nothing(run_victim, user, open_tmp):
     nothing_left(user)
 
 
-def test_rewritten_fd_path_cannot_reach_a_root_file(run_victim, user, open_tmp):
+def test_rewritten_fd_path_cannot_reach_a_root_file(run_victim, user, open_tmp, test_key):
     """An image rewritten to hold a root-only file open for writing in place of the
     user's own: the stub opens it as the user, who may not."""
     secret = root_only_file(open_tmp)
@@ -355,7 +374,7 @@ def test_rewritten_fd_path_cannot_reach_a_root_file(run_victim, user, open_tmp):
         if isinstance(rec, Fd) and rec.path == str(b):
             rec.path = str(secret)
 
-    forged = rewrite(img, r.cwd / "forged.upmig", aim)
+    forged = forge(img, aim, test_key)
     before = looks(secret)
     line = refusal(resume_detached(forged), EXIT_RESTORE, EXIT_MISMATCH)
     assert str(secret) in line
@@ -387,7 +406,7 @@ def _only_ghost(img: Path) -> Ghost:
     return g
 
 
-def test_posix_shm_record_cannot_overwrite_a_root_file_in_dev_shm(run_victim, user):
+def test_posix_shm_record_cannot_overwrite_a_root_file_in_dev_shm(run_victim, user, test_key):
     """The ghost record of the user's shared memory object rewritten to name a
     root-owned file in /dev/shm, with that file's very identity (so that it passes
     for the object, still there on the same machine): root's resume would empty and
@@ -400,8 +419,8 @@ def test_posix_shm_record_cannot_overwrite_a_root_file_in_dev_shm(run_victim, us
         img = r.dump()
         obj.unlink()
         g = _only_ghost(img)
-        forged = rewrite(img, r.cwd / "forged.upmig",
-                         _retarget(g.id, fileid.object_id(os.stat(target)), str(target)))
+        forged = forge(img, _retarget(g.id, fileid.object_id(os.stat(target)), str(target)),
+                       test_key)
         before = looks(target)
         line = refusal(resume_detached(forged), EXIT_IMAGE, EXIT_RESTORE)
         assert str(target) in line
@@ -411,7 +430,7 @@ def test_posix_shm_record_cannot_overwrite_a_root_file_in_dev_shm(run_victim, us
         target.unlink()
 
 
-def test_posix_shm_record_cannot_make_a_file_outside_dev_shm(run_victim, user):
+def test_posix_shm_record_cannot_make_a_file_outside_dev_shm(run_victim, user, test_key):
     """The ghost record rewritten to make its object in /etc: root's resume would
     create it there, owned by whoever the record says. The stub creates it as the
     user, who may not (and a checked image refuses the name: exit 6)."""
@@ -420,7 +439,7 @@ def test_posix_shm_record_cannot_make_a_file_outside_dev_shm(run_victim, user):
     img = r.dump()
     obj.unlink()
     g = _only_ghost(img)
-    forged = rewrite(img, r.cwd / "forged.upmig", _retarget(g.id, g.id, str(target)))
+    forged = forge(img, _retarget(g.id, g.id, str(target)), test_key)
     try:
         line = refusal(resume_detached(forged), EXIT_IMAGE, EXIT_RESTORE)
         assert str(target) in line
@@ -431,7 +450,7 @@ def test_posix_shm_record_cannot_make_a_file_outside_dev_shm(run_victim, user):
             target.unlink()
 
 
-def test_posix_shm_object_of_another_user_is_not_made_for_it(run_victim, user):
+def test_posix_shm_object_of_another_user_is_not_made_for_it(run_victim, user, test_key):
     """The record says the object belonged to root: a user's process could not have
     made that, so resume refuses rather than give it root's ownership."""
     r, obj = shm_job(run_victim, user)
@@ -442,7 +461,7 @@ def test_posix_shm_object_of_another_user_is_not_made_for_it(run_victim, user):
         if isinstance(rec, Ghost):
             rec.uid = rec.gid = 0
 
-    forged = rewrite(img, r.cwd / "forged.upmig", rootowned)
+    forged = forge(img, rootowned, test_key)
     try:
         line = refusal(resume_detached(forged), EXIT_RESTORE)
         assert str(obj) in line and "uid 0" in line
@@ -468,7 +487,7 @@ def test_a_working_directory_the_user_cannot_reach_is_not_entered(run_victim, us
     nothing_left(user)
 
 
-def test_a_deleted_file_record_cannot_make_a_file_in_a_root_directory(run_victim, user):
+def test_a_deleted_file_record_cannot_make_a_file_in_a_root_directory(run_victim, user, test_key):
     """A deleted file is made again in its directory: rewritten to /etc, the user's
     process may not make it there."""
     path = user.home / "scratch.bin"
@@ -482,8 +501,7 @@ def test_a_deleted_file_record_cannot_make_a_file_in_a_root_directory(run_victim
         if isinstance(rec, (Ghost, Fd)) and rec.path == str(path):
             rec.path = target
 
-    line = refusal(resume_detached(rewrite(img, r.cwd / "forged.upmig", aim)), EXIT_IMAGE,
-                   EXIT_RESTORE)
+    line = refusal(resume_detached(forge(img, aim, test_key)), EXIT_IMAGE, EXIT_RESTORE)
     assert target in line and "/etc" in line
     assert not os.path.lexists(target)
     nothing_left(user)
@@ -491,7 +509,7 @@ def test_a_deleted_file_record_cannot_make_a_file_in_a_root_directory(run_victim
 
 @pytest.mark.parametrize("stale", [False, True], ids=["new", "stale"])
 def test_a_socket_record_cannot_bind_or_clear_a_root_path(run_victim, user, open_tmp,
-                                                          stale):
+                                                          test_key, stale):
     """The job's socket name rewritten to a path in root's directory: root's resume
     would bind there, first removing a stale socket file of root's it found there.
     The process binds, and removes, with its own rights."""
@@ -510,8 +528,7 @@ def test_a_socket_record_cannot_bind_or_clear_a_root_path(run_victim, user, open
         if isinstance(rec, Fd) and rec.type == "unix_listen":
             rec.extra["name"] = os.fsencode(str(target)).hex()
 
-    line = refusal(resume_detached(rewrite(img, r.cwd / "forged.upmig", aim)), EXIT_IMAGE,
-                   EXIT_RESTORE)
+    line = refusal(resume_detached(forge(img, aim, test_key)), EXIT_IMAGE, EXIT_RESTORE)
     assert str(target) in line
     assert (os.lstat(target).st_ino if stale else os.path.lexists(target)) == \
         (before if stale else False)
@@ -540,10 +557,11 @@ def _drop_to(user: User, checkpoint_restore: bool) -> None:
                           0, 0) == 0, ctypes.get_errno()
 
 
-def upmig_as(user: User, *args: str, checkpoint_restore: bool = False
+def upmig_as(user: User, *args: str, key: Path, checkpoint_restore: bool = False
              ) -> subprocess.CompletedProcess:
-    """upmig run by the user: forked from this interpreter, which the user could not
-    start (it may live under /root); what upmig imports is imported already."""
+    """upmig run by the user, with its key: forked from this interpreter, which the
+    user could not start (it may live under /root); what upmig imports is imported
+    already."""
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     pid = os.fork()
@@ -555,8 +573,13 @@ def upmig_as(user: User, *args: str, checkpoint_restore: bool = False
             os.dup2(err_w, 2)
             sys.stdout = open(1, "w", closefd=False)
             sys.stderr = open(2, "w", closefd=False)
+            signal.alarm(120)  # a hang ends the child, and the test with a failure
+            # Seals made in this process before hashed on a pool of threads, which fork
+            # did not copy: waiting for them would never end. Hash on this thread.
+            keys.Key.hasher = lambda k: blake3.blake3(key=k.secret)
             _drop_to(user, checkpoint_restore)
             os.chdir(user.home)
+            os.environ[keys.ENV] = str(key)
             code = upmig.cli.main(list(args))
         except BaseException:
             traceback.print_exc()
@@ -573,39 +596,63 @@ def upmig_as(user: User, *args: str, checkpoint_restore: bool = False
                                        stdout.decode(), stderr.decode())
 
 
-def test_a_user_cannot_resume_a_root_process(run_victim, user):
+@pytest.fixture
+def users_key(user) -> tuple[Path, keys.Key]:
+    """The user's own key (its file, and the key): what its images are sealed with."""
+    path = user.home / "upmig.key"
+    key = new_key(path)
+    os.chown(path, *user.owner)
+    return path, key
+
+
+def handed_to(user: User, img: Path, key: keys.Key, change=lambda rec: None) -> Path:
+    """img as the user holds it: re-sealed with its key (after change, if any: the
+    user can write any image it likes and seal it), readable by it."""
+    out = rewrite(img, user.home / f"{img.stem}-users.upmig", change, key)
+    os.chown(out, *user.owner)
+    return out
+
+
+def test_a_user_cannot_resume_a_root_process(run_victim, user, users_key):
+    """Neither an image root sealed (the user's key did not: exit 6), nor the same
+    sealed with the user's key (it may seal what it likes): upmig resume run by the
+    user cannot make a root process (exit 4)."""
+    path, key = users_key
     r = run_victim("waiter", "pause")
     r.wait_output("READY\n")
-    img = user.home / "root.upmig"
-    shutil.move(r.dump(), img)
-    os.chown(img, *user.owner)
-    line = refusal(upmig_as(user, "resume", "-d", str(img), checkpoint_restore=True),
-                   EXIT_ACCESS)
+    img = r.dump()
+    roots = user.home / "root.upmig"
+    shutil.copy(img, roots)
+    os.chown(roots, *user.owner)
+    line = refusal(upmig_as(user, "resume", "-d", str(roots), key=path,
+                            checkpoint_restore=True), EXIT_IMAGE)
+    assert "not sealed" in line
+    line = refusal(upmig_as(user, "resume", "-d", str(handed_to(user, img, key)), key=path,
+                            checkpoint_restore=True), EXIT_ACCESS)
     assert "uids 0,0,0,0" in line and f"uid {user.uid}" in line
     nothing_left(user)
 
 
-def test_a_user_resumes_its_own_job_only_as_itself(run_victim, user):
+def test_a_user_resumes_its_own_job_only_as_itself(run_victim, user, users_key):
     """Its own job comes back as itself (given CAP_CHECKPOINT_RESTORE, without which
-    upmig rebuilds nothing: refused at once); the same image rewritten to run as
-    root is refused."""
+    upmig rebuilds nothing: refused at once); rewritten to run as root, refused."""
+    path, key = users_key
     r, _, b = files_job(run_victim, user)
     img = r.dump()
-    os.chown(img, *user.owner)
 
     def as_root(rec):
         if isinstance(rec, Task):
             rec.uids, rec.gids, rec.groups = [0] * 4, [0] * 4, [0]
 
-    forged = rewrite(img, r.cwd / "forged.upmig", as_root)
-    os.chown(forged, *user.owner)
-    line = refusal(upmig_as(user, "resume", "-d", str(forged), checkpoint_restore=True),
-                   EXIT_ACCESS)
+    forged = handed_to(user, img, key, as_root)
+    line = refusal(upmig_as(user, "resume", "-d", str(forged), key=path,
+                            checkpoint_restore=True), EXIT_ACCESS)
     assert "uids 0,0,0,0" in line
-    line = refusal(upmig_as(user, "resume", "-d", str(img)), EXIT_ACCESS)
+    own = handed_to(user, img, key)
+    line = refusal(upmig_as(user, "resume", "-d", str(own), key=path), EXIT_ACCESS)
     assert "CAP_CHECKPOINT_RESTORE" in line
     nothing_left(user)
-    res = upmig_as(user, "resume", "-d", str(img), checkpoint_restore=True)
+    res = upmig_as(user, "resume", "-d", str(own), key=path, checkpoint_restore=True)
     assert res.returncode == 0, res.stderr
     pid = int(res.stdout)
     st = status(pid)
@@ -616,6 +663,25 @@ def test_a_user_resumes_its_own_job_only_as_itself(run_victim, user):
     assert r.output() == "READY\nPASS\n"
     assert b.read_text() == "the user's log\nwritten by the job\n"
 
+
+def test_rewritten_to_run_as_root_only_the_seal_refuses(run_victim, user):
+    """Root gives what a sealed image says: a user's job rewritten to run as root
+    (uids, gids, groups 0, every capability) is refused because root's key did not
+    seal it, and nothing else; it is exactly what the seal is for."""
+    r, _, _ = files_job(run_victim, user)
+    img = r.dump()
+
+    def as_root(rec):
+        if isinstance(rec, Task):
+            rec.uids, rec.gids, rec.groups = [0] * 4, [0] * 4, [0]
+            rec.caps = {k: (1 << 41) - 1 for k in ("CapInh", "CapPrm", "CapEff", "CapBnd",
+                                                    "CapAmb")}
+
+    attackers = new_key(img.parent / "attackers.key")
+    line = refusal(resume_detached(rewrite(img, img.parent / "forged.upmig", as_root,
+                                           attackers)), EXIT_IMAGE)
+    assert "not sealed" in line
+    nothing_left(user)
 
 
 def test_a_root_job_keeps_the_filesystem_ids_it_took(run_victim, user):
