@@ -72,7 +72,7 @@ class _Creds:
     def of(cls, status_text: str) -> _Creds:
         st = _proc.parse_status(status_text)
         return cls([int(x) for x in st["Uid"].split()], [int(x) for x in st["Gid"].split()],
-                   tuple(sorted(int(x) for x in st["Groups"].split())),
+                   tuple(sorted({int(x) for x in st["Groups"].split()})),
                    {name: int(st[name], 16) for name in
                     ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")})
 

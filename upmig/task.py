@@ -153,7 +153,7 @@ def restore_creds(s: Session, pid: int, tid: int, rec: Task) -> None:
     if keep:  # a non-root process that holds capabilities keeps them across setresuid
         s.call(nr.prctl, PR_SET_KEEPCAPS, 1, what="prctl(PR_SET_KEEPCAPS)")
     groups = rec.groups
-    if sorted(set(groups)) != sorted(int(g) for g in status["Groups"].split()):
+    if set(groups) != {int(g) for g in status["Groups"].split()}:
         # Only if they differ: without CAP_SETGID (a resumer that is not root, giving
         # the process its own ids: upmig.rights) even the same groups are refused.
         s.write(s.scratch, struct.pack(f"<{len(groups)}I", *groups))
