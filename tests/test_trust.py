@@ -6,6 +6,7 @@ leaves nothing behind: no process, no file made or changed."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import pwd
@@ -89,9 +90,12 @@ def shm_files_of(uid: int) -> list[str]:
     return out
 
 
-def _kill_all_of(uid: int) -> None:
+def _end_all_of(uid: int) -> None:
+    """Every process of the user's and every one this test made (all below us:
+    victims, resumed processes, their orphans, whose zombies of the user's would
+    keep it busy) killed and reaped."""
     def gone() -> bool:
-        for pid in processes_of(uid):
+        for pid in {*processes_of(uid), *descendants(os.getpid())}:
             try:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, os.WNOHANG)  # ours, or orphaned to us (the subreaper)
@@ -102,11 +106,17 @@ def _kill_all_of(uid: int) -> None:
     wait_for(gone, 10, f"the processes of uid {uid} to end")
 
 
+def _remove_shm_of(uid: int) -> None:
+    for leftover in shm_files_of(uid):
+        os.unlink(f"/dev/shm/{leftover}")
+
+
 @pytest.fixture
 def user(open_tmp):
     """A fresh unprivileged user (no supplementary groups) whose home is in a
-    directory everyone can reach; afterwards its processes are killed, its files in
-    /dev/shm removed, the user deleted (its home goes with open_tmp)."""
+    directory everyone can reach; afterwards its processes (and the test's) are
+    killed, its files in /dev/shm removed, the user deleted (its home goes with
+    open_tmp)."""
     if os.geteuid() != 0:
         pytest.skip("making a user needs root")
     if not (shutil.which("useradd") and shutil.which("userdel")):
@@ -116,15 +126,13 @@ def user(open_tmp):
     _tool("useradd", "--no-create-home", "--home-dir", str(home), "--shell",
           "/usr/sbin/nologin", "--user-group", name)
     pw = pwd.getpwnam(name)
-    try:
+    with contextlib.ExitStack() as undo:  # each step taken, whatever the one before did
+        undo.callback(_tool, "userdel", name)
+        undo.callback(_remove_shm_of, pw.pw_uid)
+        undo.callback(_end_all_of, pw.pw_uid)
         home.mkdir(mode=0o700)
         os.chown(home, pw.pw_uid, pw.pw_gid)
         yield User(name, pw.pw_uid, pw.pw_gid, home)
-    finally:
-        _kill_all_of(pw.pw_uid)
-        for leftover in shm_files_of(pw.pw_uid):
-            os.unlink(f"/dev/shm/{leftover}")
-        _tool("userdel", name)
 
 
 # ---- helpers
