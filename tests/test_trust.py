@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import blake3
 import pytest
 
 import upmig.cli
@@ -590,9 +589,6 @@ def upmig_as(user: User, *args: str, key: Path, checkpoint_restore: bool = False
             sys.stdout = open(1, "w", closefd=False)
             sys.stderr = open(2, "w", closefd=False)
             signal.alarm(120)  # a hang ends the child, and the test with a failure
-            # Seals made in this process before hashed on a pool of threads, which fork
-            # did not copy: waiting for them would never end. Hash on this thread.
-            keys.Key.hasher = lambda k: blake3.blake3(key=k.secret)
             _drop_to(user, checkpoint_restore)
             os.chdir(user.home)
             os.environ[keys.ENV] = str(key)
