@@ -22,6 +22,8 @@ import pytest
 import upmig
 from conftest import VICTIMS, build_victim, descendants, reap, run_upmig
 from upmig import fileid
+from upmig.errors import Mismatch
+from upmig.records import MappedFile
 
 REST_OF_A = b"the rest of a"
 
@@ -299,3 +301,15 @@ def test_a_deleted_files_directory_turned_into_a_symlink_is_refused(run_victim, 
     (r.cwd / "sub").symlink_to(tmp_path)
     assert refused(r, img) == (f"upmig: the directory {r.cwd}/sub of the deleted file "
                                f"{r.cwd}/sub/x.bin resolves through a symlink now\n")
+
+
+def test_a_mapped_file_that_is_a_fifo_or_device_is_not_opened(tmp_path):
+    """An image (sealed with a stolen key, say) may name a FIFO or a device as a mapped
+    file: the first check refuses it at once, without opening it (a FIFO's open would
+    wait for a writer for ever)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (str(fifo), "/dev/zero"):
+        rec = MappedFile(path=path, size=0, mtime=0.0, build_id="", content_hash="0")
+        with pytest.raises(Mismatch, match="not a regular file"):
+            fileid.check(rec)

@@ -62,9 +62,16 @@ def identify(path: str) -> MappedFile:
 
 
 def _identified(path: str) -> tuple[MappedFile, os.stat_result]:
-    """The identity of the file at path, and the stat of the very file it was read from."""
-    with open(path, "rb") as f:
+    """The identity of the file at path, and the stat of the very file it was read from.
+    Only a regular file is opened: an image may name a FIFO (an open that never
+    returns) or a device (an open with effects of its own)."""
+    if not stat.S_ISREG(os.lstat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file", path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
         st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):  # swapped since the lstat
+            raise OSError(errno.EINVAL, "not a regular file", path)
         build_id = elf_build_id(f)
         digest = "" if build_id else content_hash(f, st.st_size)
     return MappedFile(path=path, size=st.st_size, mtime=st.st_mtime, build_id=build_id,
