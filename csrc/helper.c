@@ -165,6 +165,18 @@ long up_setregset(int pid, int note, const void *buf, size_t len)
 enum { R_R10 = 7, R_R9 = 8, R_R8 = 9, R_RAX = 10, R_RDX = 12, R_RSI = 13, R_RDI = 14,
        R_ORIG_RAX = 15, R_RIP = 16 };
 
+/* A fault of the tracee's own (the kernel's SIGSEGV at an unmapped syscall
+ * instruction, say), not a signal sent to it: resuming it would fault again, for ever. */
+static int faulted(int pid, int sig)
+{
+    siginfo_t si;
+    if (sig != SIGSEGV && sig != SIGBUS && sig != SIGILL && sig != SIGFPE)
+        return 0;
+    if (ptrace(PTRACE_GETSIGINFO, pid, 0, &si) < 0)
+        return 1;
+    return si.si_code > 0;      /* SI_USER, SI_TKILL, SI_QUEUE... are <= 0 */
+}
+
 int up_inject(int pid, void *regs, long nr, const uint64_t *args, int64_t *ret,
               int *held_sig, uint64_t *clone_msg)
 {
@@ -208,6 +220,8 @@ int up_inject(int pid, void *regs, long nr, const uint64_t *args, int64_t *ret,
         }
         if (status >> 16 != 0)
             return -ECANCELED;  /* another ptrace event: the caller must not go on */
+        if (faulted(pid, WSTOPSIG(status)))
+            return -EFAULT;     /* the syscall instruction cannot run there */
         /* A signal that cannot be blocked (SIGSTOP) arrived: hold it for the caller
          * to send again once the process is back as it was. */
         *held_sig = WSTOPSIG(status);

@@ -46,7 +46,8 @@ long up_setregset(int pid, int note, const void *buf, size_t len);
 /* Run one syscall in a stopped tracee (traced with PTRACE_O_TRACESYSGOOD): set regs
  * (a 27-word user_regs_struct) with rip at a syscall instruction, run it between its
  * syscall-enter and syscall-exit stops, fetch rax into *ret. regs is scratch. A
- * signal that stops it meanwhile is held back and named in *held_sig. */
+ * signal that stops it meanwhile is held back and named in *held_sig; a fault of its
+ * own there (an unmapped syscall instruction) is -EFAULT. */
 int up_inject(int pid, void *regs, long nr, const uint64_t *args, int64_t *ret,
               int *held_sig, uint64_t *clone_msg);
 

@@ -3,6 +3,7 @@ leaves nothing behind, and the user gets one line, never a traceback."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -176,3 +177,28 @@ def test_sigstop_during_a_dump_is_not_lost(run_victim, tmp_path):
                  "the process to be stopped")
         os.kill(r.pid, signal.SIGCONT)
     assert r.finish() == 0 and r.output() == "READY\nPASS\n"
+
+
+INJECT_AT_NOTHING = """
+import sys
+from upmig import _native as nat, freeze, inject
+pid = int(sys.argv[1])
+with freeze.frozen(pid):
+    try:
+        with inject.session(pid, nat.get_regs(pid), 1 << 46, -1):  # no code at 64 TiB
+            print("ran")
+    except OSError as e:
+        print(e.errno)
+"""
+
+
+def test_a_syscall_injected_where_there_is_no_code_fails(run_victim):
+    """Its instruction faults (SIGSEGV): the helper took that for a signal sent to the
+    process, held it back and ran the instruction again, for ever (a resume hung so)."""
+    r = run_victim("counter")
+    r.wait_output("READY\n")
+    done = subprocess.run([sys.executable, "-c", INJECT_AT_NOTHING, str(r.pid)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=30)
+    assert done.stdout == f"{errno.EFAULT}\n", done.stderr
+    assert is_running_untraced(r.pid), "the process is let go as it was"
+    assert r.finish() == 0 and r.output().endswith("PASS\n")
