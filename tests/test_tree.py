@@ -441,3 +441,14 @@ def test_memory_shared_with_a_process_outside_the_tree_is_refused(run_victim, tm
     finally:
         outsider.kill()
         outsider.wait()
+
+
+def test_a_sysv_segment_partly_unmapped_where_resume_works(run_victim):
+    """A segment attached at 8 GiB with all but its first 64 KiB unmapped: resume's
+    scratch area went to the first gap above 8 GiB, inside the segment, and was taken
+    away when the segment was attached whole and its gaps unmapped again."""
+    r = run_victim("sysvpart")
+    r.wait_output("READY\n")
+    r.hop()
+    assert r.finish() == 0
+    assert r.output() == "READY\nPASS\n", r.output()

@@ -428,7 +428,7 @@ def _rebuild(b: tree.Born, img: image.Section, set_tid: bool, t: _Tree) -> list[
         vmas = img.of(Vma)
         with inject.pinned_with(pid, cpu):
             _clear_stub(pid, inj, mem_fd, vmas)
-            scratch = memmap.free_gap(vmas, SCRATCH)
+            scratch = memmap.free_gap([*vmas, *sysv.spans(vmas, t.ipc.sizes)], SCRATCH)
             inj.call(nr.mmap, scratch, SCRATCH, 3, MAP_FIXED_PRIVATE_ANON, -1, 0,
                      what="mmap(scratch)")
             inj.set_stack(scratch + SCRATCH - 64)

@@ -289,15 +289,33 @@ def _remove(ctl: int, ipc_id: int) -> None:
         pass  # gone already
 
 
-def attach(s: Session, vmas: list[Vma], sizes: dict[int, int]) -> None:
-    """Attach the process's segments where it had them, before anything else is
-    mapped (a segment spans its whole size; parts the process had unmapped are
-    unmapped again, and each piece gets its own protection)."""
+def _attachments(vmas: list[Vma]) -> dict[tuple[int, int], list[Vma]]:
+    """(shmid, address attached at) -> the vmas of that attachment."""
     bases: dict[tuple[int, int], list[Vma]] = {}
     for v in vmas:
         if v.role == "sysv":
             bases.setdefault((v.ghost, v.start - v.offset), []).append(v)
-    for (shmid, base), parts in bases.items():
+    return bases
+
+
+@dataclass
+class Span:
+    start: int
+    end: int
+
+
+def spans(vmas: list[Vma], sizes: dict[int, int]) -> list[Span]:
+    """Where each segment lies whole while attach() attaches it: nothing of upmig's
+    (its scratch area) may be there, or the unmapping of the gaps takes it too."""
+    return [Span(base, base + _pages(sizes[shmid])) for shmid, base in _attachments(vmas)
+            if shmid in sizes]
+
+
+def attach(s: Session, vmas: list[Vma], sizes: dict[int, int]) -> None:
+    """Attach the process's segments where it had them, before anything else is
+    mapped (a segment spans its whole size; parts the process had unmapped are
+    unmapped again, and each piece gets its own protection)."""
+    for (shmid, base), parts in _attachments(vmas).items():
         if shmid not in sizes:
             raise RestoreError(f"the image maps SysV segment {shmid} but does not hold it")
         size = _pages(sizes[shmid])
