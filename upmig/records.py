@@ -276,11 +276,14 @@ def to_wire(rec: Any) -> list:
     return [rec.kind, {f.name: getattr(rec, f.name) for f in fields(rec)}]
 
 
+_FIELD_NAMES = {cls: tuple(f.name for f in fields(cls)) for cls in RECORD_TYPES.values()}
+
+
 def from_wire(kind: str, body: dict) -> Any:
     """Rebuild a record; unknown fields (from a newer minor version) are ignored,
     missing ones raise KeyError/TypeError for the caller to report."""
     cls = RECORD_TYPES[kind]
-    return cls(**{f.name: body[f.name] for f in fields(cls) if f.name in body})
+    return cls(**{name: body[name] for name in _FIELD_NAMES[cls] if name in body})
 
 
 __all__ = ["Header", "Process", "Task", "MM", "Vma", "MappedFile", "Pages", "CowPages", "Fd",
