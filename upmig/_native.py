@@ -207,11 +207,18 @@ def pagemap_scan(fd: int, start: int, end: int, required: int, inverted: int, an
         check(n, "ioctl(PAGEMAP_SCAN)")
         for i in range(n):
             s, e = int(vec[i].start), int(vec[i].end)
+            if out and s < out[-1][1]:  # reported again (see below)
+                s = out[-1][1]
+                if s >= e:
+                    continue
             if out and out[-1][1] == s:
                 out[-1] = (out[-1][0], e)
             else:
                 out.append((s, e))
-        start = int(walk_end[0])
+        # Linux 6.18 can set walk_end a huge page short of what it walked and reported
+        # (a sparse 16 MiB area: runs to its end, walk_end 2 MiB before): go on from
+        # whichever is further, or those pages come twice.
+        start = max(int(walk_end[0]), out[-1][1] if out else start)
     return out
 
 
