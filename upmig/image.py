@@ -23,6 +23,10 @@ in the cache, and checked in parallel on every CPU before anything is rebuilt.
 GMAC rather than a keyed BLAKE3: on the CPUs this runs on (AES-NI and PCLMULQDQ,
 AVX2 only) it is two to three times as fast, and it replaces the unkeyed checksum
 the frames had, so sealing costs little more than that did.
+
+Every record is then validated as it is read, and the records against each other once
+all are (upmig.validate): a well-formed image whose contents are wrong is refused as
+Corrupt too, naming the record and field, before inspect or resume use any of it.
 """
 
 from __future__ import annotations
@@ -179,7 +183,7 @@ class Image(Records):
 
 
 def load(path: str, *, key: Key | None = None) -> Image:
-    """Open, check, then parse. Raises an ImageError subclass.
+    """Open, check, then parse and validate. Raises an ImageError subclass.
     key: refuse an image this key did not seal (NotSealed: another key's; Corrupt: a
     frame that does not match its tag); the image is then Image.sealed. Without a
     key only the structure and the records are checked (inspect, or an image this
@@ -255,6 +259,10 @@ def _verify_failed(path: str, rc: int, off: int, size: int) -> None:
 
 def _records(path: str, data: mmap.mmap) -> Image:
     """Every record, and where each pages record's bytes are."""
+    # Imported here: the schema names the state modules' constants, and they import this.
+    from upmig.validate import Validator
+
+    check = Validator(path)
     end = len(data)
     records: list[Any] = []
     pages: list[PageData] = []
@@ -286,7 +294,10 @@ def _records(path: str, data: mmap.mmap) -> Image:
                     raise Corrupt("image has bytes after its trailer", what=path)
                 for sec in sections:
                     sec.data = data
-                return Image(path, records, pages, data, len(data), sections)
+                img = Image(path, records, pages, data, len(data), sections)
+                check.finish(img)
+                return img
+            check.add(rec)
             records.append(rec)
             if isinstance(rec, Process):
                 sections.append(Section(path, [], [], None, rec))
