@@ -10,7 +10,7 @@ STUB_BASE   := 0x3ff000000000
 STUB_CFLAGS := -Os -Wall -Wextra -nostdlib -static -no-pie -fno-pie \
                -Wl,-Ttext-segment=$(STUB_BASE) -Wl,--build-id=none -Wl,-z,noexecstack
 
-.PHONY: all help stub init demo test bench lint clean
+.PHONY: all help stub init demo test fuzz bench lint clean
 
 all: $(VENV)/.installed $(STUB) $(INIT) ## build everything into .venv (editable install, helper, stub, init)
 
@@ -39,6 +39,11 @@ demo: all ## dump a counting program, kill it, resume it: it counts on
 
 test: all ## run the whole test suite
 	$(PY) -m pytest -q tests
+
+N    ?= 5000
+SEED ?= 1
+fuzz: all ## feed upmig N mutants of a real image (make fuzz N=20000 SEED=7); all must be refused cleanly or resume
+	$(PY) tests/imagefuzz.py -n $(N) --seed $(SEED)
 
 bench: all ## run the benchmarks and print the table
 	$(PY) bench/bench.py
