@@ -166,6 +166,7 @@ def _float(v, rnd, ctx):
 def _path(v, rnd, ctx):
     return rnd.choice(["", "relative/x", "/nonexistent-upmig-fuzz/x", f"{v}\x00x",
                        "/" + "x" * 5000, "/dev/shm/../../tmp/upmig-fuzz", "/dev/shm/a/b",
+                       "/dev/shm/upmig-fuzz-renamed",
                        "/memfd:" + "x" * 300, 0, None])
 
 
@@ -369,6 +370,13 @@ def _short(v: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _named_objects(items: list[Item]) -> set[str]:
+    """The POSIX shm objects a mutant's ghosts would make, not there now."""
+    return {it.rec.path for it in items if it.rec.kind == "ghost" and it.rec.type == "posix"
+            and isinstance(it.rec.path, str) and it.rec.path.startswith("/dev/shm/")
+            and "\0" not in it.rec.path and not os.path.lexists(it.rec.path)}
+
+
 # ---- raw mutants
 
 def raw(blob: bytes, rnd: random.Random, items: list[Item], path: str
@@ -418,9 +426,11 @@ class Hung(Exception):
 @dataclass
 class Outcome:
     mutant: str
-    result: str          # refused-inspect N, refused-resume N, resumed, or a failure
+    result: str          # "refused-resume N" (N: its exit status), "resumed", or
+    #                      where it failed: "inspect crashed", "hung"...
     failure: str = ""    # why this mutant failed the fuzz, if it did
     detail: str = ""
+    raw: bool = False    # a raw mutant (bytes), not a well-formed one (records)
 
 
 @dataclass
@@ -431,12 +441,23 @@ class Figures:
     def failures(self) -> list[Outcome]:
         return [o for o in self.outcomes if o.failure]
 
+    def count(self, result: str, raw: bool | None = None) -> int:
+        return sum(o.result.startswith(result) and raw in (None, o.raw)
+                   for o in self.outcomes)
+
     def summary(self) -> str:
-        counts = Counter(o.result.split(" ")[0] for o in self.outcomes)
+        refused = Counter(o.result.split()[1] for o in self.outcomes
+                          if o.result.startswith("refused"))
         fails = Counter(o.failure for o in self.failures())
-        return (f"{len(self.outcomes)} mutants in {self.seconds:.1f} s: "
-                + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-                + (f"; FAILURES {dict(fails)}" if fails else "; no failures"))
+        raw = sum(o.raw for o in self.outcomes)
+        unencodable = self.count("unencodable")
+        ran = len(self.outcomes) - unencodable
+        return (f"{ran} mutants ({ran - raw} well-formed, {raw} raw) in {self.seconds:.1f} s: "
+                f"{sum(refused.values())} "
+                f"refused (by exit status: {dict(sorted(refused.items()))}), "
+                f"{self.count('resumed')} resumed"
+                + (f"; FAILURES {dict(fails)}" if fails else "; no failures")
+                + (f"; {unencodable} could not be encoded" if unencodable else ""))
 
 
 class Victim:
@@ -559,6 +580,7 @@ class Harness:
         self.subprocess_every = subprocess_every
         self.count = 0
         self.before = set(descendants(os.getpid()))
+        self.named: set[str] = set()  # POSIX shm objects the mutant would make elsewhere
 
     def fuzz(self, well: int, raw_count: int, seed: int,
              report=lambda o: None) -> Figures:
@@ -575,10 +597,12 @@ class Harness:
                     # msgpack cannot hold it (an int past 64 bits): no image can
                     figs.outcomes.append(Outcome(what, "unencodable", detail=str(e)))
                     continue
+                self.named = _named_objects(items)
             else:
                 blob, what = raw(self.blob, rnd, self.items, path)
                 Path(path).write_bytes(blob)
-            o = self.one(path, what)
+                self.named = set()
+            o = replace(self.one(path, what), raw=k >= well)
             figs.outcomes.append(o)
             report(o)
         figs.seconds = time.monotonic() - began
@@ -681,6 +705,10 @@ class Harness:
                 left.append(f"process {pid} ({_state(pid)})")
             _kill_and_reap(pid)
         left += self.victim.leftovers()
+        for name in self.named - {str(self.victim.shm)}:
+            if os.path.exists(name):  # (the mutant's own name: not there before)
+                os.unlink(name)
+                left.append(name)
         if left and not o.failure:
             return replace(o, failure="leftovers", detail=", ".join(left))
         return o
