@@ -39,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections import Counter
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -49,7 +50,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from conftest import UPMIG, build_victim, descendants  # noqa: E402
-from upmig import cli, image, keys  # noqa: E402
+from upmig import image, keys  # noqa: E402
 from upmig.records import Pages, Process  # noqa: E402
 
 HANG_SECONDS = 10
@@ -637,22 +638,17 @@ class Harness:
 
     def _in_process(self, command: str, path: str) -> tuple[int, str, str]:
         out, err = io.StringIO(), io.StringIO()
-        handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP,
-                                                      signal.SIGINT)}
         argv = self._argv(command, path)
         try:
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            with _the_program() as cli, contextlib.redirect_stdout(out), \
+                    contextlib.redirect_stderr(err):
                 code = cli.main(argv)
         except Hung:
             raise
         except BaseException as e:  # noqa: BLE001 - a crash is what is looked for
-            import traceback
             err.write("Traceback (in process):\n" + "".join(
                 traceback.format_exception(type(e), e, e.__traceback__)))
             code = 1
-        finally:
-            for s, h in handlers.items():
-                signal.signal(s, h)
         return code, out.getvalue(), err.getvalue()
 
     def _subprocess(self, command: str, path: str) -> tuple[int, str, str]:
@@ -712,6 +708,26 @@ class Harness:
         if left and not o.failure:
             return replace(o, failure="leftovers", detail=", ".join(left))
         return o
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _the_program():
+    """upmig.cli, to call main() in this process. It is the program, not a library:
+    importing it takes SIGINT, SIGTERM and SIGHUP, and main() returns with them
+    blocked. Here both are given back after each call: a blocked SIGTERM would be
+    inherited by every victim the tests start afterwards, which then never end."""
+    handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    try:
+        from upmig import cli
+        yield cli
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 @contextlib.contextmanager

@@ -9,6 +9,8 @@ objects, files). Most mutants run in this process through upmig.cli.main, every
 
 from __future__ import annotations
 
+import signal
+
 import imagefuzz
 import pytest
 
@@ -23,7 +25,11 @@ def harness(tmp_path_factory) -> imagefuzz.Harness:
 
 
 def test_every_mutant_is_refused_cleanly_or_resumes_correctly(harness):
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     figs = harness.fuzz(WELL_FORMED, RAW, SEED)
+    # upmig.cli.main ran here hundreds of times: it must leave this process as it was
+    # (a SIGTERM left blocked is inherited by every victim started afterwards).
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask
     print(figs.summary())
     bad = [f"{o.failure}: {o.mutant}: {o.detail}" for o in figs.failures()]
     assert not bad, f"{len(bad)} of {len(figs.outcomes)} mutants:\n" + "\n".join(bad[:10])
