@@ -470,6 +470,23 @@ static int read_chunk(int pid, int mem_fd, struct cursor *cur, uint64_t *pos, ui
     return read_remote(pid, mem_fd, buf, want, rem, nrem);
 }
 
+/* Run fn over n workers' arguments (args, each size bytes apart): this thread is
+ * worker 0, the others threads of their own, all joined on return. Returns how
+ * many ran: fewer than n if a thread could not be made (the caller's failure). */
+static int run_workers(void *(*fn)(void *), void *args, size_t size, int n)
+{
+    pthread_t th[UP_MAX_THREADS];
+    int started = 1;
+
+    while (started < n &&
+           pthread_create(&th[started], NULL, fn, (char *)args + (size_t)started * size) == 0)
+        started++;
+    fn(args);
+    for (int k = 1; k < started; k++)
+        pthread_join(th[k], NULL);
+    return started;
+}
+
 struct dump_job {               /* shared by the workers of one up_dump_pages call */
     int pid, mem_fd, out_fd, nthreads;
     uint8_t *map;               /* the image's frames mapped (MAP_SHARED), or NULL */
@@ -483,7 +500,6 @@ struct dump_job {               /* shared by the workers of one up_dump_pages ca
 struct dump_worker {
     struct dump_job *job;
     int k, err, failed_op;
-    pthread_t th;
 };
 
 static void *dump_worker(void *arg)
@@ -587,20 +603,11 @@ long up_dump_pages(int pid, int mem_fd, const struct up_range *runs, size_t nrun
         stats->failed_op = 2;
         return err;
     }
-    int started = 0;
-    for (int k = 0; k < nthreads; k++) {
+    for (int k = 0; k < nthreads; k++)
         w[k] = (struct dump_worker){ .job = &j, .k = k };
-        if (k > 0 && pthread_create(&w[k].th, NULL, dump_worker, &w[k]) != 0) {
-            j.stop = 1;
-            err = -EAGAIN;
-            break;
-        }
-        started++;
-    }
-    if (started)
-        dump_worker(&w[0]);     /* this thread is worker 0 */
-    for (int k = 1; k < started; k++)
-        pthread_join(w[k].th, NULL);
+    int started = run_workers(dump_worker, w, sizeof(w[0]), nthreads);
+    if (started < nthreads)
+        err = -EAGAIN;          /* the chunks of the missing workers were not copied */
     for (int k = 0; k < started && !err; k++) {
         if (w[k].err) {
             err = w[k].err;
@@ -625,7 +632,6 @@ struct fill_job {
     const struct up_range *src, *dst;
     size_t nsrc, ndst;
     uint64_t from, len;         /* this worker's part of the byte stream */
-    pthread_t th;
 };
 
 static int put_pieces(struct fill_job *f, struct iovec *loc, struct iovec *rem, int n,
@@ -698,23 +704,16 @@ long up_fill_pages(int pid, int mem_fd, const struct up_range *src, size_t nsrc,
         return -EINVAL;
     /* Equal parts on page boundaries, so no two workers touch one page. */
     uint64_t part = ((total / (uint64_t)nthreads) + 4095) & ~4095ULL;
-    int started = 0;
     for (int k = 0; k < nthreads; k++) {
         uint64_t from = (uint64_t)k * part;
         f[k] = (struct fill_job){ .pid = pid, .mem_fd = mem_fd, .src = src, .nsrc = nsrc,
                                   .dst = dst, .ndst = ndst, .from = from,
                                   .len = from >= total ? 0 : (total - from < part ? total - from
                                                                                   : part) };
-        if (k > 0 && pthread_create(&f[k].th, NULL, fill_worker, &f[k]) != 0) {
-            f[0].err = -EAGAIN;
-            break;
-        }
-        started++;
     }
-    if (!f[0].err)
-        fill_worker(&f[0]);
-    for (int k = 1; k < started; k++)
-        pthread_join(f[k].th, NULL);
+    int started = run_workers(fill_worker, f, sizeof(f[0]), nthreads);
+    if (started < nthreads)
+        return -EAGAIN;         /* the parts of the missing workers were not filled */
     for (int k = 0; k < started; k++)
         if (f[k].err)
             return f[k].err;
@@ -772,7 +771,6 @@ struct verify_job {
     int nthreads, k;
     long bad;                   /* index of this worker's first bad frame, or -1 */
     int err;
-    pthread_t th;
 };
 
 static void *verify_worker(void *arg)
@@ -819,19 +817,12 @@ long up_verify_frames(const void *base, size_t len, size_t start, const uint8_t 
         nthreads = 1;
     if (count < nthreads)
         nthreads = (int)count;
-    for (int k = 0; k < nthreads; k++) {
+    for (int k = 0; k < nthreads; k++)
         v[k] = (struct verify_job){ .img = base, .key = key, .offs = offs, .count = count,
                                     .nthreads = nthreads, .k = k };
-        if (k > 0 && pthread_create(&v[k].th, NULL, verify_worker, &v[k]) != 0) {
-            err = -EAGAIN;
-            break;
-        }
-        started++;
-    }
-    if (started)
-        verify_worker(&v[0]);   /* this thread is worker 0 */
-    for (int k = 1; k < started; k++)
-        pthread_join(v[k].th, NULL);
+    started = run_workers(verify_worker, v, sizeof(v[0]), nthreads);
+    if (started < nthreads)
+        err = -EAGAIN;          /* the frames of the missing workers were not checked */
     for (int k = 0; k < started; k++) {
         if (v[k].err && !err)
             err = v[k].err;
