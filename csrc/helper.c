@@ -494,6 +494,10 @@ struct dump_job {               /* shared by the workers of one up_dump_pages ca
     size_t nruns;
     uint64_t total, chunk, nchunks, base;
     const uint8_t *key;         /* the image's frame key */
+    int stream;                 /* out_fd is a pipe or socket: frames go out in order */
+    pthread_mutex_t lock;       /* stream: whose turn it is to write */
+    pthread_cond_t turn;
+    uint64_t next;              /* stream: the chunk to be written next */
     volatile int stop;
 };
 
@@ -501,6 +505,33 @@ struct dump_worker {
     struct dump_job *job;
     int k, err, failed_op;
 };
+
+static void stop_all(struct dump_job *j)
+{
+    pthread_mutex_lock(&j->lock);
+    j->stop = 1;
+    pthread_cond_broadcast(&j->turn);     /* no one waits for a turn that never comes */
+    pthread_mutex_unlock(&j->lock);
+}
+
+/* A stream has no offsets to write at: chunk i goes out after chunk i - 1, while the
+ * other workers read and tag the chunks after it. */
+static int write_in_turn(struct dump_job *j, uint64_t i, struct iovec *out)
+{
+    pthread_mutex_lock(&j->lock);
+    while (j->next != i && !j->stop)
+        pthread_cond_wait(&j->turn, &j->lock);
+    int stopped = j->stop;
+    pthread_mutex_unlock(&j->lock);
+    if (stopped)
+        return -ECANCELED;      /* another worker failed: its error is the one */
+    int r = write_all(j->out_fd, out, 3, -1);
+    pthread_mutex_lock(&j->lock);
+    j->next++;
+    pthread_cond_broadcast(&j->turn);
+    pthread_mutex_unlock(&j->lock);
+    return r;
+}
 
 static void *dump_worker(void *arg)
 {
@@ -513,7 +544,7 @@ static void *dump_worker(void *arg)
 
     if ((!j->map && !buf) || !ctx) {
         w->err = -ENOMEM;
-        j->stop = 1;
+        stop_all(j);
         free(buf);
         EVP_CIPHER_CTX_free(ctx);
         return NULL;
@@ -544,7 +575,8 @@ static void *dump_worker(void *arg)
             continue;
         }
         struct iovec out[3] = { { head, sizeof(head) }, { buf, len }, { tag, sizeof(tag) } };
-        r = write_all(j->out_fd, out, 3, (int64_t)(j->base + off));
+        r = j->stream ? write_in_turn(j, i, out) : write_all(j->out_fd, out, 3,
+                                                             (int64_t)(j->base + off));
         if (r < 0) {
             w->err = r;
             w->failed_op = 2;
@@ -552,7 +584,7 @@ static void *dump_worker(void *arg)
         }
     }
     if (w->err)
-        j->stop = 1;
+        stop_all(j);
     free(buf);
     EVP_CIPHER_CTX_free(ctx);
     return NULL;
@@ -578,27 +610,27 @@ static int map_image(struct dump_job *j, uint64_t size, size_t *map_len)
 }
 
 long up_dump_pages(int pid, int mem_fd, const struct up_range *runs, size_t nruns,
-                   int out_fd, size_t chunk, int nthreads, const uint8_t *key,
-                   struct up_copy_stats *stats)
+                   int out_fd, uint64_t off, int stream, size_t chunk, int nthreads,
+                   const uint8_t *key, struct up_copy_stats *stats)
 {
     struct dump_job j = { .pid = pid, .mem_fd = mem_fd, .out_fd = out_fd, .runs = runs,
-                          .nruns = nruns, .chunk = chunk, .key = key };
+                          .nruns = nruns, .chunk = chunk, .key = key, .base = off,
+                          .stream = stream, .lock = PTHREAD_MUTEX_INITIALIZER,
+                          .turn = PTHREAD_COND_INITIALIZER };
     struct dump_worker w[UP_MAX_THREADS];
-    off_t base = lseek(out_fd, 0, SEEK_CUR);
 
     stats->failed_op = 0;
     for (size_t i = 0; i < nruns; i++)
         j.total += runs[i].end - runs[i].start;
-    if (base < 0 || chunk > (4u << 20) || nthreads < 1 || nthreads > UP_MAX_THREADS)
-        return base < 0 ? -errno : -EINVAL;     /* a pipe: the caller streams instead */
-    j.base = (uint64_t)base;
+    if (chunk > (4u << 20) || nthreads < 1 || nthreads > UP_MAX_THREADS)
+        return -EINVAL;
     j.nchunks = (j.total + chunk - 1) / chunk;
     if (j.nchunks < (uint64_t)nthreads)
         nthreads = j.nchunks ? (int)j.nchunks : 1;
     j.nthreads = nthreads;
     uint64_t size = j.nchunks * (UP_FRAME_HEAD + UP_FRAME_TAIL) + j.total;
     size_t map_len = 0;
-    int err = map_image(&j, size, &map_len);
+    int err = stream ? 0 : map_image(&j, size, &map_len);
     if (err) {
         stats->failed_op = 2;
         return err;
@@ -609,7 +641,7 @@ long up_dump_pages(int pid, int mem_fd, const struct up_range *runs, size_t nrun
     if (started < nthreads)
         err = -EAGAIN;          /* the chunks of the missing workers were not copied */
     for (int k = 0; k < started && !err; k++) {
-        if (w[k].err) {
+        if (w[k].err && w[k].err != -ECANCELED) {
             err = w[k].err;
             stats->failed_op = w[k].failed_op;
         }
@@ -618,7 +650,7 @@ long up_dump_pages(int pid, int mem_fd, const struct up_range *runs, size_t nrun
         munmap(j.map - (j.base & 4095), map_len);
     if (err)
         return err;
-    if (lseek(out_fd, (off_t)(j.base + size), SEEK_SET) < 0)
+    if (!stream && lseek(out_fd, (off_t)(j.base + size), SEEK_SET) < 0)
         return -errno;
     stats->bytes = j.total;
     stats->frames = j.nchunks;
@@ -718,6 +750,87 @@ long up_fill_pages(int pid, int mem_fd, const struct up_range *src, size_t nsrc,
         if (f[k].err)
             return f[k].err;
     return (long)total;
+}
+
+/* ---- resume: an image from a stream ---- */
+
+/* Read exactly len bytes; -ENODATA if the stream ends first. */
+static int read_exact(int fd, uint8_t *buf, uint64_t len, uint64_t *got)
+{
+    while (len) {
+        ssize_t r = read(fd, buf, len > (1u << 30) ? (1u << 30) : len);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return r < 0 ? -errno : -ENODATA;
+        buf += r;
+        len -= (uint64_t)r;
+        *got += (uint64_t)r;
+    }
+    return 0;
+}
+
+/* Room for need more bytes after used: the mapping doubled (it moves) when short. */
+static int grow(uint8_t **base, uint64_t *size, uint64_t used, uint64_t need, uint64_t cap)
+{
+    if (used + need <= *size)
+        return 0;
+    if (used + need > cap)
+        return -EFBIG;
+    uint64_t want = *size;
+    while (want < used + need)
+        want *= 2;
+    if (want > cap)
+        want = cap;
+    void *m = mremap(*base, *size, want, MREMAP_MAYMOVE);
+    if (m == MAP_FAILED)
+        return -errno;
+
+    *base = m;
+    *size = want;
+    return 0;
+}
+
+long up_read_stream(int fd, const void *prefix, size_t prefix_len, uint64_t max_payload,
+                    uint64_t cap, void **base_out, uint64_t *size_out, uint64_t *len_out)
+{
+    uint64_t size = 64u << 20, got = prefix_len;
+    uint8_t *base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    uint32_t head[2];
+    int r = 0;
+
+    if (base == MAP_FAILED)
+        return -errno;
+
+    memcpy(base, prefix, prefix_len);
+    /* Frame by frame, each read asking for the frame's rest and the next head, so
+     * that nothing after the trailer is consumed (a socket may carry more). */
+    r = grow(&base, &size, got, UP_FRAME_HEAD, cap);
+    if (!r)
+        r = read_exact(fd, base + got, UP_FRAME_HEAD, &got);
+    while (!r) {
+        memcpy(head, base + got - UP_FRAME_HEAD, sizeof(head));
+        if (head[0] < 1 || head[0] > 3 || head[1] > max_payload) {
+            r = -EINVAL;        /* not a frame: the walk names the offset */
+            break;
+        }
+        int last = head[0] == 3;
+        uint64_t rest = (uint64_t)head[1] + UP_FRAME_TAIL + (last ? 0 : UP_FRAME_HEAD);
+        r = grow(&base, &size, got, rest, cap);
+        if (!r)
+            r = read_exact(fd, base + got, rest, &got);
+        if (!r && last)
+            break;
+    }
+    *base_out = base;
+    *size_out = size;
+    *len_out = got;
+    return r;
+}
+
+void up_unmap(void *base, uint64_t size)
+{
+    munmap(base, size);
 }
 
 /* The frames of an image walked in order, checking types, lengths and the trailer

@@ -89,13 +89,24 @@ long up_copy_same_addresses(int src_pid, int src_mem_fd, int dst_pid, int dst_me
  * its result, or -errno. */
 long up_syscall4(long nr, long a, long b, long c, uint64_t d);
 
-/* Copy the target's bytes in runs[] into out_fd (a file, from its current offset) as
- * data frames of chunk (<= 4 MiB) bytes, each tagged with key, by nthreads threads
- * (<= 8); leaves the offset at the end. Reads with process_vm_readv, or pread of
- * mem_fd (/proc/PID/mem) when mem_fd >= 0 (for unreadable mappings). */
+/* Copy the target's bytes in runs[] into out_fd as data frames of chunk (<= 4 MiB)
+ * bytes, each tagged with key for its place at image offset off and on, by nthreads
+ * threads (<= 8). A file is written at off (its offset left at the end); a stream
+ * (a pipe or socket) gets the frames in order. Reads with process_vm_readv, or pread
+ * of mem_fd (/proc/PID/mem) when mem_fd >= 0 (for unreadable mappings). */
 long up_dump_pages(int pid, int mem_fd, const struct up_range *runs, size_t nruns,
-                   int out_fd, size_t chunk, int nthreads, const uint8_t *key,
-                   struct up_copy_stats *stats);
+                   int out_fd, uint64_t off, int stream, size_t chunk, int nthreads,
+                   const uint8_t *key, struct up_copy_stats *stats);
+
+/* Read one image from a stream (pipe or socket) into memory of our own: prefix (the
+ * header, already read) then frames up to the trailer's end, never past it. Frame
+ * heads are checked only for type (1-3) and length (<= max_payload): tags and the
+ * rest are checked by the caller. *base_out and *size_out get the mapping (free it with
+ * up_unmap), *len_out the bytes in it. Returns 0, -ENODATA (the stream ended first),
+ * -EINVAL (a bad frame head, ending at *len_out), -EFBIG (more than cap bytes). */
+long up_read_stream(int fd, const void *prefix, size_t prefix_len, uint64_t max_payload,
+                    uint64_t cap, void **base_out, uint64_t *size_out, uint64_t *len_out);
+void up_unmap(void *base, uint64_t size);
 
 /* Write local bytes (the concatenation of src[] ranges, addresses in this process)
  * into the target's runs dst[] (same total length), by nthreads threads:

@@ -267,18 +267,43 @@ class PageWriter:
         self.stats = ffi.new("struct up_copy_stats *")
         self.key = frame_key
 
-    def dump(self, pid: int, mem_fd: int, runs: list[tuple[int, int]], out_fd: int
-             ) -> CopyStats:
+    def dump(self, pid: int, mem_fd: int, runs: list[tuple[int, int]], out_fd: int,
+             off: int, stream: bool) -> CopyStats:
+        """The frames for runs, sealed for image offset off on: written at off of a
+        file, or in order to a stream (pipe, socket)."""
         arr = new_ranges(runs)
         nbytes = sum(e - s for s, e in runs)
         self.stats.bytes = 0
         self.stats.frames = 0
-        rc = lib.up_dump_pages(pid, mem_fd, arr, len(runs), out_fd, self.CHUNK,
-                               copy_threads(nbytes), self.key, self.stats)
+        rc = lib.up_dump_pages(pid, mem_fd, arr, len(runs), out_fd, off, int(stream),
+                               self.CHUNK, copy_threads(nbytes), self.key, self.stats)
         if rc < 0:
             failed = self.stats.failed_op
             check(rc, self.FAILED.get(failed, "writing image"), pid if failed == 1 else None)
         return CopyStats(int(self.stats.bytes), int(self.stats.frames))
+
+
+class StreamedImage:
+    """An image read from a stream into memory of our own (up_read_stream): a
+    buffer like a mapped file's, unmapped by close()."""
+
+    def __init__(self, fd: int, prefix: bytes, max_payload: int, cap: int):
+        base, size, got = ffi.new("void **"), ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        rc = lib.up_read_stream(fd, prefix, len(prefix), max_payload, cap, base, size, got)
+        if base[0] == ffi.NULL:  # nothing was mapped
+            check(rc, "reading the image stream")
+        self._base, self._size = base[0], int(size[0])
+        self.buf = ffi.buffer(ffi.cast("char *", self._base), int(got[0]))
+        self.error = -rc  # 0, ENODATA (ended early), EINVAL (bad frame head), EFBIG...
+        if rc < 0 and rc not in (-errno.ENODATA, -errno.EINVAL, -errno.EFBIG):
+            self.close()
+            check(rc, "reading the image stream")
+
+    def close(self) -> None:
+        if self._base is not None:
+            self.buf = None
+            lib.up_unmap(self._base, self._size)
+            self._base = None
 
 
 def fill_pages(pid: int, mem_fd: int, src: list[tuple[int, int]], dst: list[tuple[int, int]]

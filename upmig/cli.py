@@ -79,9 +79,16 @@ def _parser() -> argparse.ArgumentParser:
                                    "is left.",
                        epilog="example:\n  upmig dump 4242 -o job.upmig\n"
                               "  upmig dump 4242 -o ckpt.upmig --leave-running\n"
-                              "  upmig dump 4242 -o server.upmig --tcp-established")
+                              "  upmig dump 4242 -o server.upmig --tcp-established\n"
+                              "  upmig dump 4242 -o - | ssh node2 upmig resume -d -\n\n"
+                              "With -o - nothing can be read back: the process is killed "
+                              "once the\nlast byte has gone out, and is lost if the reader "
+                              "then fails. Use\n--leave-running or --leave-stopped to keep "
+                              "it until the move is known to\nhave worked.")
     d.add_argument("pid", type=int, metavar="PID")
-    d.add_argument("-o", "--output", required=True, metavar="IMAGE", help="image file to write")
+    d.add_argument("-o", "--output", required=True, metavar="IMAGE",
+                   help="image file to write, or - for standard output (a pipe or socket, "
+                        "say into `upmig resume -`; the result line then goes to stderr)")
     leave = d.add_mutually_exclusive_group()
     leave.add_argument("--leave-running", action="store_true",
                        help="let the process go on after the dump (a checkpoint)")
@@ -110,8 +117,11 @@ def _parser() -> argparse.ArgumentParser:
                                    "exit with its status; its fds 0-2 that were a terminal, "
                                    "pipe or socket become upmig's own.",
                        epilog="example:\n  upmig resume job.upmig\n  upmig resume -d job.upmig\n"
-                              "  upmig resume --pidns job.upmig   # its PID is taken here")
-    r.add_argument("image", metavar="IMAGE")
+                              "  upmig resume --pidns job.upmig   # its PID is taken here\n"
+                              "  upmig dump 4242 -o - | upmig resume -d -")
+    r.add_argument("image", metavar="IMAGE",
+                   help="image file, or - to read it from standard input (read whole and "
+                        "checked before anything is built)")
     r.add_argument("-d", "--detach", action="store_true",
                    help="print the PID and return at once, leaving the process running")
     r.add_argument("--json", action="store_true",
@@ -206,15 +216,17 @@ def _dump(a: argparse.Namespace) -> int:
     finally:
         progress.done()
     _too_late_to_stop()
+    out = sys.stderr if a.output == "-" else sys.stdout  # stdout was the image
     if a.json:
-        print(json.dumps({**res.__dict__, "process": after}))
+        print(json.dumps({**res.__dict__, "process": after}), file=out)
     else:
         tree = (f"{res.processes} processes, " if res.processes > 1 else "")
-        print(f"dumped pid {res.pid} to {res.image}: {res.image_bytes / 2**20:.1f} MiB "
+        where = "stdout" if a.output == "-" else res.image
+        print(f"dumped pid {res.pid} to {where}: {res.image_bytes / 2**20:.1f} MiB "
               f"({res.data_bytes / 2**20:.1f} MiB of pages, {tree}{res.threads} thread"
               f"{'s' if res.threads > 1 else ''}, {res.vmas} vmas, {res.fds} fds), "
               f"frozen {res.frozen_seconds * 1000:.0f} ms; "
-              f"{'processes' if res.processes > 1 else 'process'} {after}")
+              f"{'processes' if res.processes > 1 else 'process'} {after}", file=out)
     return 0
 
 

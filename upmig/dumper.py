@@ -37,11 +37,12 @@ from upmig import (
 from upmig import _native as nat
 from upmig.errors import CantMigrate, ImageError, NoSuchProcess, UpmigError, describe_oserror
 from upmig.image import RUNS_PER_RECORD, ImageWriter
-from upmig.newfile import NewFile
+from upmig.newfile import NewFile, Stream
 from upmig.records import CowPages, Header, MappedFile, Thread
 from upmig.syscalls import nr
 
 LEAVE = ("kill", "run", "stop")
+STDOUT = "-"  # the image path that means standard output
 
 
 @dataclass
@@ -71,7 +72,10 @@ def dump(pid: int, image_path: str, *, leave: str = "kill",
     on untouched. ghost_limit: the most bytes a deleted-but-open file may hold (None:
     no limit). tcp_established: take established TCP connections along (TCP repair).
     shell_job: the tree's session and terminal belong to a shell outside it.
-    key_file: the key that seals the image (upmig.keys; made if it does not exist)."""
+    key_file: the key that seals the image (upmig.keys; made if it does not exist).
+    image_path "-" writes the image to standard output (a pipe or socket), which
+    cannot be read back: with leave="kill" the process is killed once the last byte
+    has gone out, so a reader that fails after that loses it."""
     if leave not in LEAVE:
         raise ValueError(f"leave must be one of {LEAVE}")
     began = time.perf_counter()
@@ -82,12 +86,12 @@ def dump(pid: int, image_path: str, *, leave: str = "kill",
     for p in freeze.descendants(pid):  # hashing data files is slow: do it before freezing
         known.update(_identify_mapped(p))
     commit = ExitStack()
-    out: NewFile | None = None
+    out: NewFile | Stream | None = None
     try:
         # Inside the cleanup's reach: a signal just after the open must not leave the
         # file behind (and it has no name until it is committed: SIGKILL leaves nothing).
         try:
-            out = NewFile(image_path)
+            out = Stream(1) if image_path == STDOUT else NewFile(image_path)
         except OSError as e:
             raise UpmigError(f"cannot write the image: {e.strerror}",
                              what=image_path) from None
@@ -100,8 +104,11 @@ def dump(pid: int, image_path: str, *, leave: str = "kill",
             try:
                 size, data, nvma, nfd = _capture_and_write(fz, out.fd, key, note, known,
                                                            ghost_limit, repairs, shell_job)
-                os.fsync(out.fd)
-                if leave == "kill":  # the image is all that will be left of it
+                if isinstance(out, NewFile):
+                    os.fsync(out.fd)
+                if leave == "kill" and isinstance(out, NewFile):
+                    # The image is all that will be left of it. (A stream cannot be
+                    # read back; its reader checks every frame's seal.)
                     note("verifying", 0)
                     _verify(f"/proc/self/fd/{out.fd}", pid)
                 if repairs:
@@ -208,7 +215,7 @@ def _capture_and_write(fz: freeze.Tree, fd: int, key: keys.Key, note: Progress,
         w.record(rec)  # a zombie is all in its Process record
     w.finish()
     note("done", 0)
-    return os.fstat(fd).st_size, w.data_bytes, nvma, nfd
+    return w.off, w.data_bytes, nvma, nfd
 
 
 def _capture_process(w: ImageWriter, fz: freeze.Frozen, note: Progress,

@@ -32,8 +32,10 @@ Corrupt too, naming the record and field, before inspect or resume use any of it
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
+import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,11 +70,13 @@ def header(key: Key, salt: bytes) -> bytes:
 
 
 class ImageWriter:
-    """Writes records and page data to an open fd (from its start), sealing each
-    frame with key."""
+    """Writes records and page data to an open fd, sealing each frame with key: a
+    file (from its start), or a stream (a pipe or socket), which gets every byte in
+    order and nothing else."""
 
     def __init__(self, fd: int, key: Key, progress: Callable[[int], None] | None = None):
         self.fd = fd
+        self.stream = not stat.S_ISREG(os.fstat(fd).st_mode)
         self.records = 0
         self.data_bytes = 0
         self.progress = progress
@@ -107,7 +111,7 @@ class ImageWriter:
             nbytes = sum(e - s for s, e in part)
             self.record(Pages(runs=[x for run in part for x in run], nbytes=nbytes,
                               target=target))
-            stats = self._pages.dump(pid, mem_fd, part, self.fd)
+            stats = self._pages.dump(pid, mem_fd, part, self.fd, self.off, self.stream)
             self.off += stats.bytes + stats.frames * (FRAME_HEAD.size + FRAME_TAIL.size)
             self.data_bytes += stats.bytes
             total += stats.bytes
@@ -146,7 +150,7 @@ class Records:
     path: str
     records: list[Any]
     pages: list[PageData]
-    data: mmap.mmap | None = field(repr=False, default=None)
+    data: Any = field(repr=False, default=None)  # the image's bytes: a buffer
 
     def of(self, cls: type) -> list[Any]:
         return [r for r in self.records if isinstance(r, cls)]
@@ -172,40 +176,90 @@ class Image(Records):
     size: int = 0
     sections: list[Section] = field(default_factory=list)
     sealed: bool = False     # the key load() was given sealed it
+    holder: Any = field(repr=False, default=None)  # what data lives in: closed by close()
 
     def processes(self) -> list[Section]:
         return self.sections
 
     def close(self) -> None:
-        if self.data is not None:
-            self.data.close()
-            self.data = None
+        self.data = None
+        for sec in self.sections:
+            sec.data = None
+        if self.holder is not None:
+            self.holder.close()
+            self.holder = None
+
+
+STDIN = "-"  # the path that means: the image comes on standard input
+PIPE_SIZE = 1 << 20  # the most an unprivileged process may ask for
 
 
 def load(path: str, *, key: Key | None = None) -> Image:
     """Open, check, then parse and validate. Raises an ImageError subclass.
+    path: a file, or "-" for standard input (a file, a pipe or a socket: a stream is
+    read whole into memory, up to its trailer, before anything of it is used).
     key: refuse an image this key did not seal (NotSealed: another key's; Corrupt: a
     frame that does not match its tag); the image is then Image.sealed. Without a
     key only the structure and the records are checked (inspect, or an image this
     process has just written)."""
+    what = "stdin" if path == STDIN else path
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = 0 if path == STDIN else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         raise ImageError(f"cannot open image: {e.strerror}", what=path) from None
     try:
-        size = os.fstat(fd).st_size
-        if size < HEADER.size:
-            raise Truncated(f"image is truncated ({size} bytes, not even a header)", what=path)
-        data = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-    except OSError as e:
-        raise ImageError(f"cannot read image: {e.strerror}", what=path) from None
+        holder, data = _read(what, fd, key)
     finally:
-        os.close(fd)
+        if fd != 0:
+            os.close(fd)
     try:
-        return _parse(path, data, key)
+        img = _parse(what, data, key)
     except BaseException:
-        data.close()
+        data = None
+        holder.close()
         raise
+    img.holder = holder
+    return img
+
+
+def _read(what: str, fd: int, key: Key | None) -> tuple[Any, Any]:
+    """(what holds the image's bytes, the bytes as a buffer): a file mapped, or a
+    stream read into memory."""
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return _read_stream(what, fd, key)
+        if st.st_size < HEADER.size:
+            raise Truncated(f"image is truncated ({st.st_size} bytes, not even a header)",
+                            what=what)
+        data = mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ)
+    except OSError as e:
+        raise ImageError(f"cannot read image: {e.strerror}", what=what) from None
+    return data, data
+
+
+def _read_stream(what: str, fd: int, key: Key | None) -> tuple[Any, Any]:
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)  # fewer, larger reads
+    except OSError:
+        pass  # not a pipe, or a smaller limit: it only goes slower
+    head = b""
+    while len(head) < HEADER.size:
+        part = os.read(fd, HEADER.size - len(head))
+        if not part:
+            raise Truncated(f"image is truncated ({len(head)} bytes, not even a header)",
+                            what=what)
+        head += part
+    _check_header(what, head, key)  # before gigabytes of someone else's stream are read
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    got = _native.StreamedImage(fd, head, MAX_PAYLOAD, memory)
+    if got.error == errno.EFBIG:
+        got.close()
+        raise ImageError(f"the image stream is larger than this machine's memory "
+                         f"({memory >> 20} MiB)", what=what)
+    # A stream that ended early or went astray is read as far as it came: the walk
+    # of its frames then says what is wrong, and where.
+    return got, got.buf
 
 
 def sealed_by(img: Image, key: Key) -> bool:
@@ -217,10 +271,8 @@ def sealed_by(img: Image, key: Key) -> bool:
     return rc >= 0
 
 
-def _parse(path: str, data: mmap.mmap, key: Key | None) -> Image:
-    if len(data) < HEADER.size:
-        raise Truncated(f"image is truncated ({len(data)} bytes, not even a header)",
-                        what=path)
+def _check_header(path: str, data: Any, key: Key | None) -> tuple[bytes, bytes]:
+    """The header's key id and salt, once magic, version and key id are right."""
     magic, version, reserved, key_id, salt = HEADER.unpack_from(data, 0)
     if magic != MAGIC:
         raise Corrupt("not an upmig image (bad magic)", what=path)
@@ -236,6 +288,14 @@ def _parse(path: str, data: mmap.mmap, key: Key | None) -> Image:
         raise NotSealed(f"the image was not sealed with this machine's key ({key.path}, id "
                         f"{key.id.hex()}) but with key id {key_id.hex()}; resume it where "
                         "that key is, or share the key", what=path)
+    return key_id, salt
+
+
+def _parse(path: str, data: Any, key: Key | None) -> Image:
+    if len(data) < HEADER.size:
+        raise Truncated(f"image is truncated ({len(data)} bytes, not even a header)",
+                        what=path)
+    _, salt = _check_header(path, data, key)
     frame_key = key.frame_key(salt) if key is not None else None
     rc, off = _native.verify_frames(data, HEADER.size, frame_key, MAX_PAYLOAD)
     if rc < 0:
@@ -257,7 +317,7 @@ def _verify_failed(path: str, rc: int, off: int, size: int) -> None:
     raise Corrupt(f"image is corrupt: bad frame at byte {off}", what=path)
 
 
-def _records(path: str, data: mmap.mmap) -> Image:
+def _records(path: str, data: Any) -> Image:
     """Every record, and where each pages record's bytes are."""
     # Imported here: the schema names the state modules' constants, and they import this.
     from upmig.validate import Validator
