@@ -231,25 +231,68 @@ def _dump(a: argparse.Namespace) -> int:
 
 
 def _resume(a: argparse.Namespace) -> int:
-    from upmig.restore import forward_signals, resume, stderr_notice, take_terminal_back, wait
+    from upmig.restore import resume
 
     # Once it is about to run, a signal to us is for it (waiting), or too late to
     # undo anything (detached).
-    res = resume(a.image, pids=a.pids, notice=stderr_notice,
-                 on_ready=(lambda _pid: _too_late_to_stop()) if a.detach else forward_signals,
+    res = resume(a.image, pids=a.pids, notice=_notice,
+                 on_ready=(lambda _pid: _too_late_to_stop()) if a.detach else _forward_signals,
                  terminal=not a.detach, key_file=a.key_file,
                  allow_changed_files=a.allow_changed_files)
     if a.detach:
         print(json.dumps(res.__dict__) if a.json else res.pid, flush=True)
         return 0
-    status = wait(res.pid)
+    status = _wait(res.pid)
     if res.foreground:
-        take_terminal_back()
+        _take_terminal_back()
     if res.pidns_init:  # its namespace's PID 1 follows it, unless orphans live on
         _reap_soon(res.pidns_init, 1.0)
     if a.json:
         print(json.dumps({**res.__dict__, "exit_status": status}), flush=True)
     return status
+
+
+def _notice(msg: str) -> None:
+    print(f"upmig: {msg}", file=sys.stderr, flush=True)
+
+
+def _forward_signals(pid: int) -> None:
+    """From now on SIGTERM and SIGHUP sent to us go to pid; terminal signals
+    (SIGINT, SIGQUIT) reach it directly, so we ignore them."""
+    def forward(signum, _frame):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, forward)
+    for s in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(s, signal.SIG_IGN)
+
+
+def _wait(pid: int) -> int:
+    """Wait for our resumed child; its exit status as a shell reports it."""
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+        except InterruptedError:
+            continue
+        if os.WIFEXITED(status):
+            return os.WEXITSTATUS(status)
+        if os.WIFSIGNALED(status):
+            return 128 + os.WTERMSIG(status)
+
+
+def _take_terminal_back() -> None:
+    """The foreground group has ended (or stopped): our own group leads again."""
+    old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # we are in the background
+    try:
+        os.tcsetpgrp(0, os.getpgrp())
+    except OSError:
+        pass  # the terminal is gone
+    finally:
+        signal.signal(signal.SIGTTOU, old)
 
 
 def _reap_soon(pid: int, seconds: float) -> None:

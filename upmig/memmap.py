@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from upmig import _native as nat
 from upmig import _proc, fileid
-from upmig.errors import CantMigrate, Mismatch
-from upmig.records import MM, Vma
+from upmig.errors import CantMigrate, Corrupt, Mismatch
+from upmig.records import MM, CowPages, Vma
 from upmig.syscalls import nr
 
 # PAGEMAP_SCAN: pages that are present or swapped, neither file pages nor the zero page.
@@ -389,3 +389,28 @@ def restore_mm(s, mm: MM, exe: str, held: fileid.Held) -> None:
                what="prctl(PR_SET_MM_MAP)")
     finally:
         s.raw(nr.close, exe_fd)
+
+
+def fill(pid: int, data, pages: list) -> None:
+    """Page contents straight from the image's bytes (data, mapped or read) into the
+    process. pages: its image.PageData; those with a target are a ghost file's or a
+    SysV segment's contents, not memory (upmig.ghosts, upmig.sysv)."""
+    base = nat.buffer_address(data)
+    for pd in pages:
+        if not pd.target:
+            nat.fill_pages(pid, -1, pd.sources(base), pd.runs)
+
+
+def copy_cow(pid: int, mem_fd: int, cow: list[CowPages], outer: dict[int, int],
+             what: str) -> None:
+    """Pages the process shared with its parent at dump: from the parent, rebuilt
+    before it (and not running yet). outer: PIDs in the image -> here."""
+    for rec in cow:
+        runs = list(zip(rec.runs[0::2], rec.runs[1::2], strict=True))
+        if rec.source not in outer or any(a >= b or (a | b) % nat.PAGE for a, b in runs):
+            raise Corrupt(f"a cow_pages record of pid {pid} is malformed", what=what)
+        src = os.open(f"/proc/{outer[rec.source]}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            nat.copy_same_addresses(outer[rec.source], src, pid, mem_fd, runs)
+        finally:
+            os.close(src)

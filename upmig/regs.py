@@ -10,6 +10,7 @@ import struct
 from ptrace.binding.linux_struct import user_regs_struct
 
 from upmig import _native as nat
+from upmig.errors import Mismatch
 from upmig.inject import Session
 from upmig.records import Thread
 from upmig.syscalls import nr
@@ -100,3 +101,32 @@ def for_restore(raw: bytes) -> bytes:
             r.rip -= 2
     r.orig_rax = 0xFFFFFFFFFFFFFFFF
     return encode(r)
+
+
+def restore(tid: int, th: Thread) -> None:
+    """Give a rebuilt thread its registers last: the XSAVE area, the general
+    registers (for_restore) and its signal mask."""
+    here = nat.get_regset(tid, nat.NT_X86_XSTATE)
+    check_xsave(th.xsave, here)
+    # The kernel takes only an area of its own size; the header's xstate_bv says
+    # which parts of a shorter saved area are valid, the rest is zero.
+    nat.set_regset(tid, nat.NT_X86_XSTATE, th.xsave.ljust(len(here), b"\0"))
+    nat.set_regs(tid, for_restore(th.regs))
+    nat.set_sigmask(tid, th.blocked)
+
+
+# Offsets in the XSAVE area as PTRACE_GETREGSET gives it: the kernel puts the XCR0
+# it exposes to user space in the first word of the legacy area's software-reserved
+# bytes (464, USER_XSTATE_XCR0_WORD), and the XSAVE header starts at 512 with
+# XSTATE_BV, the components the saved area holds (Intel SDM vol. 1, 13.4).
+XSAVE_SW_XCR0 = slice(464, 472)
+XSAVE_HEADER_BV = slice(512, 520)
+
+
+def check_xsave(saved: bytes, here: bytes) -> None:
+    """The CPU here must have every state component the image's XSAVE area uses."""
+    xcr0_here = int.from_bytes(here[XSAVE_SW_XCR0], "little")
+    used = int.from_bytes(saved[XSAVE_HEADER_BV], "little")
+    if used & ~xcr0_here or len(saved) > len(here):
+        raise Mismatch(f"this CPU lacks register state the process uses (XSAVE features "
+                       f"{used:#x}, CPU has {xcr0_here:#x})")
