@@ -1,8 +1,26 @@
 """`upmig dump`: freeze, capture every kind of state, write one image, release.
 
+The operation is STAGES, run in order on one `Dump`. The capture stages only
+read: they return records, and PageSources saying where page bytes are, into
+Dump.items in image order; one writer stage then writes them all. Every stage
+registers on the operation's ExitStack what must happen however the dump ends:
+files closed, the tree released (killed, stopped or running on, as the commit
+decided; running on as before if the dump failed).
+
 The process is precious: every check that can refuse runs before anything is
 written; the image is written nameless (upmig.newfile) and sealed, and appears at
-its path only when complete; on any failure it is gone and the process runs on."""
+its path only when complete; on any failure it is gone and the process runs on.
+
+Why the stages are in this order:
+- The key, the cheap refusals and the hashing of mapped files come before the
+  freeze, so a dump that cannot happen never stops the process.
+- The output is opened before the freeze, and the guard that keeps signals from
+  splitting the commit is registered before both: unwinding runs in reverse, so
+  the freeze's release (the kill) happens inside it.
+- The tree is captured from the top (a parent before its children) so that resume
+  can rebuild it in that order; the SysV objects are the tree's and come first.
+- Pending signals are read last in each process, every thread stopped, so one
+  sent meanwhile is in the image."""
 
 from __future__ import annotations
 
@@ -11,7 +29,8 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from upmig import (
     __version__,
@@ -36,9 +55,9 @@ from upmig import (
 )
 from upmig import _native as nat
 from upmig.errors import CantMigrate, ImageError, NoSuchProcess, UpmigError, describe_oserror
-from upmig.image import RUNS_PER_RECORD, ImageWriter
+from upmig.image import RUNS_PER_RECORD, ImageWriter, PageSource
 from upmig.newfile import NewFile, Stream
-from upmig.records import CowPages, Header, MappedFile, Thread
+from upmig.records import CowPages, Header, MappedFile, Process, Thread
 from upmig.syscalls import nr
 
 LEAVE = ("kill", "run", "stop")
@@ -63,6 +82,38 @@ class DumpResult:
 Progress = Callable[[str, int], None]
 
 
+@dataclass
+class Dump:
+    """One dump: what was asked, and what has been taken so far."""
+
+    pid: int
+    image_path: str
+    leave: str
+    note: Progress
+    ghost_limit: int | None
+    tcp_established: bool
+    shell_job: bool
+    key_file: str | None
+    undo: ExitStack
+    commit_guard: ExitStack = field(default_factory=ExitStack)
+    key: keys.Key | None = None
+    known: dict[str, MappedFile] = field(default_factory=dict)  # hashed before the freeze
+    out: NewFile | Stream | None = None
+    fz: freeze.Tree | None = None
+    repairs: inet.Repairs | None = None
+    procs: list[Process] = field(default_factory=list)  # members first, then zombies
+    maps: dict[int, list[_proc.MapsLine]] = field(default_factory=dict)  # read frozen
+    items: list[Any] = field(default_factory=list)      # records and PageSources, in order
+    written: set[int] = field(default_factory=set)      # ghosts whose bytes are in items
+    vmas: int = 0
+    fds: int = 0
+    image_bytes: int = 0
+    data_bytes: int = 0
+    seizing: float = 0.0
+    frozen_at: float = 0.0
+    frozen: float = 0.0
+
+
 def dump(pid: int, image_path: str, *, leave: str = "kill",
          progress: Progress | None = None, ghost_limit: int | None = None,
          tcp_established: bool = False, shell_job: bool = False,
@@ -79,58 +130,143 @@ def dump(pid: int, image_path: str, *, leave: str = "kill",
     if leave not in LEAVE:
         raise ValueError(f"leave must be one of {LEAVE}")
     began = time.perf_counter()
-    note = progress or (lambda step, n: None)
-    key = keys.load(key_file, create=True)  # a key problem must not touch the process
-    preflight(pid)
-    known: dict[str, MappedFile] = {}
-    for p in freeze.descendants(pid):  # hashing data files is slow: do it before freezing
-        known.update(_identify_mapped(p))
-    commit = ExitStack()
-    out: NewFile | Stream | None = None
-    try:
-        # Inside the cleanup's reach: a signal just after the open must not leave the
-        # file behind (and it has no name until it is committed: SIGKILL leaves nothing).
-        try:
-            out = Stream(1) if image_path == STDOUT else NewFile(image_path)
-        except OSError as e:
-            raise UpmigError(f"cannot write the image: {e.strerror}",
-                             what=image_path) from None
-        seizing = time.perf_counter()
-        with freeze.frozen(pid) as fz:
-            frozen_at = time.perf_counter()
-            repairs = inet.Repairs() if tcp_established else None
-            if repairs:
-                fz.cleanups.append(repairs.release)
+    with ExitStack() as undo:
+        d = Dump(pid, image_path, leave, progress or (lambda step, n: None), ghost_limit,
+                 tcp_established, shell_job, key_file, undo)
+        undo.enter_context(d.commit_guard)  # first in, so last out: see the docstring
+        for stage in STAGES:
             try:
-                size, data, nvma, nfd = _capture_and_write(fz, out.fd, key, note, known,
-                                                           ghost_limit, repairs, shell_job)
-                if isinstance(out, NewFile):
-                    os.fsync(out.fd)
-                if leave == "kill" and isinstance(out, NewFile):
-                    # The image is all that will be left of it. (A stream cannot be
-                    # read back; its reader checks every frame's seal.)
-                    note("verifying", 0)
-                    _verify(f"/proc/self/fd/{out.fd}", pid)
-                if repairs:
-                    repairs.check_unchanged(pid)
+                stage(d)
             except OSError as e:
                 raise _explain(pid, e) from None
-            # The commit: from the link to the kill, a signal to upmig must not
-            # leave an image and a live process both, nor neither; one that comes
-            # meanwhile is too late to stop it.
-            commit.enter_context(critical.deferred(drain=True))
-            out.commit()
-            fz.on_release = leave
-            note("committed", 0)
-            frozen = time.perf_counter() - frozen_at
-    finally:
-        if out is not None:
-            out.close()
-        commit.close()
-    return DumpResult(pid, image_path, size, data, nvma, nfd, len(fz.tids),
-                      len(fz.members) + len(fz.zombies), frozen_at - seizing, frozen,
-                      time.perf_counter() - began)
+    fz = d.fz
+    return DumpResult(pid, image_path, d.image_bytes, d.data_bytes, d.vmas, d.fds,
+                      len(fz.tids), len(fz.members) + len(fz.zombies),
+                      d.frozen_at - d.seizing, d.frozen, time.perf_counter() - began)
 
+
+# ---- the stages of a dump
+
+def load_key(d: Dump) -> None:
+    d.key = keys.load(d.key_file, create=True)  # a key problem must not touch the process
+
+
+def check_before_freezing(d: Dump) -> None:
+    preflight(d.pid)
+
+
+def identify_mapped(d: Dump) -> None:
+    """Hashing data files is slow: done before the freeze, looked at again after."""
+    for p in freeze.descendants(d.pid):
+        d.known.update(_identify_mapped(p))
+
+
+def open_output(d: Dump) -> None:
+    try:
+        d.out = Stream(1) if d.image_path == STDOUT else NewFile(d.image_path)
+    except OSError as e:
+        raise UpmigError(f"cannot write the image: {e.strerror}",
+                         what=d.image_path) from None
+    d.undo.callback(d.out.close)  # uncommitted, a new file is gone (it has no name)
+
+
+def freeze_tree(d: Dump) -> None:
+    d.seizing = time.perf_counter()
+    d.fz = d.undo.enter_context(freeze.frozen(d.pid))
+    d.frozen_at = time.perf_counter()
+
+
+def take_tcp_repair(d: Dump) -> None:
+    if d.tcp_established:
+        d.repairs = inet.Repairs()
+        d.fz.cleanups.append(d.repairs.release)
+
+
+def capture_tree(d: Dump) -> None:
+    """The tree's processes, checked as a whole, and what they share: the header,
+    then the SysV objects, before any process's section."""
+    for m in d.fz.members:
+        preflight(m.pid)  # again, now that they are frozen
+    d.procs = [tree.record(m.pid) for m in d.fz.members]
+    d.procs += [tree.zombie_record(z) for z in d.fz.zombies]
+    tree.check(d.procs, d.shell_job)
+    uts = os.uname()
+    d.items.append(Header(arch=uts.machine, kernel=uts.release, upmig_version=__version__,
+                          created=time.time(), hostname=uts.nodename,
+                          page_size=os.sysconf("SC_PAGE_SIZE"), pid=d.fz.pid))
+    # Each process's maps, read once for what the tree shares (all are frozen).
+    d.maps = {m.pid: _proc.parse_maps(_proc.read_text(m.pid, "maps")) for m in d.fz.members}
+    ghosts.refuse_outsiders(d.maps)
+    d.items += sysv.records_and_contents(sysv.capture(d.maps), d.undo)
+
+
+def capture_processes(d: Dump) -> None:
+    """Each live process's section, a parent before its children; then the zombies,
+    each all in its Process record."""
+    shared = sharing.scan(d.fz.members)
+    live = {m.pid for m in d.fz.members}
+    parents = {rec.pid: rec.ppid for rec in d.procs if rec.ppid in live and rec.pid in live}
+    # Pages shared with the parent since fork, before any injection can touch one.
+    cow = {pid: memmap.same_as_parent(pid, ppid, d.maps[pid]) for pid, ppid in parents.items()}
+    for m, rec in zip(d.fz.members, d.procs, strict=False):
+        d.items.append(rec)
+        _capture_process(d, m, shared, parents.get(m.pid, 0), cow.get(m.pid, []))
+    d.items += d.procs[len(d.fz.members):]
+
+
+def write_image(d: Dump) -> None:
+    w = ImageWriter(d.out.fd, d.key, progress=lambda n: d.note("pages", n))
+    for item in d.items:
+        w.write(item)
+    w.finish()
+    d.note("done", 0)
+    d.image_bytes, d.data_bytes = w.off, w.data_bytes
+
+
+def verify(d: Dump) -> None:
+    """Read back what was written, when it is all that will be left of the process:
+    every frame and record in place, the trailer right. (The seal's tags were made
+    from these very bytes as they went out.) A stream cannot be read back; its
+    reader checks every frame's seal."""
+    if isinstance(d.out, NewFile):
+        os.fsync(d.out.fd)
+        if d.leave == "kill":
+            d.note("verifying", 0)
+            try:
+                image.load(f"/proc/self/fd/{d.out.fd}").close()
+            except ImageError as e:
+                raise UpmigError(f"the image just written does not verify ({e.why}); the "
+                                 "process was left running", pid=d.pid) from None
+    if d.repairs:
+        d.repairs.check_unchanged(d.pid)
+
+
+def commit(d: Dump) -> None:
+    """From the link to the kill, a signal to upmig must not leave an image and a
+    live process both, nor neither; one that comes meanwhile is too late to stop it."""
+    d.commit_guard.enter_context(critical.deferred(drain=True))
+    d.out.commit()
+    d.fz.on_release = d.leave
+    d.note("committed", 0)
+    d.frozen = time.perf_counter() - d.frozen_at
+
+
+STAGES: tuple[Callable[[Dump], None], ...] = (
+    load_key,
+    check_before_freezing,
+    identify_mapped,
+    open_output,
+    freeze_tree,
+    take_tcp_repair,
+    capture_tree,
+    capture_processes,
+    write_image,
+    verify,
+    commit,
+)
+
+
+# ---- one process
 
 def preflight(pid: int) -> None:
     """Cheap refusals before the process is even frozen."""
@@ -171,110 +307,56 @@ def _identify_mapped(pid: int) -> dict[str, MappedFile]:
     return found
 
 
-def _verify(path: str, pid: int) -> None:
-    """Read back what was written: every frame and record in place, the trailer
-    right. (The checksums were computed from these very bytes as they went out.)"""
-    try:
-        image.load(path).close()
-    except ImageError as e:
-        raise UpmigError(f"the image just written does not verify ({e.why}); the process "
-                         "was left running", pid=pid) from None
-
-
-def _capture_and_write(fz: freeze.Tree, fd: int, key: keys.Key, note: Progress,
-                       known: dict[str, MappedFile], ghost_limit: int | None,
-                       repairs: inet.Repairs | None, shell_job: bool
-                       ) -> tuple[int, int, int, int]:
-    for m in fz.members:
-        preflight(m.pid)  # again, now that they are frozen
-    procs = [tree.record(m.pid) for m in fz.members]
-    procs += [tree.zombie_record(z) for z in fz.zombies]
-    tree.check(procs, shell_job)
-    # Each process's maps, read once for what the tree shares (all are frozen).
-    maps = {m.pid: _proc.parse_maps(_proc.read_text(m.pid, "maps")) for m in fz.members}
-    ghosts.refuse_outsiders(maps)
-    ipc = sysv.capture(maps)
-    shared = sharing.scan(fz.members)
-    w = ImageWriter(fd, key, progress=lambda n: note("pages", n))
-    uts = os.uname()
-    w.record(Header(arch=uts.machine, kernel=uts.release, upmig_version=__version__,
-                    created=time.time(), hostname=uts.nodename,
-                    page_size=os.sysconf("SC_PAGE_SIZE"), pid=fz.pid))
-    sysv.write(w, ipc)  # the tree's, before any process's section
-    nvma = nfd = 0
-    written: set[int] = set()  # ghosts whose bytes are in the image already
-    live = {m.pid for m in fz.members}
-    parents = {rec.pid: rec.ppid for rec in procs if rec.ppid in live and rec.pid in live}
-    cow = {pid: memmap.same_as_parent(pid, ppid, maps[pid]) for pid, ppid in parents.items()}
-    for m, rec in zip(fz.members, procs, strict=False):
-        w.record(rec)
-        v, f = _capture_process(w, m, note, known, ghost_limit, repairs, shared, written,
-                                parents.get(m.pid, 0), cow.get(m.pid, []))
-        nvma, nfd = nvma + v, nfd + f
-    for rec in procs[len(fz.members):]:
-        w.record(rec)  # a zombie is all in its Process record
-    w.finish()
-    note("done", 0)
-    return w.off, w.data_bytes, nvma, nfd
-
-
-def _capture_process(w: ImageWriter, fz: freeze.Frozen, note: Progress,
-                     known: dict[str, MappedFile], ghost_limit: int | None,
-                     repairs: inet.Repairs | None, shared: sharing.TreeFds,
-                     written: set[int], parent: int, cow: list[tuple[int, int]]
-                     ) -> tuple[int, int]:
-    """One live process's records and page data; (vmas, fds) written. written: the
-    ghosts whose bytes an earlier process of the tree has written; parent: its
+def _capture_process(d: Dump, fz: freeze.Frozen, shared: sharing.TreeFds, parent: int,
+                     cow: list[tuple[int, int]]) -> None:
+    """One live process's records and page sources, into d.items. parent: its
     parent's PID if that is in the tree (and so in the image before it), else 0;
     cow: the pages it shares with that parent (memmap.same_as_parent)."""
     pid = fz.pid
     others = [t for t in fz.tids if t != pid]
     threads.check_creds(pid, others)
-    note("registers", 0)
+    d.note("registers", 0)
     mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        leader = regs.capture(pid, mem_fd)  # before injection moves the registers about
-        note("state", 0)
-        vdso = [m for m in _proc.parse_maps(_proc.read_text(pid, "maps")) if m.path == "[vdso]"]
-        if not vdso:
-            raise CantMigrate("has no [vdso] mapping; upmig needs one", pid=pid)
-        gadget = inject.find_syscall_insn(mem_fd, vdso[0].start, vdso[0].end)
-        with inject.pinned_with(pid), inject.session(pid, leader.regs, gadget, mem_fd) as s:
-            sig = signals.capture(s, pid)
-            tsk = task.capture(s, pid)
-            threads.capture(s, pid, leader)
-            brk = s.call(nr.brk, 0, what="brk(0)")
-            thread_recs = [leader, *_capture_threads(s, pid, others)]
-        # Pending signals last, every thread stopped: one sent meanwhile is in the image.
-        threads.capture_pending(thread_recs)
-        sig.pending_shared = nat.peek_siginfo(pid, shared=True)
-        mm = memmap.capture_mm(pid, brk)
-        vmas = memmap.list_vmas(pid)      # again: the scratch page is gone now
-        fds, pipe_recs = files.capture(pid, fz.tids, repairs, shared)
-        held = fileid.capture_held(pid, [r.fd for r in files.by_path(fds)])
-        ghost_recs = ghosts.capture(pid, fds, vmas, ghost_limit)
-        mapped = sorted({v.path for v in vmas if v.role == "file"} | {tsk.exe})
-        identities = [fileid.still(known.get(p)) or fileid.identify(p) for p in mapped]
-        note("pages", 0)
-        runs = memmap.page_runs(pid, vmas)
-        same = memmap.split_cow(vmas, runs, cow)
-        for rec in (tsk, mm, sig, *thread_recs, *identities, *vmas):
-            w.record(rec)
-        readable = [r for v in vmas if memmap.is_readable(v) for r in runs.get(v.start, [])]
-        hidden = [r for v in vmas if not memmap.is_readable(v) for r in runs.get(v.start, [])]
-        if readable:
-            w.pages(pid, -1, readable)
-        if hidden:
-            w.pages(pid, mem_fd, hidden)  # /proc/PID/mem reads what mprotect hides
-        for at in range(0, len(same), RUNS_PER_RECORD):  # records of bounded size
-            part = same[at:at + RUNS_PER_RECORD]
-            w.record(CowPages(source=parent, runs=[x for run in part for x in run]))
-        for rec in (*fds, *held, *pipe_recs, *ghost_recs):
-            w.record(rec)
-        ghosts.write_contents(w, pid, ghost_recs, fds, vmas, written)
-        return len(vmas), len(fds)
-    finally:
-        os.close(mem_fd)
+    d.undo.callback(os.close, mem_fd)  # the writer reads hidden pages through it
+    leader = regs.capture(pid, mem_fd)  # before injection moves the registers about
+    d.note("state", 0)
+    vdso = [m for m in _proc.parse_maps(_proc.read_text(pid, "maps")) if m.path == "[vdso]"]
+    if not vdso:
+        raise CantMigrate("has no [vdso] mapping; upmig needs one", pid=pid)
+    gadget = inject.find_syscall_insn(mem_fd, vdso[0].start, vdso[0].end)
+    with inject.pinned_with(pid), inject.session(pid, leader.regs, gadget, mem_fd) as s:
+        sig = signals.capture(s, pid)
+        tsk = task.capture(s, pid)
+        threads.capture(s, pid, leader)
+        brk = s.call(nr.brk, 0, what="brk(0)")
+        thread_recs = [leader, *_capture_threads(s, pid, others)]
+    # Pending signals last, every thread stopped: one sent meanwhile is in the image.
+    threads.capture_pending(thread_recs)
+    sig.pending_shared = nat.peek_siginfo(pid, shared=True)
+    mm = memmap.capture_mm(pid, brk)
+    vmas = memmap.list_vmas(pid)      # again: the scratch page is gone now
+    fds, pipe_recs = files.capture(pid, fz.tids, d.repairs, shared)
+    held = fileid.capture_held(pid, [r.fd for r in files.by_path(fds)])
+    ghost_recs = ghosts.capture(pid, fds, vmas, d.ghost_limit)
+    mapped = sorted({v.path for v in vmas if v.role == "file"} | {tsk.exe})
+    identities = [fileid.still(d.known.get(p)) or fileid.identify(p) for p in mapped]
+    d.note("pages", 0)
+    runs = memmap.page_runs(pid, vmas)
+    same = memmap.split_cow(vmas, runs, cow)
+    d.items += [tsk, mm, sig, *thread_recs, *identities, *vmas]
+    readable = [r for v in vmas if memmap.is_readable(v) for r in runs.get(v.start, [])]
+    hidden = [r for v in vmas if not memmap.is_readable(v) for r in runs.get(v.start, [])]
+    if readable:
+        d.items.append(PageSource(pid, -1, readable))
+    if hidden:
+        d.items.append(PageSource(pid, mem_fd, hidden))  # /proc/PID/mem reads past mprotect
+    for at in range(0, len(same), RUNS_PER_RECORD):  # records of bounded size
+        part = same[at:at + RUNS_PER_RECORD]
+        d.items.append(CowPages(source=parent, runs=[x for run in part for x in run]))
+    d.items += [*fds, *held, *pipe_recs, *ghost_recs]
+    d.items += ghosts.contents(pid, ghost_recs, fds, vmas, d.written, d.undo)
+    d.vmas += len(vmas)
+    d.fds += len(fds)
 
 
 def _capture_threads(s: inject.Session, pid: int, tids: list[int]) -> list[Thread]:

@@ -19,11 +19,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from contextlib import ExitStack
 
 from upmig import _native as nat
 from upmig import _proc, fileid, memmap
 from upmig.errors import CantMigrate, Mismatch, RestoreError
-from upmig.image import ImageWriter, PageData, Records
+from upmig.image import PageData, PageSource, Records
 from upmig.inject import Session
 from upmig.records import Fd, Ghost, Vma
 from upmig.syscalls import nr
@@ -98,32 +99,32 @@ def _holders(pid: int, recs: list[Fd], vmas: list[Vma]):
                 f"mapped at {v.start:#x}"
 
 
-def write_contents(w: ImageWriter, pid: int, ghosts: list[Ghost], recs: list[Fd],
-                   vmas: list[Vma], written: set[int]) -> None:
-    """The bytes of every ghost not written yet by an earlier process (written)."""
+def contents(pid: int, ghosts: list[Ghost], recs: list[Fd], vmas: list[Vma],
+             written: set[int], opened: ExitStack) -> list[PageSource]:
+    """Where the bytes of every ghost not written yet by an earlier process (written)
+    are; the files are opened here and closed by opened."""
     sources = {}
     for ghost_id, _, source, _ in _holders(pid, recs, vmas):
         sources.setdefault(ghost_id, source)
+    out = []
     for g in ghosts:
         if g.id in written:
             continue
         written.add(g.id)
         fd = os.open(sources[g.id], os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            if os.fstat(fd).st_size != g.size:
-                raise CantMigrate(f"the file {g.path or 'of shared memory'} changed size "
-                                  "during the dump", pid=pid)
-            write_file(w, pid, fd, g.size, target(g.id))
-        finally:
-            os.close(fd)
+        opened.callback(os.close, fd)
+        if os.fstat(fd).st_size != g.size:
+            raise CantMigrate(f"the file {g.path or 'of shared memory'} changed size "
+                              "during the dump", pid=pid)
+        out += file_contents(pid, fd, g.size, target(g.id))
+    return out
 
 
-def write_file(w: ImageWriter, pid: int, fd: int, size: int, tgt: str) -> None:
-    """The bytes of the file open at fd (ours), holes left out, as pages records of
-    target tgt; pid is only for the C helper's errors."""
+def file_contents(pid: int, fd: int, size: int, tgt: str) -> list[PageSource]:
+    """The bytes of the file open at fd (ours), holes left out, for target tgt; pid
+    is only for the C helper's errors."""
     runs = memmap.data_extents(fd, size)
-    if runs:
-        w.pages(pid, fd, runs, target=tgt)
+    return [PageSource(pid, fd, runs, tgt)] if runs else []
 
 
 def fill_file(pid: int, fd: int, data, pages: list[PageData]) -> None:

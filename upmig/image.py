@@ -69,6 +69,20 @@ def header(key: Key, salt: bytes) -> bytes:
     return HEADER.pack(MAGIC, VERSION, 0, key.id, salt)
 
 
+@dataclass
+class PageSource:
+    """Bytes for the image that the writer copies from where they are, never through
+    Python: runs of a frozen process's memory (fd -1: process_vm_readv; else its
+    /proc/PID/mem, which reads what mprotect hides), or, with a target ("ghost:ID",
+    "sysv:ID"), runs of offsets in the file open at fd. The fd stays open until the
+    image is written; pid names the process in errors."""
+
+    pid: int
+    fd: int
+    runs: list[tuple[int, int]]
+    target: str = ""
+
+
 class ImageWriter:
     """Writes records and page data to an open fd, sealing each frame with key: a
     file (from its start), or a stream (a pipe or socket), which gets every byte in
@@ -100,18 +114,24 @@ class ImageWriter:
         self._frame(RECORD, msgpack.packb(to_wire(rec), use_bin_type=True))
         self.records += 1
 
-    def pages(self, pid: int, mem_fd: int, runs: list[tuple[int, int]], target: str = ""
-              ) -> int:
-        """Pages records for runs, each followed by its bytes copied straight from the
-        target; records are kept well under MAX_PAYLOAD however fragmented memory is.
-        With a target ("ghost:ID"), mem_fd is that file and runs are offsets in it."""
+    def write(self, item: Any) -> None:
+        """A record, or the bytes a PageSource names."""
+        if isinstance(item, PageSource):
+            self.pages(item)
+        else:
+            self.record(item)
+
+    def pages(self, src: PageSource) -> int:
+        """Pages records for src's runs, each followed by its bytes copied straight
+        from where they are by the C helper; records are kept well under MAX_PAYLOAD
+        however fragmented memory is."""
         total = 0
-        for at in range(0, len(runs), RUNS_PER_RECORD):
-            part = runs[at:at + RUNS_PER_RECORD]
+        for at in range(0, len(src.runs), RUNS_PER_RECORD):
+            part = src.runs[at:at + RUNS_PER_RECORD]
             nbytes = sum(e - s for s, e in part)
             self.record(Pages(runs=[x for run in part for x in run], nbytes=nbytes,
-                              target=target))
-            stats = self._pages.dump(pid, mem_fd, part, self.fd, self.off, self.stream)
+                              target=src.target))
+            stats = self._pages.dump(src.pid, src.fd, part, self.fd, self.off, self.stream)
             self.off += stats.bytes + stats.frames * (FRAME_HEAD.size + FRAME_TAIL.size)
             self.data_bytes += stats.bytes
             total += stats.bytes

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import os
 import struct
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 from upmig import _native as nat
 from upmig import _proc, ghosts, memmap
 from upmig.errors import CantMigrate, Mismatch, RestoreError
-from upmig.image import ImageWriter, PageData
+from upmig.image import PageData, PageSource
 from upmig.inject import Session
 from upmig.records import SysvSem, SysvShm, Vma
 from upmig.syscalls import nr
@@ -97,28 +99,28 @@ def _sem_values(semid: int, nsems: int) -> list[int]:
     return list(buf)[:nsems]
 
 
-def write(w: ImageWriter, found: Found) -> None:
-    """The records, and each segment's bytes (read through an attachment, or through
-    one of upmig's own for a segment no process attaches)."""
-    for rec in (*found.shm, *found.sem):
-        w.record(rec)
+def records_and_contents(found: Found, opened: ExitStack) -> list[Any]:
+    """The records, then where each segment's bytes are: a process's attachment, or
+    one of upmig's own for a segment no process attaches (its file stays open in
+    opened after it is detached)."""
+    out: list[Any] = [*found.shm, *found.sem]
     for seg in found.shm:
         if seg.id in found.source:
-            _write_bytes(w, seg, found.source[seg.id])
+            out += _contents(seg, found.source[seg.id], opened)
             continue
         at = nat.syscall(nr.shmat, seg.id, 0, SHM_RDONLY, what=f"shmat({seg.id})")
         try:
-            _write_bytes(w, seg, memmap.map_file(os.getpid(), at, at + _pages(seg.size)))
+            out += _contents(seg, memmap.map_file(os.getpid(), at, at + _pages(seg.size)),
+                             opened)
         finally:
             nat.syscall(nr.shmdt, at, what="shmdt")
+    return out
 
 
-def _write_bytes(w: ImageWriter, seg: SysvShm, source: str) -> None:
+def _contents(seg: SysvShm, source: str, opened: ExitStack) -> list[PageSource]:
     fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        ghosts.write_file(w, os.getpid(), fd, seg.size, target(seg.id))
-    finally:
-        os.close(fd)
+    opened.callback(os.close, fd)
+    return ghosts.file_contents(os.getpid(), fd, seg.size, target(seg.id))
 
 
 def _pages(n: int) -> int:
