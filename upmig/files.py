@@ -112,7 +112,7 @@ def _classify(pid: int, e: _Seen, pipe_ends: dict[int, set[str]]) -> tuple[str, 
             return MOVABLE_ANON[kind], ""
         what = ANON_KINDS.get(kind, f"the kernel object {kind}")
         raise CantMigrate(f"holds {what} on fd {fd}, which is not supported yet", pid=pid)
-    in_memory = target.startswith(ghosts.IN_MEMORY) and st is not None and stat.S_ISREG(st.st_mode)
+    in_memory = ghosts.lives_in_memory(target) and st is not None and stat.S_ISREG(st.st_mode)
     if target.endswith(" (deleted)") or in_memory:
         if st is not None and stat.S_ISREG(st.st_mode):
             return "ghost", ""

@@ -36,7 +36,19 @@ F_DUPFD_CLOEXEC = 1030
 MFD_CLOEXEC, MFD_ALLOW_SEALING = 1, 2
 F_SEAL_SEAL = 1
 PROT_RW, MAP_SHARED_ANON = 3, 0x01 | 0x20
-IN_MEMORY = ("/memfd:", "/dev/shm/")  # file paths whose contents live only in memory
+POSIX_SHM = "/dev/shm/"
+
+
+def lives_in_memory(path: str) -> bool:
+    """A file whose contents exist only in this machine's memory and travel in the
+    image, to be given their name again: a memfd, or a POSIX shared memory object
+    (/dev/shm/NAME, as shm_open names them). Any other file on a tmpfs, such as one
+    in a directory under /dev/shm, is a file like those on disk: reopened by path
+    and checked, never recreated from the image."""
+    bare = path.removesuffix(" (deleted)")
+    name = bare.removeprefix(POSIX_SHM)
+    return bare.startswith("/memfd:") or (bare.startswith(POSIX_SHM) and "/" not in name
+                                           and name not in ("", ".", ".."))
 
 
 def target(ghost_id: int) -> str:
@@ -56,7 +68,7 @@ def type_of(path: str, st: os.stat_result) -> str:
         return "shmem"
     if path.startswith("/memfd:"):
         return "memfd"
-    if path.startswith("/dev/shm/") and st.st_nlink:
+    if lives_in_memory(path) and path.startswith(POSIX_SHM) and st.st_nlink:
         return "posix"
     return "file"
 
@@ -172,8 +184,8 @@ def mapped_by(keys: set[tuple[str, int]], but: set[int]) -> tuple[int, tuple[str
 
 def _travels(path: str) -> bool:
     bare = path.removesuffix(" (deleted)")
-    return bare in ("", "/dev/zero") or bare.startswith(("[anon_shmem:", "/SYSV", *IN_MEMORY)) \
-        or (path != bare and not path.startswith("/dev/"))
+    return bare in ("", "/dev/zero") or bare.startswith(("[anon_shmem:", "/SYSV")) \
+        or lives_in_memory(bare) or (path != bare and not path.startswith("/dev/"))
 
 
 def _shown(path: str) -> str:
