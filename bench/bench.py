@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -206,6 +207,9 @@ def stream_trip(hog_bin: Path, mib: int, work: Path) -> tuple[float, dict, dict]
                                stdout=f, stderr=subprocess.STDOUT, cwd=work)
     try:
         ready = wait_line(out, ("READY",), 0, lambda: hog.poll() is None)
+        # The dump kills the hog while resume waits for its PID: reap it meanwhile.
+        reaper = threading.Thread(target=hog.wait, daemon=True)
+        reaper.start()
         began = time.perf_counter()
         dump = subprocess.Popen([str(UPMIG), "dump", str(hog.pid), "-o", "-", "--json"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -219,7 +223,8 @@ def stream_trip(hog_bin: Path, mib: int, work: Path) -> tuple[float, dict, dict]
         if dump.wait(timeout=60) or back.returncode:
             raise Broken(f"dump | resume of {mib} MiB failed ({dump.returncode}, "
                          f"{back.returncode}): {said_dump!r} {err_back!r}")
-        if hog.wait(timeout=30) != -signal.SIGKILL:
+        reaper.join(timeout=30)
+        if hog.returncode != -signal.SIGKILL:
             raise Broken(f"the streamed hog ended with {hog.returncode}, not SIGKILL")
         resumed = json.loads(said_back)["pid"]
         os.kill(resumed, signal.SIGUSR1)
