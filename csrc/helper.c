@@ -791,10 +791,12 @@ static int grow(uint8_t **base, uint64_t *size, uint64_t used, uint64_t need, ui
     return 0;
 }
 
-long up_read_stream(int fd, const void *prefix, size_t prefix_len, uint64_t max_payload,
-                    uint64_t cap, void **base_out, uint64_t *size_out, uint64_t *len_out)
+long up_read_stream(int fd, const void *prefix, size_t prefix_len, int head_in_prefix,
+                    uint64_t max_payload, uint64_t cap, void **base_out, uint64_t *size_out,
+                    uint64_t *len_out)
 {
-    uint64_t size = 64u << 20, got = prefix_len;
+    uint64_t size = prefix_len > (32u << 20) ? 2 * (uint64_t)prefix_len : 64u << 20;
+    uint64_t got = prefix_len;
     uint8_t *base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     uint32_t head[2];
     int r = 0;
@@ -805,9 +807,13 @@ long up_read_stream(int fd, const void *prefix, size_t prefix_len, uint64_t max_
     memcpy(base, prefix, prefix_len);
     /* Frame by frame, each read asking for the frame's rest and the next head, so
      * that nothing after the trailer is consumed (a socket may carry more). */
-    r = grow(&base, &size, got, UP_FRAME_HEAD, cap);
-    if (!r)
-        r = read_exact(fd, base + got, UP_FRAME_HEAD, &got);
+    if (head_in_prefix && prefix_len < UP_FRAME_HEAD)
+        r = -EINVAL;
+    if (!r && !head_in_prefix) {
+        r = grow(&base, &size, got, UP_FRAME_HEAD, cap);
+        if (!r)
+            r = read_exact(fd, base + got, UP_FRAME_HEAD, &got);
+    }
     while (!r) {
         memcpy(head, base + got - UP_FRAME_HEAD, sizeof(head));
         if (head[0] < 1 || head[0] > 3 || head[1] > max_payload) {
@@ -826,6 +832,98 @@ long up_read_stream(int fd, const void *prefix, size_t prefix_len, uint64_t max_
     *size_out = size;
     *len_out = got;
     return r;
+}
+
+/* Write len bytes of buf to the next pieces of cur: into pid's memory, or at those
+ * offsets of the file out_fd when out_fd >= 0. */
+static int put_stream_bytes(int pid, int out_fd, struct cursor *cur, const uint8_t *buf,
+                            uint64_t len)
+{
+    while (len) {
+        struct iovec loc[UP_IOV_BATCH], rem[UP_IOV_BATCH];
+        uint64_t batch = 0;
+        int n = 0;
+        while (n < UP_IOV_BATCH && batch < len) {
+            uint64_t addr, piece = cur_piece(cur, len - batch, &addr);
+            if (piece == 0)
+                return -EINVAL;         /* more bytes than runs: cannot happen */
+            loc[n].iov_base = (void *)(buf + batch);
+            rem[n].iov_base = (void *)(uintptr_t)addr;
+            loc[n].iov_len = rem[n].iov_len = piece;
+            n++;
+            batch += piece;
+            cur_skip(cur, piece);
+        }
+        if (out_fd < 0) {
+            ssize_t w = process_vm_writev(pid, loc, (unsigned long)n, rem, (unsigned long)n, 0);
+            if (w < 0)
+                return -errno;
+            if ((uint64_t)w != batch)
+                return -EFAULT;
+        } else {
+            for (int i = 0; i < n; i++) {
+                int r = rw_all(out_fd, loc[i].iov_base, loc[i].iov_len,
+                               (off_t)(uintptr_t)rem[i].iov_base, 1);
+                if (r < 0)
+                    return r;
+            }
+        }
+        buf += batch;
+        len -= batch;
+    }
+    return 0;
+}
+
+long up_fill_from_stream(int in_fd, int pid, int out_fd, const struct up_range *runs,
+                         size_t nruns, const uint8_t *key, uint64_t max_payload,
+                         const uint8_t *first_head, uint64_t *off)
+{
+    struct cursor cur = { runs, nruns, 0, 0 };
+    uint64_t total = 0, done = 0, got = 0, cap = 0;
+    uint8_t *buf = NULL;
+    EVP_CIPHER_CTX *ctx = tag_context(key);
+    int r = ctx ? 0 : -ENOMEM;
+
+    for (size_t i = 0; i < nruns; i++)
+        total += runs[i].end - runs[i].start;
+    while (!r && done < total) {
+        uint8_t head[UP_FRAME_HEAD], tag[UP_FRAME_TAIL];
+        uint32_t h[2];
+        if (first_head) {
+            memcpy(head, first_head, sizeof(head));
+            first_head = NULL;
+        } else if ((r = read_exact(in_fd, head, sizeof(head), &got)) < 0) {
+            break;
+        }
+        memcpy(h, head, sizeof(h));
+        if (h[0] != UP_FRAME_DATA || h[1] == 0 || h[1] > max_payload || h[1] > total - done) {
+            r = -EINVAL;        /* not the data this pages record is owed */
+            break;
+        }
+        if (h[1] + UP_FRAME_TAIL > cap) {
+            free(buf);
+            cap = h[1] + UP_FRAME_TAIL;
+            if (!(buf = malloc(cap))) {
+                r = -ENOMEM;
+                break;
+            }
+        }
+        if ((r = read_exact(in_fd, buf, h[1] + UP_FRAME_TAIL, &got)) < 0)
+            break;
+        if ((r = frame_tag(ctx, *off, head, buf, h[1], tag)) < 0)
+            break;
+        if (CRYPTO_memcmp(tag, buf + h[1], UP_FRAME_TAIL) != 0) {
+            r = -EBADMSG;
+            break;
+        }
+        if ((r = put_stream_bytes(pid, out_fd, &cur, buf, h[1])) < 0)
+            break;
+        *off += UP_FRAME_HEAD + h[1] + UP_FRAME_TAIL;
+        done += h[1];
+    }
+    free(buf);
+    EVP_CIPHER_CTX_free(ctx);
+    return r < 0 ? r : (long)done;
 }
 
 void up_unmap(void *base, uint64_t size)

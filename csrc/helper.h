@@ -99,14 +99,27 @@ long up_dump_pages(int pid, int mem_fd, const struct up_range *runs, size_t nrun
                    const uint8_t *key, struct up_copy_stats *stats);
 
 /* Read one image from a stream (pipe or socket) into memory of our own: prefix (the
- * header, already read) then frames up to the trailer's end, never past it. Frame
+ * header, already read, and with head_in_prefix its last 8 bytes the next frame's
+ * head) then frames up to the trailer's end, never past it. Frame
  * heads are checked only for type (1-3) and length (<= max_payload): tags and the
  * rest are checked by the caller. *base_out and *size_out get the mapping (free it with
  * up_unmap), *len_out the bytes in it. Returns 0, -ENODATA (the stream ended first),
  * -EINVAL (a bad frame head, ending at *len_out), -EFBIG (more than cap bytes). */
-long up_read_stream(int fd, const void *prefix, size_t prefix_len, uint64_t max_payload,
-                    uint64_t cap, void **base_out, uint64_t *size_out, uint64_t *len_out);
+long up_read_stream(int fd, const void *prefix, size_t prefix_len, int head_in_prefix,
+                    uint64_t max_payload, uint64_t cap, void **base_out, uint64_t *size_out,
+                    uint64_t *len_out);
 void up_unmap(void *base, uint64_t size);
+
+/* Read the data frames owed to one pages record (runs[], in order) from a stream
+ * and write their bytes straight into pid's memory, or at those offsets of the file
+ * out_fd when out_fd >= 0; first_head (or NULL) is the first frame's head, already
+ * read. Each frame is checked (type, length, its tag with key for its offset *off)
+ * before a byte of it is written; *off moves past each frame written. Returns the
+ * bytes, or -ENODATA (the stream ended), -EINVAL (not the data owed), -EBADMSG (a
+ * frame that does not match its tag), -errno (*off is then the failed frame's). */
+long up_fill_from_stream(int in_fd, int pid, int out_fd, const struct up_range *runs,
+                         size_t nruns, const uint8_t *key, uint64_t max_payload,
+                         const uint8_t *first_head, uint64_t *off);
 
 /* Write local bytes (the concatenation of src[] ranges, addresses in this process)
  * into the target's runs dst[] (same total length), by nthreads threads:

@@ -16,6 +16,8 @@ RESUME_RULES = [
     ("make_sysv", "rebuild_processes", "processes attach the tree's SysV segments"),
     ("make_tree", "rebuild_processes", "a process is rebuilt in the stub forked for it"),
     ("rebuild_processes", "close_parked", "every process takes what it shares first"),
+    ("rebuild_processes", "check_whole", "a streamed image's pages are read while rebuilding"),
+    ("check_whole", "let_go", "an image cut short is refused before anything runs"),
     ("close_parked", "let_go", "no process runs holding fds parked for others"),
     ("finish_sysv", "let_go", "SysV ids are settled before anyone can use them"),
     ("give_terminal", "let_go", "the foreground is handed over before the group runs"),

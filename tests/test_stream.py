@@ -64,29 +64,64 @@ def test_dump_into_resume_through_a_pipe(run_victim):
     assert r.output() == "READY\nPASS\n"  # it re-read all its memory and found it intact
 
 
+def _others_like(r) -> list[int]:
+    """Processes but r's own running r's program, or the stub: what a failed resume
+    would have left behind."""
+    mine = open(f"/proc/{r.pid}/cmdline", "rb").read()
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != r.pid:
+            try:
+                cmd = open(f"/proc/{name}/cmdline", "rb").read()
+                exe = os.readlink(f"/proc/{name}/exe")
+            except OSError:
+                continue
+            if cmd == mine or exe.endswith("upmig-stub"):
+                found.append(int(name))
+    return found
+
+
 def test_a_stream_cut_short_is_refused_and_the_source_runs_on(run_victim):
-    r = run_victim("counter")
+    r = run_victim("memory")
     r.wait_output("READY\n")
     data = _stream_of(r, "--leave-running")
-    for cut in (10, len(data) // 2, len(data) - 1):
+    # In the header, in the records, in the page data (the process is half built
+    # then), in the trailer.
+    for cut in (10, 4000, len(data) // 2, len(data) - 1):
         res = _resume_from(data[:cut], "--new-pids")
         assert res.returncode == 6, res.stderr
         assert "stdin: image is truncated" in _one_line(res.stderr.decode())
+        assert _others_like(r) == []
     _runs_untraced(r)
-    assert r.output() == "READY\n"
+    os.kill(r.pid, signal.SIGTERM)
+    assert r.proc.wait(timeout=10) == 0
+    assert r.output() == "READY\nPASS\n"
 
 
 def test_a_changed_stream_is_refused_by_its_seal(run_victim):
+    r = run_victim("memory")
+    r.wait_output("READY\n")
+    clean = _stream_of(r, "--leave-running")
+    for at in (200, len(clean) // 2):  # a record; page data, met with a half-built process
+        data = bytearray(clean)
+        data[at] ^= 1
+        res = _resume_from(bytes(data), "--new-pids")
+        assert res.returncode == 6, res.stderr
+        assert "does not match its seal" in _one_line(res.stderr.decode())
+        assert _others_like(r) == []
+    _runs_untraced(r)
+
+
+def test_a_stream_is_read_up_to_its_trailer_and_no_further(run_victim, tmp_path):
+    """What follows an image in a stream is not upmig's (a socket may carry more)."""
     r = run_victim("counter")
     r.wait_output("READY\n")
-    data = bytearray(_stream_of(r, "--leave-running"))
-    data[len(data) // 2] ^= 1
-    res = _resume_from(bytes(data), "--new-pids")
-    assert res.returncode == 6, res.stderr
-    assert "does not match its seal" in _one_line(res.stderr.decode())
-    extra = _resume_from(bytes(_stream_of(r, "--leave-running")) + b"x", "--new-pids")
-    assert extra.returncode != 0  # a stream is read up to its trailer: the rest stays
-    _runs_untraced(r)
+    img = tmp_path / "img.upmig"
+    img.write_bytes(_stream_of(r, "--leave-running"))
+    sh = f"(cat {img}; echo after) | sh -c '{' '.join(UPMIG)} inspect - >/dev/null && cat'"
+    got = subprocess.run(["sh", "-c", sh], capture_output=True, text=True, timeout=60)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == "after\n"
 
 
 def test_inspect_reads_a_stream_and_a_redirected_file(run_victim, tmp_path):

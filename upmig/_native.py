@@ -287,9 +287,11 @@ class StreamedImage:
     """An image read from a stream into memory of our own (up_read_stream): a
     buffer like a mapped file's, unmapped by close()."""
 
-    def __init__(self, fd: int, prefix: bytes, max_payload: int, cap: int):
+    def __init__(self, fd: int, prefix: bytes, max_payload: int, cap: int,
+                 head_in_prefix: bool = False):
         base, size, got = ffi.new("void **"), ffi.new("uint64_t *"), ffi.new("uint64_t *")
-        rc = lib.up_read_stream(fd, prefix, len(prefix), max_payload, cap, base, size, got)
+        rc = lib.up_read_stream(fd, prefix, len(prefix), int(head_in_prefix), max_payload, cap,
+                                base, size, got)
         if base[0] == ffi.NULL:  # nothing was mapped
             check(rc, "reading the image stream")
         self._base, self._size = base[0], int(size[0])
@@ -304,6 +306,17 @@ class StreamedImage:
             self.buf = None
             lib.up_unmap(self._base, self._size)
             self._base = None
+
+
+def fill_from_stream(in_fd: int, pid: int, out_fd: int, runs: list[tuple[int, int]],
+                     frame_key: bytes, max_payload: int, first_head: bytes | None,
+                     off: int) -> tuple[int, int]:
+    """(bytes or -errno, offset reached): the data frames owed to runs read from the
+    stream in_fd, each checked, into pid's memory (out_fd -1) or the file out_fd."""
+    at = ffi.new("uint64_t *", off)
+    rc = lib.up_fill_from_stream(in_fd, pid, out_fd, new_ranges(runs), len(runs), frame_key,
+                                 max_payload, first_head if first_head else ffi.NULL, at)
+    return int(rc), int(at[0])
 
 
 def fill_pages(pid: int, mem_fd: int, src: list[tuple[int, int]], dst: list[tuple[int, int]]

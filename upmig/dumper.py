@@ -343,7 +343,11 @@ def _capture_process(d: Dump, fz: freeze.Frozen, shared: sharing.TreeFds, parent
     d.note("pages", 0)
     runs = memmap.page_runs(pid, vmas)
     same = memmap.split_cow(vmas, runs, cow)
-    d.items += [tsk, mm, sig, *thread_recs, *identities, *vmas]
+    d.items += [tsk, mm, sig, *thread_recs, *identities, *vmas, *fds, *held, *pipe_recs,
+                *ghost_recs]
+    # The page data in the order resume uses it: its ghost files exist before its
+    # memory is mapped and filled.
+    d.items += ghosts.contents(pid, ghost_recs, fds, vmas, d.written, d.undo)
     readable = [r for v in vmas if memmap.is_readable(v) for r in runs.get(v.start, [])]
     hidden = [r for v in vmas if not memmap.is_readable(v) for r in runs.get(v.start, [])]
     if readable:
@@ -353,8 +357,6 @@ def _capture_process(d: Dump, fz: freeze.Frozen, shared: sharing.TreeFds, parent
     for at in range(0, len(same), RUNS_PER_RECORD):  # records of bounded size
         part = same[at:at + RUNS_PER_RECORD]
         d.items.append(CowPages(source=parent, runs=[x for run in part for x in run]))
-    d.items += [*fds, *held, *pipe_recs, *ghost_recs]
-    d.items += ghosts.contents(pid, ghost_recs, fds, vmas, d.written, d.undo)
     d.vmas += len(vmas)
     d.fds += len(fds)
 

@@ -139,12 +139,11 @@ def file_contents(pid: int, fd: int, size: int, tgt: str) -> list[PageSource]:
     return [PageSource(pid, fd, runs, tgt)] if runs else []
 
 
-def fill_file(pid: int, fd: int, data, pages: list[PageData]) -> None:
-    """Write pages (of the image mapped as data) into the file open at fd (ours),
-    straight from the image, by the C helper; pid is only for its errors."""
-    base = nat.buffer_address(data)
+def fill_file(pid: int, fd: int, source, pages: list[PageData]) -> None:
+    """Write pages into the file open at fd (ours), straight from the image
+    (source: its Image.source) by the C helper; pid is only for its errors."""
     for pd in pages:
-        nat.fill_pages(pid, fd, pd.sources(base), pd.runs)
+        source.fill(pid, fd, pd)
 
 
 def refuse_outsiders(maps: dict[int, list[_proc.MapsLine]]) -> None:
@@ -197,18 +196,18 @@ def _shown(path: str) -> str:
 # ---- resume
 
 def make_all(s: Session, pid: int, inner: int, img: Records, spare: int, reg,
-             contents: dict[str, list[PageData]]) -> dict[int, int]:
+             source, contents: dict[str, list[PageData]]) -> dict[int, int]:
     """Every ghost of the process, at fds from spare up, out of the way of its own:
     Ghost id -> fd. Made here if no earlier process of the tree made it (reg, a
     sharing.Registry), else taken from that one. All are parked in reg, to be closed
     once every process has taken what it needs. They are needed before the memory is
-    mapped. contents: the image's ghost pages, by target."""
+    mapped. source: the image's Image.source; contents: its ghost pages, by target."""
     out = {}
     for g in img.of(Ghost):
         if key(g.id) in reg.made:
             made = reg.take(s, key(g.id))
         else:
-            made = make(s, pid, g, img.data, contents.get(target(g.id), []), reg.files)
+            made = make(s, pid, g, source, contents.get(target(g.id), []), reg.files)
         out[g.id] = s.call(nr.fcntl, made, F_DUPFD_CLOEXEC, spare, what="fcntl(F_DUPFD)")
         s.call(nr.close, made, what="close")
         first = key(g.id) not in reg.made
@@ -218,7 +217,7 @@ def make_all(s: Session, pid: int, inner: int, img: Records, spare: int, reg,
     return out
 
 
-def make(s: Session, pid: int, g: Ghost, data, pages: list[PageData],
+def make(s: Session, pid: int, g: Ghost, source, pages: list[PageData],
          made: list[tuple[str, int]]) -> int:
     """The file again, filled: its fd in the process (any number). The stub works
     with the process's filesystem rights (upmig.rights): it makes the file as the
@@ -232,7 +231,7 @@ def make(s: Session, pid: int, g: Ghost, data, pages: list[PageData],
             _check_same_object(mine, g, fresh)
             _owner_and_mode(s, fd, mine, g)
             os.ftruncate(mine, 0)  # the image's bytes, not what this one held since
-        fill_file(pid, mine, data, pages)
+        fill_file(pid, mine, source, pages)
         if os.fstat(mine).st_size != g.size:
             os.ftruncate(mine, g.size)
     return fd

@@ -391,14 +391,13 @@ def restore_mm(s, mm: MM, exe: str, held: fileid.Held) -> None:
         s.raw(nr.close, exe_fd)
 
 
-def fill(pid: int, data, pages: list) -> None:
-    """Page contents straight from the image's bytes (data, mapped or read) into the
-    process. pages: its image.PageData; those with a target are a ghost file's or a
-    SysV segment's contents, not memory (upmig.ghosts, upmig.sysv)."""
-    base = nat.buffer_address(data)
+def fill(pid: int, source, pages: list) -> None:
+    """Page contents straight from the image (source: its Image.source, mapped or a
+    stream) into the process. pages: its image.PageData; those with a target are a
+    ghost file's or a SysV segment's contents, not memory (upmig.ghosts, upmig.sysv)."""
     for pd in pages:
         if not pd.target:
-            nat.fill_pages(pid, -1, pd.sources(base), pd.runs)
+            source.fill(pid, -1, pd)
 
 
 def copy_cow(pid: int, mem_fd: int, cow: list[CowPages], outer: dict[int, int],

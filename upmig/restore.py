@@ -9,6 +9,12 @@ once the processes are let go there is nothing left to undo.
 Why the stages are in this order:
 - Everything that can refuse without a process (the seal and records, the machine,
   the rights, the files, the ids) runs before the stub exists.
+- From a stream, the page data is read as the processes are rebuilt, each frame
+  checked before a byte of it is used (image.StreamedPages), and check_whole reads
+  the trailer before anything runs: an image cut short or changed on the way is
+  refused, and what was built is unmade. When the image's PIDs are taken here (by
+  the very process being dumped into the stream, on this machine) the stream is
+  read whole first.
 - SysV objects are the tree's, made before any process: attaching them is memory.
 - A process's ghost files exist before its memory is mapped (they are mapped), and
   everything it holds by path is opened with its own filesystem rights, from
@@ -188,7 +194,7 @@ def resume(image_path: str, *, pids: str = "same", notice: Notice | None = None,
         raise ValueError(f"pids must be one of {PIDS}")
     began = time.perf_counter()
     with ExitStack() as always:
-        img = image.load(image_path, key=keys.load(key_file))
+        img = image.load(image_path, key=keys.load(key_file), pages_later=True)
         always.callback(img.close)
         with ExitStack() as undo:
             r = Resume(img, pids, terminal, on_ready, notice or (lambda msg: None),
@@ -252,6 +258,10 @@ def reserve_ids(r: Resume) -> None:
     if r.pids == "same":
         ids = [t.tid for sec in r.live for t in sec.of(Thread)]
         ids += [sec.process.pid for sec in r.sections if sec.process.zombie]
+        if isinstance(r.img.source, image.StreamedPages) and stub.any_taken(ids):
+            # Its PIDs may be freed only by the dump at the other end of the stream,
+            # once it has written the last byte (a move on one machine): take it all.
+            r.img.source = r.img.source.read_all(r.img)
         stub.wait_ids_free(r.want, ids, r.say)
     elif r.pids == "pidns":
         r.ns = pidns.Namespace()
@@ -263,7 +273,7 @@ def make_sysv(r: Resume) -> None:
     for pd in r.img.pages:
         if pd.target:
             r.contents.setdefault(pd.target, []).append(pd)
-    r.ipc = sysv.make_all(r.img.of(SysvShm), r.img.of(SysvSem), r.img.data, r.contents,
+    r.ipc = sysv.make_all(r.img.of(SysvShm), r.img.of(SysvSem), r.img.source, r.contents,
                           {sec.process.pid for sec in r.live})
     r.undo.callback(sysv.undo, r.ipc)
 
@@ -295,6 +305,12 @@ def rebuild_processes(r: Resume) -> None:
                     pinned.close()
                     pinned = None
                 st.run(r, p, done)
+
+
+def check_whole(r: Resume) -> None:
+    """An image read from a stream as it was used: its trailer says every frame came.
+    (A file was checked whole before anything was made.)"""
+    r.img.source.finish()
 
 
 def close_parked(r: Resume) -> None:
@@ -364,6 +380,7 @@ STAGES: tuple[Callable[[Resume], None], ...] = (
     spawn_stub,
     make_tree,
     rebuild_processes,
+    check_whole,
     close_parked,
     finish_sysv,
     give_terminal,
@@ -417,7 +434,7 @@ def act_as_process(r: Resume, p: ProcessBuild, done: ExitStack) -> None:
 
 def make_ghosts(r: Resume, p: ProcessBuild, done: ExitStack) -> None:
     p.ghost_fds = ghosts.make_all(p.s, p.pid, p.inner, p.sec, files.spare_fd(p.sec), r.reg,
-                                  r.contents)
+                                  r.img.source, r.contents)
 
 
 def map_memory(r: Resume, p: ProcessBuild, done: ExitStack) -> None:
@@ -425,7 +442,7 @@ def map_memory(r: Resume, p: ProcessBuild, done: ExitStack) -> None:
 
 
 def fill_memory(r: Resume, p: ProcessBuild, done: ExitStack) -> None:
-    memmap.fill(p.pid, r.img.data, p.sec.pages)
+    memmap.fill(p.pid, r.img.source, p.sec.pages)
 
 
 def copy_cow(r: Resume, p: ProcessBuild, done: ExitStack) -> None:

@@ -33,6 +33,10 @@ def check_present() -> None:
 
 # ---- ids
 
+def any_taken(tids: list[int]) -> bool:
+    return any(os.path.exists(f"/proc/{t}") for t in tids)
+
+
 def wait_ids_free(pid: int, tids: list[int], say: Callable[[str], None]) -> None:
     """Every TID of the image must be free here. One held by a process that has
     exited (say, the dumped process itself, not yet reaped) is waited for."""

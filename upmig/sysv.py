@@ -142,13 +142,14 @@ class Made:
     values_by: dict[int, list[SysvSem]] = field(default_factory=dict)
 
 
-def make_all(shms: list[SysvShm], sems: list[SysvSem], data, contents: dict[str, list[PageData]],
-             live: set[int]) -> Made:
-    """live: the PIDs (in the image) of the tree's live processes."""
+def make_all(shms: list[SysvShm], sems: list[SysvSem], source,
+             contents: dict[str, list[PageData]], live: set[int]) -> Made:
+    """source: the image's Image.source, contents: its pages by target; live: the
+    PIDs (in the image) of the tree's live processes."""
     made = Made()
     try:
         for seg in shms:
-            _make_shm(seg, made, data, contents.get(target(seg.id), []))
+            _make_shm(seg, made, source, contents.get(target(seg.id), []))
         for sem in sems:
             _make_sem(sem, made)
             if sem.last_pid in live:
@@ -161,7 +162,7 @@ def make_all(shms: list[SysvShm], sems: list[SysvSem], data, contents: dict[str,
     return made
 
 
-def _make_shm(seg: SysvShm, made: Made, data, pages: list[PageData]) -> None:
+def _make_shm(seg: SysvShm, made: Made, source, pages: list[PageData]) -> None:
     stat = _stat(nr.shmctl, seg.id)
     if stat is not None:  # still there: ours only if it is the very same one
         key, size = IPC_PERM.unpack_from(stat)[0], struct.unpack_from("<Q", stat, SHM_SEGSZ_AT)[0]
@@ -186,7 +187,7 @@ def _make_shm(seg: SysvShm, made: Made, data, pages: list[PageData]) -> None:
         fd = os.open(memmap.map_file(os.getpid(), at, at + _pages(seg.size)),
                      os.O_RDWR | os.O_CLOEXEC)
         try:
-            ghosts.fill_file(os.getpid(), fd, data, pages)
+            ghosts.fill_file(os.getpid(), fd, source, pages)
         finally:
             os.close(fd)
     finally:
