@@ -563,9 +563,9 @@ class _Parser:
     def data(self, body: int, length: int, off: int) -> PageData:
         """A DATA frame whose payload is at body (of a mapped image, or 0): the pages
         record it belongs to."""
-        self.records_done()
         if not self.owed or self.owed_at + length > self.owed[0][1] or not length:
             raise Corrupt(f"unexpected page data at byte {off}", what=self.path)
+        self.records_done()
         pd, nbytes = self.owed[0]
         pd.chunks.append((body, length))
         self.owed_at += length
