@@ -2,7 +2,10 @@
 
 The pytest process makes itself a child subreaper, so processes resumed with
 --detach become its children and are reaped here (PID 1 reaps only every few
-seconds on these machines, which would keep PIDs taken)."""
+seconds on these machines, which would keep PIDs taken).
+
+A machine that cannot move processes (not root, a kernel older than 6.7, no cc)
+skips every test not marked `pure`, once, saying why."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import ctypes
 import fcntl
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -28,9 +32,26 @@ VICTIMS = ROOT / "tests" / "victims"
 BUILD = ROOT / "tests" / ".build"
 UPMIG = [sys.executable, "-m", "upmig"]
 PR_SET_CHILD_SUBREAPER = 36
+MIN_KERNEL = (6, 7)  # PAGEMAP_SCAN
+
+
+def unfit_machine(euid: int, release: str, cc: str | None) -> str | None:
+    """Why this machine cannot run the tests that move processes, or None."""
+    why = []
+    if euid != 0:
+        why.append("not root (ptrace of any process, clone3 with a chosen PID and "
+                   "PR_SET_MM_MAP need it)")
+    m = re.match(r"(\d+)\.(\d+)", release)
+    if not m or (int(m[1]), int(m[2])) < MIN_KERNEL:
+        why.append(f"kernel {release} is older than 6.7 (upmig needs PAGEMAP_SCAN)")
+    if not cc:
+        why.append("no C compiler (cc) to build the test victims")
+    return "; ".join(why) or None
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "pure: needs no process to move (runs on any machine)")
+    config.upmig_unfit = unfit_machine(os.geteuid(), os.uname().release, shutil.which("cc"))
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     # Every upmig the tests run seals and checks images with this session's own key,
     # not the machine's (/etc/upmig/key is neither needed nor made).
@@ -40,6 +61,21 @@ def pytest_configure(config):
     key.chmod(0o600)
     os.environ[keys.ENV] = str(key)
     config.upmig_key_dir = where
+
+
+def pytest_report_header(config):
+    if config.upmig_unfit:
+        return f"upmig: only tests marked pure run here: {config.upmig_unfit}"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.upmig_unfit:
+        return
+    skip = pytest.mark.skip(reason=config.upmig_unfit)
+    for item in items:
+        if item.get_closest_marker("pure") is None:
+            item.add_marker(skip)
 
 
 def pytest_unconfigure(config):

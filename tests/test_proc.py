@@ -14,6 +14,8 @@ import pytest
 from upmig import _proc, fileid, memmap, regs
 from upmig.records import Vma
 
+pytestmark = pytest.mark.pure
+
 
 def _lines(*lines: str) -> str:
     """/proc text from its lines (kept as a tuple so trailing blanks stay visible)."""
