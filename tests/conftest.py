@@ -4,6 +4,9 @@ The pytest process makes itself a child subreaper, so processes resumed with
 --detach become its children and are reaped here (PID 1 reaps only every few
 seconds on these machines, which would keep PIDs taken).
 
+Tests wait on conditions, never for a fixed time: wait_for() a predicate, and on
+top of it wait_running() (the process goes round its loop), wait_in_syscall() (it
+is blocked in a given call), tcp_of() (what the kernel says of its connections).
 A machine that cannot move processes (not root, a kernel older than 6.7, no cc)
 skips every test not marked `pure`, once, saying why."""
 
@@ -26,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from upmig import keys
+from upmig.syscalls import name_of
 
 ROOT = Path(__file__).resolve().parent.parent
 VICTIMS = ROOT / "tests" / "victims"
@@ -120,7 +124,92 @@ def wait_for(pred, timeout: float = 20, what: str = "condition") -> None:
     while not pred():
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+        time.sleep(0.01)  # a poll, with the deadline above
+
+
+def _scheduled(pid: int) -> tuple[int, int]:
+    """(ns on a CPU, times put on one) of all pid's threads together, from schedstat."""
+    ns = runs = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            on_cpu, _, slices = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that just ended
+        ns, runs = ns + int(on_cpu), runs + int(slices)
+    return ns, runs
+
+
+def wait_running(pid: int, runs: int = 5, cpu_ms: int = 20, timeout: float = 20) -> None:
+    """pid goes on from now: its threads are put on a CPU `runs` more times (a loop
+    that sleeps goes round) or spend cpu_ms more there (a busy loop). Where a fixed
+    sleep hoped a victim had worked a while, this sees it has."""
+    ns0, runs0 = _scheduled(pid)
+
+    def went_on() -> bool:
+        ns, n = _scheduled(pid)
+        return n >= runs0 + runs or ns >= ns0 + cpu_ms * 1_000_000
+
+    wait_for(went_on, timeout, f"pid {pid} to run on")
+
+
+def syscalls_of(pid: int) -> dict[int, str | None]:
+    """Each thread of pid: the syscall it is blocked in (by name), or None (running,
+    or stopped outside any)."""
+    out: dict[int, str | None] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            first = Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()[0]
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        out[int(tid)] = name_of(int(first)) if first.isdigit() else None
+    return out
+
+
+def wait_in_syscall(pid: int, *names: str, timeout: float = 20) -> None:
+    """A thread of pid is blocked in one of the syscalls names (glibc picks among
+    pause and rt_sigsuspend, poll and ppoll, nanosleep and clock_nanosleep)."""
+    wait_for(lambda: any(c in names for c in syscalls_of(pid).values()), timeout,
+             f"pid {pid} to block in {' or '.join(names)}")
+
+
+def untraced(pid: int) -> bool:
+    """Every thread of pid is let go by its tracer (and it has not ended)."""
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            st = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+            if "TracerPid:\t0\n" not in st or "\nState:\tZ" in st:
+                return False
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return True
+
+
+TCP_STATES = {1: "ESTABLISHED", 6: "TIME_WAIT", 8: "CLOSE_WAIT", 10: "LISTEN"}
+
+
+def tcp_of(pid: int) -> list[dict]:
+    """pid's TCP sockets as /proc/net/tcp{,6} show them: local and remote port, state,
+    bytes in the send and receive queues."""
+    held = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if link.startswith("socket:["):
+            held.add(int(link[8:-1]))
+    out = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            f = line.split()
+            if int(f[9]) in held:
+                tx, rx = (int(x, 16) for x in f[4].split(":"))
+                st = int(f[3], 16)
+                out.append({"port": int(f[1].rsplit(":", 1)[1], 16),
+                            "peer_port": int(f[2].rsplit(":", 1)[1], 16),
+                            "state": TCP_STATES.get(st, str(st)), "send_queue": tx,
+                            "recv_queue": rx})
+    return out
 
 
 def reap(pid: int, timeout: float = 10) -> int | None:
@@ -133,7 +222,7 @@ def reap(pid: int, timeout: float = 10) -> int | None:
             return None
         if got:
             return status
-        time.sleep(0.01)
+        time.sleep(0.01)  # a poll, with the deadline above
     raise AssertionError(f"pid {pid} did not exit")
 
 
@@ -165,6 +254,7 @@ def straight_run(argv: list[str], tmp_path: Path, stdin: bytes | None = None) ->
 def migrate_at_random(run, hops: int, seed: int, spread: float) -> None:
     rnd = random.Random(seed)
     for _ in range(hops):
+        # The thing under test, not a wait: a moment the job did not choose.
         time.sleep(rnd.uniform(0.05, spread))
         if (run.resumer or run.proc).poll() is not None or not _running(run.pid):
             return  # it finished before we got to it: the comparison still holds
@@ -203,16 +293,19 @@ def moves_like_a_straight_run(run_victim, tmp_path: Path, argv: list[str], *, se
     r.ends_as(expected)
 
 
+READS = ("read", "poll", "ppoll")  # how the victims wait for their stdin
+
+
 def feed_after_resume(r, data: bytes) -> None:
     """Dump r while it is blocked reading stdin, resume it with a new pipe as the
     resumer's stdin (fd 0 is re-attached to it), write data, and see it arrive."""
     r.wait_output("READY\n")
-    time.sleep(0.2)             # now blocked
+    wait_in_syscall(r.pid, *READS)
     img = r.dump()
     rd, wr = os.pipe()
     r.resume(img, stdin=rd)
     os.close(rd)
-    time.sleep(0.2)
+    wait_in_syscall(r.pid, *READS)  # back in its call, not yet past it
     os.write(wr, data)
     r.wait_output(f"GOT {data.decode()}")
     os.close(wr)
@@ -355,7 +448,7 @@ class Run:
                     os.waitpid(child, os.WNOHANG)
                 except ChildProcessError:
                     pass
-                time.sleep(0.005)
+                time.sleep(0.005)  # a poll, with the deadline above
 
 
 @pytest.fixture

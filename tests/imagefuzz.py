@@ -542,7 +542,7 @@ def _wait(pred, timeout: float, what: str) -> None:
     while not pred():
         if time.monotonic() > end:
             raise Hung(f"timed out waiting for {what}")
-        time.sleep(0.01)
+        time.sleep(0.01)  # a poll, with the deadline above
 
 
 def _state(pid: int) -> str:
@@ -565,7 +565,7 @@ def _kill_and_reap(pid: int) -> None:
                 return
         except ChildProcessError:
             return
-        time.sleep(0.005)
+        time.sleep(0.005)  # a poll, with the deadline above
 
 
 class Harness:
@@ -681,7 +681,7 @@ class Harness:
             got, st = os.waitpid(pid, os.WNOHANG)
             status = st if got else None
             if status is None:
-                time.sleep(0.005)
+                time.sleep(0.005)  # a poll, with the deadline above
         if status is None:
             _kill_and_reap(pid)
             return Outcome(what, "resumed", "victim hung", "no exit after SIGTERM")

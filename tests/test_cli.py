@@ -193,12 +193,14 @@ for i in itertools.count():
 THREADS = """
 import ctypes, threading, time
 libc = ctypes.CDLL(None, use_errno=True)
+changed = threading.Event()
 def other_uid():  # a raw setresuid changes this thread's credentials only
     assert libc.syscall(117, 65534, 65534, 65534) == 0
+    changed.set()
     time.sleep(60)
 threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
 threading.Thread(target=other_uid, daemon=True).start()
-time.sleep(0.2)
+changed.wait()
 print("READY", flush=True)
 time.sleep(60)
 """

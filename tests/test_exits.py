@@ -137,7 +137,7 @@ def test_sigint_from_the_start_gives_one_line_and_130(run_victim, tmp_path):
         try:
             wait_for(lambda p=p: _caught(p.pid, signal.SIGTERM) or p.poll() is not None, 20,
                      "upmig's handlers")
-            time.sleep(delay)  # anywhere from the first moment to mid-dump
+            time.sleep(delay)  # the thing under test: ^C from the first moment to mid-dump
             p.send_signal(signal.SIGINT)
         finally:
             _, err = p.communicate(timeout=30)

@@ -15,7 +15,7 @@ import pytest
 
 import upmig
 import upmig.image
-from conftest import ROOT, UPMIG, run_upmig, wait_for
+from conftest import ROOT, UPMIG, run_upmig, stat_fields, wait_for, wait_running
 
 
 def stub_pids() -> set[int]:
@@ -63,7 +63,7 @@ def test_image_that_does_not_fit_leaves_process_running(run_victim, tmp_path):
         assert "Traceback" not in res.stderr
         assert os.listdir(small) == []
         assert is_running_untraced(r.pid)
-        time.sleep(0.2)
+        wait_running(r.pid)
         assert r.finish() == 0 and r.output() == "READY\nPASS\n"
     finally:
         subprocess.run(["umount", str(small)], check=True)
@@ -95,15 +95,15 @@ def test_missing_open_file_fails_resume_and_leaves_nothing(run_victim):
     assert res.returncode == 8, res.stderr  # found before any process is made
     assert res.stderr == f"upmig: pid {r.pid}: {r.cwd}/app.log (fd 3) is not here\n"
     assert "Traceback" not in res.stderr
-    time.sleep(0.1)
+    # resume has ended: whatever it made exists by now (and nothing may).
     assert not Path(f"/proc/{r.pid}").exists()
     assert not stub_pids()
 
 
 def test_dump_of_zombie_or_self_is_refused():
     p = subprocess.Popen(["true"])
-    time.sleep(0.3)  # exited, not reaped: a zombie
     try:
+        wait_for(lambda: stat_fields(p.pid)[0] == "Z", 10, "true to exit (not reaped: a zombie)")
         res = run_upmig("dump", str(p.pid), "-o", "/tmp/never.upmig", check=False)
         assert res.returncode == 3 and "zombie" in res.stderr
     finally:
@@ -132,7 +132,7 @@ def test_upmig_terminated_mid_dump_leaves_process_running(run_victim, tmp_path):
         img = tmp_path / f"t{i}.upmig"
         p = subprocess.Popen([*UPMIG, "dump", str(r.pid), "-o", str(img), "--leave-running"],
                              cwd=ROOT, stderr=subprocess.PIPE, text=True)
-        time.sleep(delay)
+        time.sleep(delay)  # the thing under test: SIGTERM at this moment of the dump
         p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=30)
         assert p.returncode in (0, 130, -signal.SIGTERM), err
@@ -142,8 +142,7 @@ def test_upmig_terminated_mid_dump_leaves_process_running(run_victim, tmp_path):
             assert not img.exists()
         if img.exists():  # finished, or interrupted too late to undo: a whole image
             upmig.image.load(str(img)).close()
-        time.sleep(0.05)
-        assert is_running_untraced(r.pid)
+        wait_for(lambda: is_running_untraced(r.pid), 10, "the process to be let go")
     assert r.finish() == 0 and r.output() == "READY\nPASS\n"
 
 
@@ -169,7 +168,7 @@ def test_sigstop_during_a_dump_is_not_lost(run_victim, tmp_path):
     for i, delay in enumerate([0.0, 0.09, 0.1, 0.11, 0.12, 0.14]):
         p = subprocess.Popen([*UPMIG, "dump", str(r.pid), "-o", str(tmp_path / f"s{i}.upmig"),
                               "--leave-running"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
-        time.sleep(delay)
+        time.sleep(delay)  # the thing under test: SIGSTOP at this moment of the dump
         os.kill(r.pid, signal.SIGSTOP)
         _, err = p.communicate(timeout=30)
         assert p.returncode == 0, err

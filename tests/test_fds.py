@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 import pytest
 
-from conftest import VICTIMS, run_upmig, wait_for
+from conftest import VICTIMS, run_upmig, tcp_of, wait_for, wait_in_syscall, wait_running
 
 
 def fds_job() -> list[str]:
@@ -20,9 +19,9 @@ def fds_job() -> list[str]:
 def test_pipes_eventfd_epoll_survive_migration(run_victim):
     r = run_victim(fds_job())
     r.wait_output("READY\n")
-    time.sleep(0.1)
+    wait_running(r.pid)
     r.hop()
-    time.sleep(0.1)
+    wait_running(r.pid)
     assert r.finish() == 0, r.output()
     assert r.output() == "READY\nPASS\n"
 
@@ -80,9 +79,21 @@ def test_timerfd_and_signalfd_survive_migration(run_victim):
     assert sorted(t["ticks"] for t in tfds) == [0, 1]
     assert [f["signals"] for f in s["fds"] if f["type"] == "signalfd"] == [[10, 34]]
     r.resume(img)
-    time.sleep(1.8)  # the periodic timer fires after resume
+    wait_for(lambda: _periodic_ticks(r.pid) > 0, 10, "the periodic timer to fire after resume")
+    wait_in_syscall(r.pid, "pause")  # (a SIGTERM before its pause() would be waited for in vain)
     assert r.finish() == 0, r.output()
     assert r.output() == "READY\nPASS\n"
+
+
+def _periodic_ticks(pid: int) -> int:
+    """Unread expirations of timers.c's periodic timerfd (the CLOCK_MONOTONIC one)."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[timerfd]":
+            info = dict(line.split(":", 1) for line in
+                        open(f"/proc/{pid}/fdinfo/{fd}").read().splitlines() if ":" in line)
+            if info["clockid"].strip() == "1":
+                return int(info["ticks"])
+    raise AssertionError(f"pid {pid} holds no CLOCK_MONOTONIC timerfd")
 
 
 def unix_job() -> list[str]:
@@ -258,7 +269,8 @@ def test_tcp_connection_queues_move_intact(run_victim, host):
     wait_for(lambda: r.output().endswith("\n"), 10, "SENT")
     sent = int(r.output().split()[3])
     c.sendall(b"request-1")
-    time.sleep(0.2)
+    wait_for(lambda: [t["recv_queue"] for t in tcp_of(r.pid) if t["state"] == "ESTABLISHED"]
+             == [len(b"request-1")], 10, "the request in the server's receive queue")
     img = r.dump("--tcp-established")
     s = json.loads(run_upmig("inspect", "--json", str(img)).stdout)
     tcp = next(f for f in s["fds"] if f["type"] == "tcp")
@@ -359,7 +371,8 @@ def test_a_half_closed_tcp_connection_is_refused(run_victim):
     wait_for(lambda: r.output().endswith("\n"), 10, "READY")
     port = int(r.output().split()[1])
     socket.create_connection(("127.0.0.1", port)).close()
-    time.sleep(0.2)
+    wait_for(lambda: any(t["state"] == "CLOSE_WAIT" for t in tcp_of(r.pid)), 10,
+             "the accepted connection in CLOSE_WAIT")
     res = r.refused("--tcp-established")
     assert "in state CLOSE_WAIT" in res.stderr
     assert r.proc.poll() is None

@@ -3,12 +3,14 @@ output must equal an uninterrupted run byte for byte."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
-import time
+import termios
 
 import pytest
 
@@ -17,6 +19,7 @@ from conftest import (
     descendants,
     migrate_at_random,
     moves_like_a_straight_run,
+    stat_fields,
     straight_run,
     wait_for,
 )
@@ -73,7 +76,8 @@ def test_bc_reading_a_pipe_gets_the_resumers_stdin(run_victim, tmp_path):
     r = run_victim(["bc", "-l"], stdin=subprocess.PIPE)
     r.proc.stdin.write(b"scale=2600; 4*a(1)\n")
     r.proc.stdin.flush()
-    time.sleep(0.4)  # computing now
+    wait_for(lambda: _unread(r.proc.stdin) == 0 and stat_fields(r.pid)[0] == "R", 20,
+             "bc to take the line and compute")
     img = r.dump()
     r.proc.stdin.close()
     with open(tmp_path / "rest.in", "wb") as f:
@@ -81,6 +85,11 @@ def test_bc_reading_a_pipe_gets_the_resumers_stdin(run_victim, tmp_path):
     with open(tmp_path / "rest.in", "rb") as rest:
         r.resume(img, stdin=rest)
     r.ends_as(expected)
+
+
+def _unread(pipe) -> int:
+    """Bytes waiting in a pipe (FIONREAD works on either end)."""
+    return struct.unpack("i", fcntl.ioctl(pipe.fileno(), termios.FIONREAD, b"\0" * 4))[0]
 
 
 INTERPRETERS = {

@@ -27,7 +27,10 @@ from conftest import (
     run_upmig,
     stat_fields,
     straight_run,
+    syscalls_of,
+    untraced,
     wait_for,
+    wait_running,
 )
 
 MODES = [("mutex", "4"), ("condvar",), ("futex",), ("sigmask",), ("many", "64")]
@@ -42,12 +45,24 @@ def test_threaded_victim_survives_migration(run_victim, args):
     r = run_victim("threads", *args)
     r.wait_output("READY\n")
     tids = _tids(r.pid)
-    time.sleep(0.2)
+    _settled(r.pid, args[0])
     r.hop()
     assert _tids(r.pid) == tids, "every thread has its own TID again"
-    time.sleep(0.2)
+    _settled(r.pid, args[0])
     assert r.finish() == 0, r.output()
     assert r.output() == "READY\nPASS\n"
+
+
+WAITING = {"futex", "sigmask", "many"}  # modes whose threads only wait, once set up
+
+
+def _settled(pid: int, mode: str) -> None:
+    """Every thread blocked in its call (main in sigwait, the others parked), or, in
+    the modes that work, the threads going round their loops."""
+    if mode in WAITING:
+        wait_for(lambda: all(syscalls_of(pid).values()), 10, "every thread to block")
+    else:
+        wait_running(pid)
 
 
 def test_thread_names_are_kept(run_victim):
@@ -95,7 +110,7 @@ def test_threads_created_and_ending_during_the_freeze(run_victim):
     r = run_victim([sys.executable, "-c", CHURN])
     r.wait_output("READY\n")
     for _ in range(4):
-        time.sleep(0.1)
+        wait_running(r.pid)
         r.dump("--leave-running")
     seen = r.output().count("\n")
     wait_for(lambda: r.output().count("\n") > seen + 2, 20, "it to go on creating threads")
@@ -121,7 +136,7 @@ def test_threaded_chain_dump_resume_dump_resume(run_victim):
     r = run_victim("threads", "mutex", "8")
     r.wait_output("READY\n")
     for _ in range(3):
-        time.sleep(0.15)
+        wait_running(r.pid)
         r.hop()
     assert r.finish() == 0, r.output()
     assert r.output() == "READY\nPASS\n"
@@ -138,7 +153,8 @@ def test_threaded_victim_checks_can_fail(run_victim):
 def test_inspect_lists_every_thread_with_its_syscall(run_victim):
     r = run_victim("threads", "futex")
     r.wait_output("READY\n")
-    time.sleep(0.1)
+    wait_for(lambda: sorted(map(str, syscalls_of(r.pid).values())) ==
+             ["futex"] * 4 + ["rt_sigtimedwait"], 10, "main in sigwait, the others in futex")
     img = r.dump("--leave-running")
     s = json.loads(run_upmig("inspect", "--json", str(img)).stdout)
     threads = s["threads"]
@@ -202,7 +218,7 @@ def test_pidns_gives_the_original_ids_when_they_are_taken(run_victim):
                       .split("NSpid:")[1].split("\n")[0].split()[-1]) for t in _tids(pid)]
         assert sorted(inside) == tids, "every thread has its original TID in the namespace"
         assert Path(f"/proc/{init}/comm").read_text().strip() == "upmig-init"
-        time.sleep(0.3)
+        wait_running(pid)
         os.kill(pid, signal.SIGTERM)   # the victim checks its TIDs against gettid()
         assert reap(pid, timeout=20) == 0, r.output()
         assert r.output() == "READY\nPASS\n"
@@ -223,7 +239,9 @@ def test_pidns_in_wait_mode_exits_with_the_process_status(run_victim):
                              stdout=subprocess.DEVNULL, stderr=errf)
     try:
         wait_for(lambda: "from here it is pid" in err.read_text(), 20, "the resume notice")
-        time.sleep(0.3)
+        pid = int(err.read_text().split("from here it is pid ")[1].split()[0])
+        # Let go: upmig passes signals on by then (it starts before the process does).
+        wait_for(lambda: untraced(pid), 10, "the process to be let go")
         p.send_signal(signal.SIGTERM)  # passed on to the process, which checks and exits
         assert p.wait(timeout=30) == 0, err.read_text()
         assert r.output() == "READY\nPASS\n"
@@ -241,7 +259,7 @@ def test_new_pids_runs_under_new_ids_and_says_so(run_victim):
     try:
         assert new != r.pid
         assert f"pid {r.pid} is now pid {new}" in res.stderr
-        time.sleep(0.2)
+        wait_running(new)
         os.kill(new, signal.SIGTERM)
         assert reap(new) == 0
     finally:
@@ -282,8 +300,10 @@ def test_node_output_equals_straight_run(run_victim, tmp_path, seed):
 
 FORKER = """
 import subprocess, threading, time
-threading.Thread(target=lambda: subprocess.Popen(["sleep", "60"]), daemon=True).start()
-time.sleep(0.3)
+forked = threading.Event()
+threading.Thread(target=lambda: (subprocess.Popen(["sleep", "60"]), forked.set()),
+                 daemon=True).start()
+forked.wait()  # Popen returns once the child has exec'd
 print("READY", flush=True)
 time.sleep(60)
 """
@@ -306,8 +326,8 @@ import os, threading, time
 deadline = time.monotonic() + 1.0
 for _ in range(32):
     threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
-print("READY", flush=True)
-while time.monotonic() < deadline:
+print("READY", deadline, flush=True)
+while time.monotonic() < deadline:  # the thing under test: a deadline it polls for
     time.sleep(0.001)
 os._exit(7)
 """
@@ -317,9 +337,11 @@ def test_a_process_that_exits_as_soon_as_it_runs_is_a_good_resume(run_victim):
     """Its threads are let go one by one; once one has run, the process may be gone
     before the last is let go. That is its own exit, not a failed resume."""
     r = run_victim([sys.executable, "-c", QUITTER])
-    r.wait_output("READY\n")
+    wait_for(lambda: r.output().endswith("\n"), 20, "READY")
+    deadline = float(r.output().split()[1])
     img = r.dump()
-    time.sleep(1.0)   # past its deadline (CLOCK_MONOTONIC goes on while it is an image)
+    # Past its deadline (CLOCK_MONOTONIC, the same clock here, goes on while it is an image)
+    wait_for(lambda: time.monotonic() > deadline, 10, "its deadline to pass")
     res = subprocess.run([*UPMIG, "resume", str(img)], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
     assert res.returncode == 7, res.stderr
@@ -343,12 +365,12 @@ def test_thread_caught_in_an_rseq_critical_section_goes_to_its_abort_handler(run
                                                                             how):
     r = run_victim("rseqcs")
     r.wait_output("READY\n")
-    time.sleep(0.2)
+    wait_running(r.pid)
     if how == "migrated":
         r.hop()
     else:
         r.dump("--leave-running")
-    time.sleep(0.2)
+    wait_running(r.pid)
     assert r.finish(timeout=10) == 0, r.output()
     assert r.output() == "READY\nPASS\n"
 

@@ -9,7 +9,6 @@ import pty
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from conftest import (
     run_upmig,
     stat_fields,
     straight_run,
+    syscalls_of,
     wait_for,
 )
 
@@ -237,9 +237,13 @@ def test_a_subreaper_still_takes_in_orphans(run_victim):
     assert len(_live_children(r.pid)) == 1
     before = set(_live_children(r.pid))
     os.kill(r.pid, signal.SIGUSR1)
-    time.sleep(0.5)  # the middle child has left its child and been reaped by then
-    new = set(_live_children(r.pid)) - before
-    assert len(new) == 1, "the new orphan is the subreaper's child"
+
+    def new_orphan() -> bool:  # the middle child is gone; its child, in pause(), came to us
+        new = set(_live_children(r.pid)) - before
+        return len(new) == 1 and \
+            set(syscalls_of(min(new)).values()) in ({"pause"}, {"rt_sigsuspend"})
+
+    wait_for(new_orphan, 10, "the new orphan to be the subreaper's child")
     r.kill()
 
 

@@ -62,7 +62,7 @@ def _tool(*argv: str) -> None:
             return
         if r.returncode != 10 or time.monotonic() > end:
             raise AssertionError(f"{' '.join(argv)}: {r.stderr.strip()}")
-        time.sleep(0.05)
+        time.sleep(0.05)  # and again, until the deadline above
 
 
 def processes_of(uid: int) -> list[int]:

@@ -8,11 +8,17 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import feed_after_resume, stat_fields
+from conftest import (
+    READS,
+    feed_after_resume,
+    stat_fields,
+    wait_for,
+    wait_in_syscall,
+    wait_running,
+)
 
 SIMPLE = ["counter", "memory", "brk", "fpu", "privmap", "files"]
 
@@ -21,9 +27,9 @@ SIMPLE = ["counter", "memory", "brk", "fpu", "privmap", "files"]
 def test_victim_survives_migration(run_victim, name):
     r = run_victim(name)
     r.wait_output("READY\n")
-    time.sleep(0.2)
+    wait_running(r.pid)  # dumped in its loop
     r.hop()
-    time.sleep(0.2)
+    wait_running(r.pid)  # and it goes round it after resume
     assert r.finish() == 0, r.output()
     assert r.output() == "READY\nPASS\n"
 
@@ -33,7 +39,7 @@ def test_victim_chain_of_five(run_victim, name):
     r = run_victim(name)
     r.wait_output("READY\n")
     for _ in range(5):
-        time.sleep(0.1)
+        wait_running(r.pid)
         r.hop()
     assert r.finish() == 0, r.output()
     assert r.output() == "READY\nPASS\n"
@@ -52,11 +58,18 @@ def test_signals_handlers_alarm_pending_altstack(run_victim):
     r = run_victim("signals")
     r.wait_output("READY\n")
     r.hop()                     # within the alarm(3) window
-    time.sleep(4)               # the alarm fires in the resumed process
+    r.wait_output("ALARM\n", timeout=15)  # it fires in the resumed process
     os.kill(r.pid, signal.SIGUSR1)
-    time.sleep(0.2)
+    wait_for(lambda: not _pending(r.pid) & (1 << (signal.SIGUSR1 - 1)), 10,
+             "SIGUSR1 to be taken")
     assert r.finish() == 0, r.output()
-    assert r.output() == "READY\nPASS\n"
+    assert r.output() == "READY\nALARM\nPASS\n"
+
+
+def _pending(pid: int) -> int:
+    """The signals pending for the process as a whole (ShdPnd), as a bit mask."""
+    status = open(f"/proc/{pid}/status").read()
+    return int(status.split("ShdPnd:\t", 1)[1].split("\n", 1)[0], 16)
 
 
 def test_blocked_in_read_on_stdin(run_victim):
@@ -69,7 +82,7 @@ def test_blocked_in_read_on_stdin(run_victim):
 def test_blocked_in_nanosleep(run_victim):
     r = run_victim("sleeper")
     r.wait_output("READY\n")
-    time.sleep(0.5)
+    wait_in_syscall(r.pid, "nanosleep", "clock_nanosleep")
     r.hop()
     r.wait_output("SLEPT\n", timeout=15)
     assert r.finish() == 0, r.output()
@@ -81,27 +94,34 @@ def test_leave_running_then_resume_the_checkpoint(run_victim):
     # (a file the process goes on writing after the checkpoint is not in the image).
     r = run_victim("memory")
     r.wait_output("READY\n")
-    time.sleep(0.2)
+    wait_running(r.pid)
     img = r.dump("--leave-running")
-    time.sleep(0.2)
-    assert r.proc.poll() is None           # it went on
+    wait_running(r.pid)                    # it went on
     assert r.finish() == 0 and r.output() == "READY\nPASS\n"
     # The checkpoint resumes too, from the moment of the dump: its stdout was written
     # since (and is written again here), which resume accepts only when told to.
     (r.cwd / "stdout.txt").write_text("READY\n")
     r.resume(img, "--allow-changed-files")
-    time.sleep(0.2)
+    wait_running(r.pid)
     assert r.finish() == 0, r.output()
 
 
 def test_blocked_in_pause(run_victim):
     r = run_victim("waiter", "pause")
     r.wait_output("READY\n")
-    time.sleep(0.2)
+    wait_in_pause(r.pid)
     r.hop()
-    time.sleep(0.3)  # a spurious return from pause() would FAIL now
+    # Any return from pause() but SIGTERM's ends it with FAIL: blocked in pause() again
+    # after resume, it came back into the call without one.
+    wait_in_pause(r.pid)
     assert r.finish() == 0, r.output()
     assert r.output() == "READY\nPASS\n"
+
+
+def wait_in_pause(pid: int) -> None:
+    """waiter (pause) is in its pause(): a SIGTERM sent before, between its check of the
+    flag and the call, would be taken and then waited for in vain."""
+    wait_in_syscall(pid, "pause", "rt_sigsuspend")
 
 
 def test_blocked_in_poll_on_stdin(run_victim):
@@ -117,13 +137,11 @@ def test_leave_stopped_then_continue(run_victim):
     r.dump("--leave-stopped")
     wait_for_state(r.pid, "T")
     os.kill(r.pid, signal.SIGCONT)
-    time.sleep(0.2)
+    wait_running(r.pid)
     assert r.finish() == 0 and r.output() == "READY\nPASS\n"
 
 
 def wait_for_state(pid: int, state: str) -> None:
-    from conftest import wait_for
-
     def has_state():
         return stat_fields(pid)[0] == state
 
@@ -176,6 +194,7 @@ def test_task_state_is_the_same_after_resume(run_victim, open_tmp):
     for key in before:
         assert after[key] == before[key], key
     assert before["Uid"].split()[0] == "65534" and before["Umask"] == "0027"
+    wait_in_pause(r.pid)
     assert r.finish() == 0, r.output()
 
 
@@ -225,7 +244,7 @@ def test_leave_running_while_blocked_in_read(run_victim):
     returns the data (not -ERESTARTSYS, not EINTR)."""
     r = run_victim("readblock", stdin=subprocess.PIPE)
     r.wait_output("READY\n")
-    time.sleep(0.2)
+    wait_in_syscall(r.pid, "read")
     r.dump("--leave-running")
     r.dump("--leave-running")
     r.proc.stdin.write(b"hello upmig\n")
@@ -247,6 +266,7 @@ def test_reduced_capabilities_and_no_new_privs_stay_reduced(run_victim):
     assert before["NoNewPrivs"] == "1"
     r.hop()
     assert proc_view(r.pid) == before
+    wait_in_pause(r.pid)
     assert r.finish() == 0, r.output()
 
 
@@ -341,12 +361,12 @@ def test_blocked_in_read_on_a_terminal(run_victim):
     r = run_victim("readblock", stdin=slave)
     os.close(slave)
     r.wait_output("READY\n")
-    time.sleep(0.2)
+    wait_in_syscall(r.pid, *READS)
     img = r.dump()
     master2, slave2 = pty.openpty()
     r.resume(img, stdin=slave2)
     os.close(slave2)
-    time.sleep(0.2)
+    wait_in_syscall(r.pid, *READS)  # back in its read
     os.write(master2, b"hello upmig\n")
     r.wait_output("GOT hello upmig\n")
     assert r.finish() == 0, r.output()
@@ -358,8 +378,7 @@ def test_blocked_in_read_on_a_terminal(run_victim):
 def test_sigterm_to_upmig_resume_reaches_the_process(run_victim):
     r = run_victim("counter")
     r.wait_output("READY\n")
-    r.hop()
-    time.sleep(0.1)
+    r.hop()  # returns once the process is let go, after upmig forwards signals to it
     r.resumer.send_signal(signal.SIGTERM)  # to upmig, which passes it on
     assert r.resumer.wait(timeout=30) == 0, r.output()
     assert r.output() == "READY\nPASS\n"

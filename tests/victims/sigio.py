@@ -34,8 +34,10 @@ if not fcntl.fcntl(r, fcntl.F_GETFL) & os.O_ASYNC:
 if fcntl.fcntl(r, fcntl.F_GETOWN) != os.getpid() or fcntl.fcntl(r, F_GETSIG) != signal.SIGUSR2:
     print("FAIL: owner or signal changed", flush=True)
     sys.exit(1)
-os.write(w, b"x")
-time.sleep(0.2)
+os.write(w, b"x")  # the signal is sent in this call; its Python handler runs soon after
+end = time.monotonic() + 10
+while not got and time.monotonic() < end:
+    time.sleep(0.01)  # a poll, with a deadline: any signal interrupts it
 if got != ["SIGUSR2"]:
     print(f"FAIL: signals {got}", flush=True)
     sys.exit(1)

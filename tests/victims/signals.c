@@ -3,8 +3,9 @@
 // Set up before READY: SIGUSR1 handler (SA_RESTART|SA_SIGINFO|SA_ONSTACK,
 // sa_mask = {SIGUSR2, SIGWINCH}) running on a sigaltstack; SIGUSR2 ignored;
 // SIGALRM handler counting; SIGHUP blocked and raised, so it stays PENDING;
-// alarm(3) armed right before READY (the itimer must survive migration).
-// Test driver: dump soon after READY, resume, wait ~4 s, send SIGUSR1 once,
+// alarm(3) armed right before READY (the itimer must survive migration); its
+// handler prints ALARM.
+// Test driver: dump soon after READY, resume, wait for ALARM, send SIGUSR1 once,
 // then SIGTERM. On SIGTERM everything is re-checked and PASS/FAIL printed.
 // -DBREAK: resets SIGUSR2 to SIG_DFL before verification -> FAIL.
 #include <signal.h>
@@ -24,7 +25,13 @@ static char altstack[65536];
 static volatile sig_atomic_t stop, n_alrm, n_usr1, usr1_on_alt, usr1_mask_ok, usr1_info_ok;
 
 static void on_term(int sig) { (void)sig; stop = 1; }
-static void on_alrm(int sig) { (void)sig; n_alrm++; }
+static void on_alrm(int sig)
+{
+    (void)sig;
+    n_alrm++;
+    if (write(1, "ALARM\n", 6) != 6) /* async-signal-safe, unlike printf */
+        n_alrm += 100;                 /* reported by the check */
+}
 
 static void on_usr1(int sig, siginfo_t *si, void *uc)
 {

@@ -257,7 +257,7 @@ static void mode_futex(void)
 
 /* ---- sigmask */
 
-static atomic_int usr2_tid, usr2_on_alt, go;
+static atomic_int usr2_tid, usr2_on_alt, go, masked;
 static char altstack[65536];
 
 static void on_usr2(int sig)
@@ -306,6 +306,7 @@ static void *holds_usr1(void *arg)   /* blocks SIGUSR1: nothing is pending for i
 {
     tls_start((long)arg);
     block_only(SIGUSR1);
+    atomic_fetch_add(&masked, 1);
     park_until_go();
     check_mask("thread A", SIGUSR1);
     sigset_t p;
@@ -323,6 +324,7 @@ static void *holds_usr2(void *arg)   /* SIGUSR2 pending on this thread alone */
     stack_t ss = {.ss_sp = altstack, .ss_size = sizeof altstack};
     if (sigaltstack(&ss, NULL) != 0)
         fail("sigaltstack");
+    atomic_fetch_add(&masked, 1);
     park_until_go();
     check_mask("thread B", SIGUSR2);
     sigset_t p;
@@ -352,7 +354,8 @@ static void mode_sigmask(void)
     nthreads = 2;
     pthread_create(&th[0], NULL, holds_usr1, (void *)0);
     pthread_create(&th[1], NULL, holds_usr2, (void *)1);
-    usleep(100000);                 /* both have set their masks */
+    while (atomic_load(&masked) < 2) /* both have set their masks (and B its altstack) */
+        usleep(1000);
     pthread_kill(th[1], SIGUSR2);   /* pending, on thread B only */
     kill(getpid(), SIGHUP);         /* pending, for the whole process */
     printf("READY\n");

@@ -10,6 +10,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -48,7 +49,9 @@ int main(void)
         fail("signalfd: %s", strerror(errno));
     union sigval v = {.sival_int = 4242};
     sigqueue(getpid(), SIGUSR1, v);
-    usleep(10000);   /* the one-shot timer has expired */
+    struct pollfd expired = {.fd = once, .events = POLLIN};
+    if (poll(&expired, 1, 10000) != 1) /* the one-shot timer has fired (not read) */
+        fail("the one-shot timerfd did not fire");
     printf("READY\n");
     while (!stop)
         pause();
