@@ -289,8 +289,18 @@ def moves_like_a_straight_run(run_victim, tmp_path: Path, argv: list[str], *, se
     r = run_victim(argv)
     r.wait_output("READY\n")
     migrate_at_random(r, hops=2, seed=seed, spread=spread)
-    assert r.hops >= 1
     r.ends_as(expected)
+    assert_moved(r)
+
+
+def assert_moved(r) -> None:
+    """r was dumped and resumed at least once, and what ended (ends_as, finish) was
+    the resumed process, whose status `upmig resume` passed on: a job that ended
+    before its first hop passes an output comparison without moving at all."""
+    assert r.hops >= 1, "it never moved: the job ended before its first hop"
+    assert (r.cwd / f"hop{r.hops - 1}.upmig").exists(), "the last hop's image"
+    assert r.resumer is not None and r.resumer.returncode is not None, \
+        "the process that ended was not the resumed one"
 
 
 READS = ("read", "poll", "ppoll")  # how the victims wait for their stdin

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import (
     VICTIMS,
+    assert_moved,
     descendants,
     migrate_at_random,
     moves_like_a_straight_run,
@@ -37,6 +38,7 @@ def test_python_output_equals_straight_run(run_victim, tmp_path, seed):
     r = run_victim(python_job())
     migrate_at_random(r, hops=3, seed=seed, spread=0.6)
     r.ends_as(expected)
+    assert_moved(r)
 
 
 @pytest.mark.parametrize("seed", [5])
@@ -54,6 +56,7 @@ def test_python_chain_of_five(run_victim, tmp_path):
     migrate_at_random(r, hops=5, seed=7, spread=0.3)
     assert r.hops == 5, "the job finished before five hops; make it longer"
     r.ends_as(expected)
+    assert_moved(r)
 
 
 @pytest.mark.skipif(not shutil.which("bc"), reason="bc is not installed")
@@ -66,6 +69,7 @@ def test_bc_pi_equals_straight_run(run_victim, tmp_path, seed):
         r = run_victim(["bc", "-l"], stdin=stdin)
     migrate_at_random(r, hops=3, seed=seed, spread=0.5)
     r.ends_as(expected)
+    assert_moved(r)
     assert len(expected) > 2600
 
 
@@ -85,6 +89,7 @@ def test_bc_reading_a_pipe_gets_the_resumers_stdin(run_victim, tmp_path):
     with open(tmp_path / "rest.in", "rb") as rest:
         r.resume(img, stdin=rest)
     r.ends_as(expected)
+    assert_moved(r)
 
 
 def _unread(pipe) -> int:
@@ -111,6 +116,7 @@ def test_interpreter_output_equals_straight_run(run_victim, tmp_path, name):
     r = run_victim(argv)
     migrate_at_random(r, hops=3, seed=11, spread=0.25)
     r.ends_as(expected)
+    assert_moved(r)
 
 
 def _resp(*args: bytes) -> bytes:
@@ -159,6 +165,7 @@ def test_redis_keeps_its_data_and_its_open_connection(run_victim):
         assert _reply(new) == b"$8\r\nvalue-49\r\n"
     held.close()
     assert r.finish() == 0, r.output()
+    assert_moved(r)
 
 
 NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
@@ -219,6 +226,7 @@ def test_nginx_master_and_workers_serve_and_reload(run_victim, tmp_path):
     assert _get(port, "/blob.bin") == blob
     assert "emerg" not in (tmp_path / "error.log").read_text()
     assert r.finish(signal.SIGQUIT) == 0, (tmp_path / "error.log").read_text()
+    assert_moved(r)
 
 
 def _answers(port: int) -> bool:

@@ -19,6 +19,7 @@ from conftest import (
     ROOT,
     UPMIG,
     VICTIMS,
+    assert_moved,
     build_victim,
     descendants,
     feed_after_resume,
@@ -282,6 +283,7 @@ def test_python_threads_output_equals_straight_run(run_victim, tmp_path, seed):
     migrate_at_random(r, hops=3, seed=seed, spread=0.6)
     assert r.hops >= 2, "the job finished too soon; make it longer"
     r.ends_as(expected)
+    assert_moved(r)
 
 
 @pytest.mark.skipif(not shutil.which("node"), reason="node is not installed")
@@ -296,6 +298,7 @@ def test_node_output_equals_straight_run(run_victim, tmp_path, seed):
     migrate_at_random(r, hops=3, seed=seed, spread=0.4)
     assert r.hops >= 2, "the job finished too soon; make it longer"
     r.ends_as(expected)
+    assert_moved(r)
 
 
 FORKER = """

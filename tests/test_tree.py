@@ -17,6 +17,7 @@ from conftest import (
     ROOT,
     UPMIG,
     VICTIMS,
+    assert_moved,
     build_victim,
     descendants,
     migrate_at_random,
@@ -88,6 +89,7 @@ def test_a_shell_pipeline_moves(run_victim, tmp_path, seed):
     assert r.hops >= 1, "the pipeline finished too soon"
     assert r.finish(sig=0, timeout=120) == 0
     assert (r.cwd / "out.txt").read_text() == (straight / "out.txt").read_text()
+    assert_moved(r)
 
 
 def test_a_job_on_a_shells_terminal_needs_shell_job(tmp_path):
