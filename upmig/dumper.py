@@ -41,7 +41,6 @@ from upmig import (
     freeze,
     ghosts,
     image,
-    inet,
     inject,
     keys,
     memmap,
@@ -55,6 +54,7 @@ from upmig import (
 )
 from upmig import _native as nat
 from upmig.errors import CantMigrate, ImageError, NoSuchProcess, UpmigError, describe_oserror
+from upmig.fds import inet
 from upmig.image import RUNS_PER_RECORD, ImageWriter, PageSource
 from upmig.newfile import NewFile, Stream
 from upmig.records import CowPages, Header, MappedFile, Process, Thread

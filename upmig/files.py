@@ -1,7 +1,7 @@
 """The fd table: one record per fd, by kind (regular file, directory, character
 device, a pipe inside the process, eventfd, epoll, or an fd inherited from
 whoever runs `upmig resume`). Pipes and event descriptors have modules of their
-own (upmig.pipes, upmig.evfds); this one decides what each fd is and puts every
+own (upmig.fds); this one decides what each fd is and puts every
 one back at its number."""
 
 from __future__ import annotations
@@ -11,20 +11,11 @@ import stat
 from dataclasses import dataclass
 
 from upmig import _native as nat
-from upmig import (
-    _proc,
-    evfds,
-    fdowner,
-    fileid,
-    ghosts,
-    inet,
-    inotify,
-    locks,
-    pipes,
-    sharing,
-    unix,
-)
+from upmig import _proc, fileid, ghosts, sharing
 from upmig.errors import CantMigrate, RestoreError
+from upmig.fds import evfds, inet, inotify, locks, unix
+from upmig.fds import owner as fdowner
+from upmig.fds import pipe as pipes
 from upmig.image import Records
 from upmig.inject import Session
 from upmig.records import Fd, FileIdentity, Ghost, Pipe, Task

@@ -176,7 +176,7 @@ class Fd:
     shared_with: int = -1    # lowest fd sharing this open file description, or -1
     note: str = ""           # for inspect: what an inherited fd was
     obj: int = 0             # pipe: the Pipe's id
-    extra: dict = field(default_factory=dict)  # per type: see upmig.pipes, upmig.evfds
+    extra: dict = field(default_factory=dict)  # per type: see upmig.fds
     desc: int = 0            # its open file description, the same id in every process
                              # of the tree that holds it (see upmig.sharing); 0: inherit
 

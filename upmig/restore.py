@@ -44,7 +44,6 @@ from upmig import (
     files,
     ghosts,
     image,
-    inet,
     inject,
     keys,
     memmap,
@@ -60,6 +59,7 @@ from upmig import (
     tree,
 )
 from upmig.errors import Corrupt, Mismatch, RestoreError, describe_oserror
+from upmig.fds import inet
 from upmig.inject import SCRATCH, Session
 from upmig.records import (
     MM,

@@ -19,8 +19,9 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from upmig import _proc, files, inet, memmap
+from upmig import _proc, files, memmap
 from upmig._native import PAGE
+from upmig.fds import inet
 from upmig.records import Fd, Ghost, Pipe, Signals, Thread, Vma
 
 Check = Callable[[Any], "str | None"]

@@ -20,8 +20,9 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from upmig import _native as nat
-from upmig import _proc, fileid, pipes
+from upmig import _proc, fileid
 from upmig.errors import CantMigrate
+from upmig.fds import pipe
 from upmig.freeze import Frozen
 from upmig.inject import Session
 from upmig.syscalls import nr
@@ -108,7 +109,7 @@ def _fds(pid: int) -> list[_Held]:
         end, fifo = "", stat.S_ISFIFO(st.st_mode) and target.startswith("/")
         if stat.S_ISFIFO(st.st_mode):
             info = _proc.parse_fdinfo(_proc.read_text(pid, f"fdinfo/{fd}"))
-            end = "".join(sorted(pipes.ends(int(info["flags"], 8))))
+            end = "".join(sorted(pipe.ends(int(info["flags"], 8))))
         out.append(_Held(pid, fd, fileid.object_id(st), end,
                          st.st_ino if target.startswith("socket:") else 0, fifo))
     return out

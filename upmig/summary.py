@@ -5,8 +5,9 @@ from __future__ import annotations
 import errno
 import time
 
-from upmig import fileid, image, inet, keys, regs, signals
+from upmig import fileid, image, keys, regs, signals
 from upmig.errors import KeyProblem
+from upmig.fds import inet
 from upmig.records import (
     MM,
     Fd,

@@ -1,0 +1,1 @@
+"""The kinds of fd a process can hold, one module each."""
