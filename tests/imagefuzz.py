@@ -51,7 +51,8 @@ sys.path.insert(0, str(HERE.parent))
 
 from conftest import UPMIG, build_victim, descendants  # noqa: E402
 from upmig import image, keys  # noqa: E402
-from upmig.records import Pages, Process  # noqa: E402
+from upmig.fds import registry  # noqa: E402
+from upmig.records import Fd, Pages, Process  # noqa: E402
 
 HANG_SECONDS = 10
 DOCUMENTED = {"inspect": {0, 6}, "resume": {0, 6, 7, 8}}  # what each may exit with here
@@ -248,33 +249,14 @@ def _enum(options):
     return pick
 
 
-# Keys of Fd.extra the fuzzer never drops: absent, they are a valid state (no lock
-# held, no O_ASYNC owner, a pair's other end in this very process).
-OPTIONAL_EXTRA = {"locks", "async", "peer_desc", "peer_queued", "peer_shutdown", "backlog"}
-# Values of Fd.extra that are semantic: any other value is a state the fd could have.
-SEMANTIC_EXTRA = {"count", "queued", "ticks", "value", "interval", "mask", "data", "events",
-                  "options", "shutdown"}
-
-
 def _extra(v, rnd, ctx):
-    """A dict of an Fd's extra (or a Pipe's ends): a key dropped, a value broken."""
+    """A map (a Pipe's ends): a key dropped, a value broken."""
     if not isinstance(v, dict) or not v:
-        return rnd.choice([None, "x", [], {"end": "r"}, {"watches": "x"}])
+        return rnd.choice([None, "x", [], {"r": "r"}, {"x": 1}])
     key = rnd.choice(sorted(v))
-    if key not in OPTIONAL_EXTRA and rnd.random() < 0.3:
+    if rnd.random() < 0.3:
         return {k: x for k, x in v.items() if k != key}
-    old = v[key]
-    if key in SEMANTIC_EXTRA:
-        new = _semantic(old, rnd, ctx)
-    elif isinstance(old, list) and old and isinstance(old[0], list):
-        new = _rows(old, rnd, ctx)  # epoll and inotify watches, locks
-    elif isinstance(old, list):
-        new = _row(old, rnd, ctx)
-    elif isinstance(old, str):
-        new = rnd.choice(["zz", "\x00", "x" * 300, 0, None])
-    else:
-        new = rnd.choice([-1, NEGATIVE, 1 << 40, "x", None, [], 1.5])
-    return {**v, key: new}
+    return {**v, key: rnd.choice([-1, NEGATIVE, "x", None, [], 1.5])}
 
 
 def _bool(v, rnd, ctx):
@@ -299,10 +281,6 @@ FIELDS: dict[str, dict[str, Any]] = {
     "cow_pages": {"source": _id, "runs": _runs},
     "sysv_shm": {"id": _ref, "size": _size, "uid": _uid, "gid": _uid, "boot": _text},
     "sysv_sem": {"id": _semantic, "uid": _uid, "gid": _uid, "last_pid": _id, "boot": _text},
-    "fd": {"fd": _fd, "path": _path, "shared_with": _fd, "note": _text, "obj": _ref,
-           "extra": _extra, "desc": _ref,
-           "type": _enum(["file", "pipe", "epoll", "eventfd", "timerfd", "unix_pair", "tcp",
-                          "ghost", "inherit", "fifo", "dir"])},
     "ghost": {"id": _ref, "path": _path, "size": _size, "uid": _uid, "gid": _uid,
               "type": _enum(["file", "memfd", "shmem", "posix"])},
     "pipe": {"id": _ref, "size": _size, "ends": _extra},
@@ -310,6 +288,15 @@ FIELDS: dict[str, dict[str, Any]] = {
     "thread": {"tid": _id, "regs": _bytes, "xsave": _bytes, "rseq": _row,
                "robust_list": _row, "comm": _text, "pending": _siginfos, "altstack": _row},
 }
+# Every kind of fd record: the fields every fd has, and its own that are references,
+# paths or rows (the others are semantic: a queue, a count, an address).
+_FD = {"fd": _fd, "shared_with": _fd, "note": _text, "desc": _ref, "async_owner": _row}
+_FD_OWN = {"fd_path": {"path": _path, "locks": _rows},
+           "fd_ghost": {"path": _path, "ghost": _ref, "locks": _rows},
+           "fd_pipe": {"pipe": _ref}, "fd_fifo": {"path": _path, "pipe": _ref},
+           "fd_epoll": {"watches": _rows}, "fd_inotify": {"watches": _rows},
+           "fd_unix_pair": {"ino": _ref, "peer": _ref, "peer_desc": _ref}}
+FIELDS.update({kind: {**_FD, **_FD_OWN.get(kind, {})} for kind in registry.RECORDS})
 # Records whose absence no validation could notice (a thread, an fd, a VMA nothing
 # refers to: a process can have fewer) are never dropped.
 DROPPABLE = {"header", "process", "task", "mm", "signals", "mapped_file", "pages",
@@ -327,7 +314,7 @@ class Context:
 
 def _context(items: list[Item]) -> Context:
     pids = sorted({it.rec.pid for it in items if isinstance(it.rec, Process)})
-    fds = sorted({it.rec.fd for it in items if it.rec.kind == "fd"})
+    fds = sorted({it.rec.fd for it in items if isinstance(it.rec, Fd)})
     return Context(pids, fds)
 
 

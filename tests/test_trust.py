@@ -28,7 +28,10 @@ import upmig.cli
 import upmig.restore  # noqa: F401  (imported before upmig_as drops root: see there)
 from conftest import build_victim, descendants, reap, run_upmig, straight_run, wait_for
 from upmig import fileid, ghosts, image, keys
-from upmig.records import Fd, FileIdentity, Ghost, Pages, Task, Vma
+from upmig.fds.ghost import GhostFd
+from upmig.fds.path import PathFd
+from upmig.fds.unix import UnixListenerFd
+from upmig.records import FileIdentity, Ghost, Pages, Task, Vma
 
 EXIT_ACCESS, EXIT_IMAGE, EXIT_RESTORE, EXIT_MISMATCH = 4, 6, 7, 8
 SHADOW = Path("/etc/shadow")
@@ -382,7 +385,7 @@ def test_rewritten_fd_path_cannot_reach_a_root_file(run_victim, user, open_tmp, 
     aimed: set[int] = set()
 
     def aim(rec):
-        if isinstance(rec, Fd) and rec.path == str(b):
+        if isinstance(rec, PathFd) and rec.path == str(b):
             rec.path = str(secret)
             aimed.add(rec.fd)
         elif isinstance(rec, FileIdentity) and rec.fd in aimed:  # (they follow the fds)
@@ -402,8 +405,8 @@ def _retarget(old: int, new: int, path: str) -> Callable[[object], None]:
     def change(rec):
         if isinstance(rec, Ghost) and rec.id == old:
             rec.id, rec.path = new, path
-        elif isinstance(rec, Fd) and rec.type == "ghost" and rec.obj == old:
-            rec.obj, rec.path = new, path
+        elif isinstance(rec, GhostFd) and rec.ghost == old:
+            rec.ghost, rec.path = new, path
         elif isinstance(rec, Vma) and rec.role == "ghost" and rec.ghost == old:
             rec.ghost, rec.path = new, path
         elif isinstance(rec, Pages) and rec.target == ghosts.target(old):
@@ -513,7 +516,7 @@ def test_a_deleted_file_record_cannot_make_a_file_in_a_root_directory(run_victim
     target = f"/etc/upmig-attack-{secrets.token_hex(4)}"
 
     def aim(rec):
-        if isinstance(rec, (Ghost, Fd)) and rec.path == str(path):
+        if isinstance(rec, (Ghost, GhostFd)) and rec.path == str(path):
             rec.path = target
 
     line = refusal(resume_detached(forge(img, aim, test_key)), EXIT_IMAGE, EXIT_RESTORE)
@@ -540,8 +543,8 @@ def test_a_socket_record_cannot_bind_or_clear_a_root_path(run_victim, user, open
     img = r.dump()
 
     def aim(rec):
-        if isinstance(rec, Fd) and rec.type == "unix_listen":
-            rec.extra["name"] = os.fsencode(str(target)).hex()
+        if isinstance(rec, UnixListenerFd):
+            rec.name = os.fsencode(str(target)).hex()
 
     line = refusal(resume_detached(forge(img, aim, test_key)), EXIT_IMAGE, EXIT_RESTORE)
     assert str(target) in line

@@ -30,7 +30,6 @@ from upmig.records import Fd, Ghost, Vma
 from upmig.syscalls import nr
 
 O_RDWR, O_CREAT, O_EXCL, O_TMPFILE = 0o2, 0o100, 0o200, 0o20200000
-O_NOFOLLOW = 0o400000
 AT_FDCWD = -100
 F_DUPFD_CLOEXEC = 1030
 MFD_CLOEXEC, MFD_ALLOW_SEALING = 1, 2
@@ -102,9 +101,11 @@ def _seals(source: str) -> int:
 def _holders(pid: int, recs: list[Fd], vmas: list[Vma]):
     """(ghost id, path, a /proc path that opens it, where it is held) for every fd and
     mapping of a ghost."""
+    from upmig.fds.ghost import GhostFd  # (which imports this module)
+
     for r in recs:
-        if r.type == "ghost":
-            yield r.obj, r.path, f"/proc/{pid}/fd/{r.fd}", f"on fd {r.fd}"
+        if isinstance(r, GhostFd):
+            yield r.ghost, r.path, f"/proc/{pid}/fd/{r.fd}", f"on fd {r.fd}"
     for v in vmas:
         if v.role == "ghost":
             yield v.ghost, v.path, memmap.map_file(pid, v.start, v.end), \
@@ -331,25 +332,4 @@ def _named_then_unlinked(s: Session, where: str, g: Ghost) -> int:
     if fd >= 0:
         s.write(s.scratch, os.fsencode(name) + b"\0")
         s.call(nr.unlink, s.scratch, what=f"unlink({name})")
-    return fd
-
-
-def reopen(s: Session, pid: int, g: Ghost, tmp: int, flags: int) -> int:
-    """Another open file description of g, recreated at tmp, with these flags. A POSIX
-    object is opened by its name, as shm_open does (its O_NOFOLLOW kept), and must be
-    the very object made. Any other is reached through the magic link
-    /proc/self/fd/TMP, without O_NOFOLLOW: that would refuse it (ELOOP; with O_PATH,
-    open the link itself), and only said how a path was to be looked up."""
-    if g.type != "posix":
-        s.write(s.scratch, f"/proc/self/fd/{tmp}".encode() + b"\0")
-        fd = s.raw(nr.openat, AT_FDCWD, s.scratch, flags & ~O_NOFOLLOW, 0)
-    else:
-        fd = s.open_path(g.path, flags)
-    if fd < 0:
-        raise RestoreError(f"cannot reopen the recreated {g.path or 'shared memory'}: "
-                           f"{os.strerror(-fd)}")
-    here = s.inj.pid
-    if g.type == "posix" and not os.path.samestat(os.stat(f"/proc/{here}/fd/{fd}"),
-                                                  os.stat(f"/proc/{here}/fd/{tmp}")):
-        raise Mismatch(f"{g.path} was replaced while resume was opening it", pid=pid)
     return fd

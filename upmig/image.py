@@ -55,9 +55,11 @@ from upmig.keys import Key
 from upmig.records import Pages, Process, Trailer, from_wire, to_wire
 
 MAGIC = b"UPMIG\x00\x89\n"
-VERSION = 6  # 2: per-thread state in Thread; 3: process trees (Process sections);
+VERSION = 7  # 2: per-thread state in Thread; 3: process trees (Process sections);
 #             4: shared memory as Ghost files (no more "shmem" VMAs), CowPages; 5: sealed frames;
-#             6: every record before any page data (resume from a stream fills as it reads)
+#             6: every record before any page data (resume from a stream fills as it reads);
+#             7: a record kind per kind of fd ("fd_pipe", "fd_epoll"...: upmig/fds/), with
+#                typed fields, instead of one "fd" record with a type string and extras
 HEADER = struct.Struct("<8sII8s16s")
 FRAME_HEAD = struct.Struct("<II")
 FRAME_TAIL = struct.Struct(f"<{_native.FRAME_TAIL}s")

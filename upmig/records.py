@@ -1,7 +1,8 @@
 """The state records an image holds: plain dataclasses, one per kind of state.
 
 Dump modules fill them, upmig.image (de)serialises them, restore reads them. A new
-kind of state is one new record here plus a dump and a restore function."""
+kind of state is one new record here plus a dump and a restore function; a new kind
+of fd is one module in upmig/fds/, its record deriving from Fd here."""
 
 from __future__ import annotations
 
@@ -164,21 +165,22 @@ class SysvSem:
     last_pid: int = 0        # the process of the tree that operated on it last
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Fd:
+    """What every fd has. Each kind of fd has a record of its own deriving from this
+    one, with typed fields of its own: see upmig/fds/ (a kind per module) and
+    upmig.fds.registry. This one is never in an image itself."""
+
     kind: ClassVar[str] = "fd"
     fd: int
-    type: str                # file | dir | chardev | inherit | pipe | eventfd | epoll
-    path: str
     flags: int               # open(2) status flags from fdinfo, without O_CLOEXEC
     cloexec: bool
     pos: int
     shared_with: int = -1    # lowest fd sharing this open file description, or -1
-    note: str = ""           # for inspect: what an inherited fd was
-    obj: int = 0             # pipe: the Pipe's id
-    extra: dict = field(default_factory=dict)  # per type: see upmig.fds
     desc: int = 0            # its open file description, the same id in every process
                              # of the tree that holds it (see upmig.sharing); 0: inherit
+    note: str = ""           # for inspect: what /proc called it, if not a path
+    async_owner: list[int] | None = None  # O_ASYNC: [owner type, pid, signal] (fds.owner)
 
 
 @dataclass
@@ -265,8 +267,8 @@ class Trailer:
     data_bytes: int
 
 
-RECORD_TYPES: dict[str, type] = {
-    cls.kind: cls for cls in (Header, Process, Task, MM, Vma, MappedFile, Pages, CowPages, Fd,
+RECORD_TYPES: dict[str, type] = {  # and each fd kind's: see record_types()
+    cls.kind: cls for cls in (Header, Process, Task, MM, Vma, MappedFile, Pages, CowPages,
                               FileIdentity, Pipe, Ghost, SysvShm, SysvSem, Signals, Thread, Trailer)
 }
 
@@ -276,16 +278,30 @@ def to_wire(rec: Any) -> list:
     return [rec.kind, {f.name: getattr(rec, f.name) for f in fields(rec)}]
 
 
-_FIELD_NAMES = {cls: tuple(f.name for f in fields(cls)) for cls in RECORD_TYPES.values()}
+_ALL: dict[str, type] = {}
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def record_types() -> dict[str, type]:
+    """Every kind of record an image may hold: RECORD_TYPES and the fd kinds' records
+    (upmig.fds.registry: they derive from Fd here, so they are looked up once this
+    module is loaded, not while it is)."""
+    if not _ALL:
+        from upmig.fds.registry import RECORDS
+        _FIELD_NAMES.update({cls: tuple(f.name for f in fields(cls))
+                             for cls in (*RECORD_TYPES.values(), *RECORDS.values())})
+        _ALL.update(RECORD_TYPES | RECORDS)
+    return _ALL
 
 
 def from_wire(kind: str, body: dict) -> Any:
     """Rebuild a record; unknown fields (from a newer minor version) are ignored,
     missing ones raise KeyError/TypeError for the caller to report."""
-    cls = RECORD_TYPES[kind]
+    cls = (_ALL or record_types())[kind]
     return cls(**{name: body[name] for name in _FIELD_NAMES[cls] if name in body})
 
 
 __all__ = ["Header", "Process", "Task", "MM", "Vma", "MappedFile", "Pages", "CowPages", "Fd",
            "FileIdentity", "Pipe", "Ghost", "SysvShm", "SysvSem",
-           "Signals", "Thread", "Trailer", "RECORD_TYPES", "to_wire", "from_wire"]
+           "Signals", "Thread", "Trailer", "RECORD_TYPES", "record_types", "to_wire",
+           "from_wire"]

@@ -7,21 +7,21 @@ wrong with it, for upmig.validate to put after the field's name:
     uids[1] 4294967295 is not a uid or gid (0..4294967294)
     extra lacks 'watches'
 
-FIELDS gives each record kind's fields their checks (types, ranges, shapes), EXTRA
-the shape of Fd.extra per fd type, RULES what involves several fields of one
-record. What involves several records (cross-references) is upmig.validate's."""
+FIELDS gives each record kind's fields their checks (types, ranges, shapes), RULES
+what involves several fields of one record. An fd record's are FD_FIELDS and
+fd_rule (what every fd has) with its kind's own (the record's checks and its
+handler's rule: upmig/fds/). What involves several records (cross-references) is
+upmig.validate's."""
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import struct
 from collections.abc import Callable
 from typing import Any
 
-from upmig import _proc, files, memmap
+from upmig import _proc, memmap
 from upmig._native import PAGE
-from upmig.fds import inet
 from upmig.records import Fd, Ghost, Pipe, Signals, Thread, Vma
 
 Check = Callable[[Any], "str | None"]
@@ -49,7 +49,6 @@ PATH_MAX = 4096
 XSAVE_MIN = 512 + 64           # the legacy area and the XSAVE header
 XSAVE_MAX = 1 << 16            # what PTRACE_GETREGSET is asked for (AMX needs ~11 KiB)
 MAX_GROUPS = 16 * 4096 // 4    # written into the 16-page scratch area (inject.SCRATCH)
-MAX_WATCH_NUMBER = 1 << 16     # inotify: each missing number below costs two syscalls
 MAX_SEMS = 32000               # SEMMSL
 SEM_MAX = 32767                # SEMVMX
 ANON_NAME_MAX = 80             # ANON_VMA_NAME_MAX_LEN
@@ -57,13 +56,7 @@ MEMFD_NAME_MAX = 249           # MFD_NAME_MAX_LEN
 SS_AUTODISARM = -(1 << 31)     # as the int the altstack's flags are packed into
 SS_DISABLE = 2
 ROLES = ("anon", "file", "ghost", "sysv", "heap", "stack", *memmap.VDSO_ROLES)
-FD_TYPES = ("file", "dir", "chardev", "inherit", "ghost", "fifo", "pipe", "eventfd", "epoll",
-            "timerfd", "signalfd", "inotify", "unix", "unix_pair", "unix_listen", "inet",
-            "tcp_listen", "tcp")
-PATH_TYPES = ("file", "dir", "fifo")  # reopened by their path (chardev too: files.BY_PATH)
 GHOST_TYPES = ("file", "memfd", "shmem", "posix")
-CLOCKS = (0, 1, 7, 8, 9)       # timerfd: REALTIME, MONOTONIC, BOOTTIME and their _ALARMs
-INET_OPTIONS = (*inet.OPTIONS, *inet.TCP_OPTIONS, *inet.V6_OPTIONS)
 RIP_AT = 16 * 8                # user_regs_struct.rip
 REGS_SIZE = 27 * 8             # sizeof(struct user_regs_struct)
 
@@ -190,6 +183,17 @@ def row(*items: Check) -> Check:
     return check
 
 
+def all_of(*checks: Check) -> Check:
+    """Each of checks, in order: what the first finds wrong, or None."""
+    def check(v):
+        for c in checks:
+            why = c(v)
+            if why:
+                return why
+        return None
+    return check
+
+
 def optional(inner: Check) -> Check:
     return lambda v: None if v is None else inner(v)
 
@@ -277,12 +281,7 @@ SECONDS = integer(0, S64 - 1, "a count of seconds")
 ITIMER = row(integer(0, 2, "an itimer"), SECONDS, integer(0, 999999, "microseconds"),
              SECONDS, integer(0, 999999, "microseconds"))
 RLIMIT = integer(-1, S64 - 1, "a limit (-1: unlimited)")
-SOCK_TYPE = one_of("stream", "dgram", "seqpacket")
 BACKLOG = integer(0, (1 << 31) - 1, "a backlog")
-QUEUE = list_of(blob(0, 1 << 26), 1 << 20)
-TIMESPEC = row(INT64, integer(0, 999999999, "nanoseconds"))
-LOCK = row(one_of("FLOCK", "POSIX", "OFDLCK"), boolean, OFFSET,
-           integer(-1, S64 - 1, "a lock end (-1: EOF)"))
 ASYNC = row(integer(0, 2, "an owner type"), PID_OR_0, integer(0, NSIG, "a signal number"))
 
 
@@ -334,59 +333,6 @@ def pages_target(v: str) -> tuple[str, int] | None:
     return m[1], int(m[2])
 
 
-def _sun_name(v):
-    """A unix socket's name, hex: abstract (a leading NUL), a path, or unbound."""
-    if type(v) is not str:
-        return wrong_type(v, "a hex string")
-    try:
-        name = bytes.fromhex(v)
-    except ValueError:
-        return f"{shown(v)} is not hex"
-    if len(name) > 108:
-        return f"is {len(name)} bytes long, more than a sun_path holds (108)"
-    if name[:1] != b"\0" and b"\0" in name.rstrip(b"\0"):
-        return "is a path with a NUL in it"
-    return None
-
-
-PORT = integer(0, 65535, "a port")
-
-
-def _sockaddr(v):
-    """[host, port] (IPv4) or [host, port, flowinfo, scope_id] (IPv6)."""
-    if type(v) is not list or len(v) not in (2, 4):
-        return wrong_type(v, "an address ([host, port] or [host, port, flow, scope])")
-    if type(v[0]) is not str:
-        return _at(0, wrong_type(v[0], "an IP address"))
-    try:
-        ipaddress.ip_address(v[0].split("%")[0])
-    except ValueError:
-        return _at(0, f"{shown(v[0])} is not an IP address")
-    for i, check in ((1, PORT), (2, UINT32), (3, UINT32))[:len(v) - 1]:
-        why = check(v[i])
-        if why:
-            return _at(i, why)
-    return None
-
-
-def _inet_rule(f: Fd) -> str | None:
-    """The addresses of an inet socket are of its family, its kind of its fd type."""
-    x = f.extra
-    if f.type != "inet" and x["kind"] != "tcp":
-        return f".kind {x['kind']!r} is not 'tcp' for a {f.type} fd"
-    if "SO_REUSEADDR" not in x["options"]:
-        return ".options lacks 'SO_REUSEADDR'"
-    version, size = (4, 2) if x["family"] == 2 else (6, 4)
-    for key in ("name", "peer"):
-        addr = x[key]
-        if addr is not None and (len(addr) != size or ipaddress.ip_address(
-                addr[0].split("%")[0]).version != version):
-            return f".{key} is not an IPv{version} address"
-    if f.type == "tcp" and x["peer"] is None:
-        return ".peer is missing: a connection has one"
-    return None
-
-
 def _seccomp(v):
     if v == 0 and type(v) is int:
         return None
@@ -434,10 +380,6 @@ FIELDS: dict[str, dict[str, Check]] = {
     "sysv_sem": {"id": IPC_ID, "key": INT32, "mode": MODE, "uid": ID, "gid": ID,
                  "values": list_of(integer(0, SEM_MAX, "a semaphore value"), MAX_SEMS, 1),
                  "ctime": INT64, "boot": text(64), "last_pid": PID_OR_0},
-    "fd": {"fd": FD, "type": one_of(*FD_TYPES), "path": text(PATH_MAX), "flags": UINT32,
-           "cloexec": boolean, "pos": OFFSET, "shared_with": integer(-1, FD_MAX, "an fd or -1"),
-           "note": text(PATH_MAX), "obj": OBJECT, "extra": dict_of(text(), lambda v: None, 64),
-           "desc": DESC},
     "ghost": {"id": OBJECT, "path": text(PATH_MAX), "size": SIZE, "mode": MODE,
               "type": one_of(*GHOST_TYPES), "seals": integer(0, 0x3F, "memfd seals"),
               "uid": ID, "gid": ID},
@@ -455,40 +397,6 @@ FIELDS: dict[str, dict[str, Check]] = {
                "clear_child_tid": ADDRESS,
                "cpus": optional(list_of(integer(0, 8191, "a CPU number"), 8192))},
 }
-
-_INET = {"kind": one_of("tcp", "udp"), "family": one_of(2, 10), "name": _sockaddr,
-         "options": dict_of(one_of(*INET_OPTIONS), INT32, len(INET_OPTIONS)),
-         "peer": optional(_sockaddr)}
-_UNIX = {"type": SOCK_TYPE, "name": _sun_name}
-_PAIR_END = {"peer_desc": DESC, "peer_shutdown": integer(0, 3, "a shutdown state"),
-             "peer_queued": QUEUE}
-EXTRA: dict[str, dict[str, Check]] = {  # Fd.extra by fd type
-    "pipe": {"end": one_of("r", "w")},
-    "fifo": {"end": one_of("r", "w")},
-    "eventfd": {"count": integer(0, U64 - 1, "an eventfd count"), "semaphore": integer(0, 1)},
-    "epoll": {"watches": list_of(row(FD, UINT32, UINT64), FD_MAX + 1)},
-    "timerfd": {"clock": one_of(*CLOCKS), "ticks": UINT64, "value": TIMESPEC,
-                "interval": TIMESPEC},
-    "signalfd": {"mask": UINT64},
-    "inotify": {"watches": list_of(row(integer(1, MAX_WATCH_NUMBER, "a watch number"),
-                                       UINT32, path), MAX_WATCH_NUMBER)},
-    "unix": _UNIX,
-    "unix_listen": {**_UNIX, "backlog": BACKLOG},
-    "unix_pair": {**_UNIX, "peer": OBJECT, "shutdown": integer(0, 3, "a shutdown state"),
-                  "queued": QUEUE},
-    "inet": _INET,
-    "tcp_listen": {**_INET, "backlog": BACKLOG},
-    "tcp": {**_INET, "recv_seq": UINT32, "send_seq": UINT32, "recv_queue": blob(0, 1 << 26),
-            "send_queue": blob(0, 1 << 26), "mss": UINT32, "tcpi_options": integer(0, 255),
-            "snd_wscale": integer(0, 14), "rcv_wscale": integer(0, 14), "timestamp": UINT32,
-            "window": row(UINT32, UINT32, UINT32, UINT32, UINT32)},
-}
-_EXTRA_CHECKS = {kind: struct_of(keys, {"async": ASYNC, **(_PAIR_END if kind == "unix_pair"
-                                                             else {})})
-                 for kind, keys in EXTRA.items()}
-_PLAIN_EXTRA = struct_of({}, {"async": ASYNC})
-_LOCKED_EXTRA = struct_of({}, {"async": ASYNC, "locks": list_of(LOCK, 1 << 16)})
-
 
 # ---- rules over several fields of one record: (field, why) or None
 
@@ -590,40 +498,11 @@ def _process_rule(p):
     return "exit_status", f"{status:#x} is not a wait status of an exit or a deadly signal"
 
 
-def _fd_rule(f: Fd):
-    if f.type == "inherit" and f.fd > 2:
-        return "fd", f"{f.fd}: only fds 0-2 are inherited from the resumer"
+def fd_rule(f: Fd):
+    """What every fd record must have right (its kind's handler checks the rest)."""
     if f.shared_with >= f.fd:
         return "shared_with", f"{f.shared_with} is not a lower fd than {f.fd}"
-    why = _fd_path(f)
-    if why:
-        return "path", why
-    if f.type in _EXTRA_CHECKS:
-        check = _EXTRA_CHECKS[f.type]
-    else:
-        check = _LOCKED_EXTRA if f.type in ("file", "ghost") else _PLAIN_EXTRA
-    why = check(f.extra)
-    if not why and f.type == "inherit" and "async" in f.extra:
-        why = "has an O_ASYNC owner on an fd that is the resumer's own"
-    if not why and f.type in ("inet", "tcp_listen", "tcp"):
-        why = _inet_rule(f)
-    if not why and f.type == "inotify":
-        wds = [w[0] for w in f.extra["watches"]]
-        if wds != sorted(set(wds)):
-            why = ".watches are not in increasing watch-number order"
-    return ("extra", why) if why else None
-
-
-def _fd_path(f: Fd) -> str | None:
-    if f.type in PATH_TYPES:
-        return path(f.path)
-    if f.type == "chardev":  # devices with no state of their own
-        return None if f.path in files.PLAIN_DEVICES else \
-            f"{shown(f.path)} is not a device reopened by path " \
-            f"({', '.join(sorted(files.PLAIN_DEVICES))})"
-    if f.type == "ghost":
-        return None if f.path else "is empty"
-    return None if not f.path else f"{shown(f.path)}: a {f.type} fd has no path"
+    return None
 
 
 def _ghost_rule(g: Ghost):
@@ -686,11 +565,17 @@ def _mapped_file_rule(m):
     return None
 
 
+# Every fd record's fields; each kind adds its own (its record's checks).
+FD_FIELDS: dict[str, Check] = {
+    "fd": FD, "flags": UINT32, "cloexec": boolean, "pos": OFFSET,
+    "shared_with": integer(-1, FD_MAX, "an fd or -1"), "desc": DESC, "note": text(PATH_MAX),
+    "async_owner": optional(ASYNC)}
+
 FAST = {"vma": vma_fine}  # kinds an image holds by the hundred thousand
 
 RULES: dict[str, Callable[[Any], tuple[str, str] | None]] = {
     "vma": _vma_rule, "mm": _mm_rule, "task": _task_rule, "process": _process_rule,
-    "fd": _fd_rule, "ghost": _ghost_rule, "pipe": _pipe_rule, "signals": _signals_rule,
+    "ghost": _ghost_rule, "pipe": _pipe_rule, "signals": _signals_rule,
     "thread": _thread_rule, "mapped_file": _mapped_file_rule,
 }
 

@@ -7,7 +7,8 @@ import time
 
 from upmig import fileid, image, keys, regs, signals
 from upmig.errors import KeyProblem
-from upmig.fds import inet
+from upmig.fds import registry
+from upmig.fds.base import ById
 from upmig.records import (
     MM,
     Fd,
@@ -15,7 +16,6 @@ from upmig.records import (
     Ghost,
     Header,
     MappedFile,
-    Pipe,
     Process,
     Signals,
     SysvSem,
@@ -95,8 +95,6 @@ def _process(img: image.Records) -> dict:
     tsk: Task = img.one(Task)
     mm: MM = img.one(MM)
     vmas: list[Vma] = img.of(Vma)
-    pipes = {p.id: p for p in img.of(Pipe)}
-    ghosts = {g.id: g for g in img.of(Ghost)}
     ids = {i.fd: _identity(i) for i in img.of(FileIdentity)}
     return {
         "process": {"pid": tsk.pid, "comm": tsk.comm, "cmdline": tsk.cmdline, "exe": tsk.exe,
@@ -110,12 +108,7 @@ def _process(img: image.Records) -> dict:
                   "stored": v.data_bytes, "what": v.path or _unnamed(v)} for v in vmas],
         "mapped_files": [{"path": f.path, "size": f.size,
                           "build_id": f.build_id or None} for f in img.of(MappedFile)],
-        "fds": [{"fd": f.fd, "type": f.type, "path": f.path or f.note, "flags": f"{f.flags:o}",
-                 "pos": f.pos, "cloexec": f.cloexec,
-                 **({"shares": f.shared_with} if f.shared_with >= 0 else {}),
-                 **({"identity": ids[f.fd]} if f.fd in ids else {}),
-                 **_fd_extra(f, pipes, ghosts)}
-                for f in img.of(Fd)],
+        "fds": _fds(img, ids),
         "signals": signals.describe(img.one(Signals)),
         "totals": {"vmas": len(vmas), "mapped_bytes": sum(v.end - v.start for v in vmas),
                    "stored_bytes": sum(v.data_bytes for v in vmas),
@@ -165,39 +158,21 @@ def _thread(th: Thread) -> dict:
             "xsave_bytes": len(th.xsave)}
 
 
-def _fd_extra(f: Fd, pipes: dict[int, Pipe], ghosts: dict[int, Ghost]) -> dict:
-    """What a pipe or event descriptor holds, for the listing."""
-    if f.type == "pipe":
-        p = pipes.get(f.obj)
-        return {"end": f.extra["end"], "buffered": len(p.data) if p else 0}
-    if f.type == "eventfd":
-        return {"count": f.extra["count"]}
-    if f.type == "epoll":
-        return {"watches": [w[0] for w in f.extra["watches"]]}
-    if f.type == "timerfd":
-        return {"clock": f.extra["clock"], "remaining": f.extra["value"],
-                "interval": f.extra["interval"], "ticks": f.extra["ticks"]}
-    if f.type == "unix_pair":
-        return {"socket": f.extra["type"], "queued": sum(len(m) for m in f.extra["queued"])}
-    if f.type in ("unix", "unix_listen"):
-        name = bytes.fromhex(f.extra["name"])
-        shown = ("@" + name[1:].decode(errors="replace") if name.startswith(b"\0")
-                 else name.decode(errors="replace"))
-        return {"socket": f.extra["type"], "name": shown,
-                **({"backlog": f.extra["backlog"]} if "backlog" in f.extra else {})}
-    if f.type in ("inet", "tcp_listen", "tcp"):
-        x = f.extra
-        return {"socket": x["kind"], "name": inet.show(x["name"]),
-                **({"peer": inet.show(x["peer"])} if x["peer"] else {}),
-                **({"backlog": x["backlog"]} if "backlog" in x else {}),
-                **({"recv_queue": len(x["recv_queue"]), "send_queue": len(x["send_queue"])}
-                   if f.type == "tcp" else {})}
-    if f.type == "ghost":
-        g = ghosts.get(f.obj)
-        return {"deleted_bytes": g.size if g else 0}
-    if f.type == "signalfd":
-        return {"signals": signals.mask_list(f.extra["mask"])}
-    return {}
+def _fds(img: image.Records, ids: dict[int, dict]) -> list[dict]:
+    """Each fd: its number, what its kind says it is (its handler's describe: "type",
+    "path", then what it holds), its flags and offset."""
+    others = ById(img)
+    out = []
+    for f in img.of(Fd):
+        said = registry.handler(f).describe(f, others)
+        out.append({"fd": f.fd, "type": said.pop("type"), "path": said.pop("path"),
+                    "flags": f"{f.flags:o}", "pos": f.pos, "cloexec": f.cloexec,
+                    **({"shares": f.shared_with} if f.shared_with >= 0 else {}),
+                    **({"identity": ids[f.fd]} if f.fd in ids else {}), **said})
+    return out
+
+
+FD_COMMON = {"fd", "type", "path", "flags", "pos", "cloexec", "shares", "identity"}
 
 
 def _state(th: Thread) -> str:
@@ -295,11 +270,9 @@ def _render_process(s: dict) -> list[str]:
     out.append(f"fds       {len(s['fds'])}")
     for f in s["fds"]:
         extra = f" (shares fd {f['shares']})" if "shares" in f else ""
-        for key in ("end", "buffered", "count", "watches", "remaining", "interval", "ticks",
-                    "signals", "socket", "name", "peer", "backlog", "queued",
-                    "deleted_bytes", "recv_queue", "send_queue"):
-            if key in f:
-                extra += f"  {key} {f[key]}"
+        for key, value in f.items():  # what its kind describes it as holding
+            if key not in FD_COMMON:
+                extra += f"  {key} {value}"
         if f.get("identity", {}).get("type") == "regular file":
             extra += f"  size {f['identity']['size']}  modified {_when(f['identity'])}"
         out.append(f"          {f['fd']:>4} {f['type']:<8} {f['path']}  flags {f['flags']} "

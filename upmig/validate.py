@@ -28,6 +28,13 @@ from typing import Any
 from upmig import schema, tree
 from upmig._native import PAGE
 from upmig.errors import CantMigrate, Corrupt
+from upmig.fds import registry
+from upmig.fds.epoll import EpollFd
+from upmig.fds.fifo import FifoFd
+from upmig.fds.ghost import GhostFd
+from upmig.fds.inherit import InheritFd
+from upmig.fds.pipe import PipeEnd, PipeFd
+from upmig.fds.unix import UnixPairFd
 from upmig.records import (
     MM,
     CowPages,
@@ -56,13 +63,14 @@ PER_IMAGE = {"header": 1, "process": 1 << 15, "sysv_shm": 1 << 15, "sysv_sem": 1
 PER_PROCESS = {               # a process has at most this many records of a kind
     "task": 1, "mm": 1, "signals": 1, "thread": 1 << 16,
     "vma": 2 * MAX_MAP_COUNT, "mapped_file": 2 * MAX_MAP_COUNT,
-    "fd": schema.FD_MAX + 1, "file_identity": schema.FD_MAX + 2, "pipe": schema.FD_MAX + 1,
+    "fd": schema.FD_MAX + 1,  # of every kind of fd together
+    "file_identity": schema.FD_MAX + 2, "pipe": schema.FD_MAX + 1,
     "ghost": schema.FD_MAX + 1 + 2 * MAX_MAP_COUNT,
     "pages": 1 << 16, "cow_pages": 1 << 16,
 }
 BEFORE_PROCESSES = ("header", "sysv_shm", "sysv_sem", "pages")  # the tree's, not a process's
 SECTION_KINDS = {"process", "task", "mm", "signals", "thread", "vma", "mapped_file", "pages",
-                 "cow_pages", "fd", "file_identity", "pipe", "ghost"}
+                 "cow_pages", "file_identity", "pipe", "ghost", *registry.RECORDS}
 # Ghost files and SysV segments are made at their full size on resume and filled with
 # the bytes the image stores; the rest are holes. Holes cost nothing until touched,
 # but a file of that size is left (a POSIX object in /dev/shm, a deleted file's
@@ -119,6 +127,8 @@ class Validator:
             raise self.fail(self.where(kind, index, pid), str(e)) from None
         recs.append(rec)
         self.records += 1
+        if isinstance(rec, Fd):  # every kind's, in order, for the cross-references
+            self.here.setdefault("fd", []).append(rec)
         if kind == "header":
             self.allowed = {*BEFORE_PROCESSES, "process"} - {"header"}
         elif kind == "process":
@@ -152,6 +162,8 @@ class Validator:
             raise _Bad(f"the image has more than {PER_IMAGE[kind]} {kind} records")
         if index >= PER_PROCESS.get(kind, MAX_RECORDS):
             raise _Bad(f"pid {self.pid} has more than {PER_PROCESS[kind]} {kind} records")
+        if isinstance(rec, Fd) and len(self.here.get("fd", ())) >= PER_PROCESS["fd"]:
+            raise _Bad(f"pid {self.pid} has more than {PER_PROCESS['fd']} fd records")
 
     def finish(self, img) -> None:
         """Cross-references, once every record has been read (img: an image.Image)."""
@@ -162,9 +174,18 @@ class _Bad(Exception):
     """What is wrong with the record being added (named by Validator.add)."""
 
 
+def _fd_rule(handler: registry.Kind):
+    def rule(f: Fd):
+        return schema.fd_rule(f) or handler.rule(f)
+    return rule
+
+
 # Each kind's fields fetched at once, and checked in order.
 _SCHEMA = {kind: (attrgetter(*checks), tuple(checks.items()), schema.RULES.get(kind))
            for kind, checks in schema.FIELDS.items()}
+_SCHEMA.update({kind: (attrgetter(*checks), tuple(checks.items()), _fd_rule(registry.HANDLERS[cls]))
+                for kind, cls in registry.RECORDS.items()
+                for checks in ({**schema.FD_FIELDS, **cls.checks},)})
 
 
 def _fields(rec: Any) -> None:
@@ -413,42 +434,46 @@ class _CrossCheck:
                                        "contents are not the process's to store")
             tally[i] += b - a
 
+    def fd_where(self, sec, f: Fd) -> str:
+        """"record fd_pipe #2 of pid 42": f by its kind and its index among them."""
+        i = next(i for i, r in enumerate(self.kinds[id(sec)][f.kind]) if r is f)
+        return f"record {f.kind} #{i} of pid {sec.process.pid}"
+
     def _fds(self, sec, pid: int) -> None:
         of = f" of pid {pid}"
         ghosts = {g.id for g in self.of(sec, Ghost)}
         by_fd: dict[int, Fd] = {}
         ends: set[tuple[int, str]] = set()
-        for i, f in enumerate(self.of(sec, Fd)):
-            where = f"record fd #{i}{of}"
+        for f in self.of(sec, Fd):
             if f.fd in by_fd:
+                where = self.fd_where(sec, f)
                 raise self.fail(where, f"fd {f.fd} comes twice")
             first = by_fd.get(f.shared_with)
             if f.shared_with >= 0 and (first is None or first.shared_with >= 0):
-                raise self.fail(where, f"shared_with {f.shared_with} is not an fd before it, "
-                                       "holding its own description")
+                raise self.fail(self.fd_where(sec, f), f"shared_with {f.shared_with} is not an "
+                                                       "fd before it, holding its own description")
             if first is not None and _description(first) != _description(f):
-                raise self.fail(where, f"shares fd {first.fd}'s description, but not its type, "
-                                       "object, path, flags or offset")
-            if f.type == "ghost" and f.obj not in ghosts:
-                raise self.fail(where, f"obj {f.obj} names no ghost record of pid {pid}")
-            if f.type == "pipe" and f.shared_with < 0:
-                end = (f.obj, f.extra["end"])
-                if end in ends:
-                    raise self.fail(where, "holds a pipe end another fd holds through another "
-                                           "description")
-                ends.add(end)
+                raise self.fail(self.fd_where(sec, f), f"shares fd {first.fd}'s description, "
+                                                       "but not its kind, object, flags or offset")
+            if isinstance(f, GhostFd) and f.ghost not in ghosts:
+                raise self.fail(self.fd_where(sec, f), f"ghost {f.ghost} names no ghost record "
+                                                       f"of pid {pid}")
+            if isinstance(f, PipeFd) and f.shared_with < 0:
+                if (f.pipe, f.end) in ends:
+                    raise self.fail(self.fd_where(sec, f), "holds a pipe end another fd holds "
+                                                           "through another description")
+                ends.add((f.pipe, f.end))
             by_fd[f.fd] = f
         for i, rec in enumerate(self.of(sec, FileIdentity)):
             if rec.fd != -1 and rec.fd not in by_fd:
                 raise self.fail(f"record file_identity #{i}{of}", f"fd {rec.fd} is not an fd "
                                                                   "of the process")
         self._unique(self.of(sec, FileIdentity), "fd", of)
-        for i, f in enumerate(self.of(sec, Fd)):
-            for k, (tfd, *_rest) in enumerate(f.extra.get("watches", []) if f.type == "epoll"
-                                              else []):
+        for f in self.of(sec, EpollFd):
+            for k, (tfd, *_rest) in enumerate(f.watches):
                 if tfd not in by_fd or tfd == f.fd:
-                    raise self.fail(f"record fd #{i}{of}", f"extra.watches[{k}] fd {tfd} is "
-                                                           "not another fd of the process")
+                    raise self.fail(self.fd_where(sec, f), f"watches[{k}] fd {tfd} is not "
+                                                           "another fd of the process")
 
     # -- what processes share
 
@@ -458,28 +483,26 @@ class _CrossCheck:
         needs must be in its records, and a taken fd must be of what was made."""
         made: dict[int, str] = {}  # description id -> the type of fd it was made as
         for sec in self.live:
-            pid = sec.process.pid
             fds = self.of(sec, Fd)
             pipes = {p.id: p for p in self.of(sec, Pipe)}
-            ends = {(f.obj, f.extra["end"]) for f in fds if f.type == "pipe"
-                    and f.shared_with < 0}
-            pairs = {f.obj: f for f in fds if f.type == "unix_pair" and f.shared_with < 0}
+            ends = {(f.pipe, f.end) for f in fds if isinstance(f, PipeFd) and f.shared_with < 0}
+            pairs = {f.ino: f for f in fds if isinstance(f, UnixPairFd) and f.shared_with < 0}
             new: dict[int, str] = {}
-            for i, f in enumerate(fds):
-                if f.shared_with >= 0 or f.type == "inherit":
+            for f in fds:
+                if f.shared_with >= 0 or isinstance(f, InheritFd):
                     continue
-                where = f"record fd #{i} of pid {pid}"
                 if f.desc in made:
-                    if made[f.desc] != f.type:
-                        raise self.fail(where, f"desc {f.desc} is a {made[f.desc]} made by "
-                                               f"an earlier process, not a {f.type}")
+                    if made[f.desc] != f.kind:
+                        raise self.fail(self.fd_where(sec, f), f"desc {f.desc} is a "
+                                        f"{made[f.desc]} made by an earlier process, not a "
+                                        f"{f.kind}")
                     continue
-                if f.type == "pipe":
-                    self._pipe_made(where, f, pipes, ends, new)
-                if f.type == "unix_pair":
-                    self._pair_made(where, f, pairs, new)
+                if isinstance(f, PipeFd):
+                    self._pipe_made(self.fd_where(sec, f), f, pipes, ends, new)
+                if isinstance(f, UnixPairFd):
+                    self._pair_made(self.fd_where(sec, f), f, pairs, new)
                 if f.desc:
-                    new[f.desc] = f.type
+                    new[f.desc] = f.kind
             made.update(new)
 
     def _pipe_records(self) -> None:
@@ -490,45 +513,43 @@ class _CrossCheck:
         for sec in self.live:
             of = f" of pid {sec.process.pid}"
             fds = self.of(sec, Fd)
-            held = {f.obj for f in fds if f.type in ("pipe", "fifo")}
+            held = {f.pipe for f in fds if isinstance(f, PipeEnd)}
             pipes = self._unique(self.of(sec, Pipe), "id", of)
             for i, p in enumerate(pipes.values()):
                 if p.id not in held or p.id in before:
                     raise self.fail(f"record pipe #{i}{of}", f"id {p.id} is no pipe or FIFO "
                                                             "this process is the first to hold")
-            for i, f in enumerate(fds):
-                if f.type == "fifo" and f.obj not in before and f.obj not in pipes:
-                    raise self.fail(f"record fd #{i}{of}", f"obj {f.obj}: the FIFO has no pipe "
-                                                          "record in its first holder's records")
+            for f in fds:
+                if isinstance(f, FifoFd) and f.pipe not in before and f.pipe not in pipes:
+                    raise self.fail(self.fd_where(sec, f), f"pipe {f.pipe}: the FIFO has no pipe "
+                                                           "record in its first holder's records")
             before |= held
 
-    def _pipe_made(self, where: str, f: Fd, pipes: dict[int, Pipe], ends: set,
+    def _pipe_made(self, where: str, f: PipeFd, pipes: dict[int, Pipe], ends: set,
                    new: dict[int, str]) -> None:
-        pipe = pipes.get(f.obj)
+        pipe = pipes.get(f.pipe)
         if pipe is None:
-            raise self.fail(where, f"obj {f.obj} names no pipe record of this process, nor "
+            raise self.fail(where, f"pipe {f.pipe} names no pipe record of this process, nor "
                                    "one an earlier process made")
-        other = "w" if f.extra["end"] == "r" else "r"
-        if (f.obj, other) not in ends:  # a later process holds it: parked under its id
+        other = "w" if f.end == "r" else "r"
+        if (f.pipe, other) not in ends:  # a later process holds it: parked under its id
             if other not in pipe.ends:
                 raise self.fail(where, f"the pipe's {other!r} end is held by no fd of this "
                                        "process, and its pipe record has no id for it")
             if pipe.ends[other]:
-                new[pipe.ends[other]] = "pipe"
+                new[pipe.ends[other]] = PipeFd.kind
 
-    def _pair_made(self, where: str, f: Fd, pairs: dict[int, Fd],
+    def _pair_made(self, where: str, f: UnixPairFd, pairs: dict[int, UnixPairFd],
                    new: dict[int, str]) -> None:
-        peer = pairs.get(f.extra["peer"])
+        peer = pairs.get(f.peer)
         if peer is not None:
-            if peer.extra["peer"] != f.obj:
-                raise self.fail(where, f"extra.peer {f.extra['peer']} has another peer")
+            if peer.peer != f.ino:
+                raise self.fail(where, f"peer {f.peer} has another peer")
             return
-        missing = [k for k in ("peer_desc", "peer_queued", "peer_shutdown") if k not in f.extra]
-        if missing:
-            raise self.fail(where, f"extra lacks {missing[0]!r}: its other end is in no fd of "
-                                   "this process")
-        if f.extra["peer_desc"]:
-            new[f.extra["peer_desc"]] = "unix_pair"
+        if not f.peer_desc:
+            raise self.fail(where, "peer_desc is 0: its other end is in no fd of this process "
+                                   "(which would make the pair for the process holding it)")
+        new[f.peer_desc] = UnixPairFd.kind
 
     def _contents(self) -> None:
         """The pages of ghosts and SysV segments: of objects the image holds, inside
@@ -566,7 +587,7 @@ class _CrossCheck:
 
 def _description(f: Fd) -> tuple:
     """What fds sharing one open file description have the same."""
-    return f.type, f.obj, f.path, f.flags, f.pos, f.desc
+    return f.kind, registry.handler(f).refers_to(f), f.flags, f.pos, f.desc
 
 
 def _containing(starts: list[int], vmas: list[Vma], a: int, b: int) -> int:

@@ -10,10 +10,10 @@
  *   - a SysV segment and a semaphore set, keyed 0x4b490000 | (pid & 0xffff);
  *   - a pipe with bytes in it, an eventfd (5), epoll watching both, a timerfd armed
  *     for 1000 s, a signalfd, inotify watching a directory, a unix socket pair with bytes
- *     queued, a listener on an abstract name, a file with an offset, a flock and a
- *     POSIX lock, a FIFO with bytes in it, a UDP socket and a TCP listener on
- *     127.0.0.1, O_ASYNC on the pipe (SIGUSR2 to itself), stdin inherited (a pipe
- *     from whoever started it, re-attached to the resumer's);
+ *     queued, a listener on an abstract name, an unbound unix datagram socket, a file
+ *     with an offset, a flock and a POSIX lock, a FIFO with bytes in it, a UDP socket
+ *     and a TCP listener on 127.0.0.1, O_ASYNC on the pipe (SIGUSR2 to itself), stdin
+ *     inherited (a pipe from whoever started it, re-attached to the resumer's);
  *   - handlers (SIGTERM, SIGUSR1 with SA_RESTART|SA_SIGINFO, SIGUSR2, SIGALRM),
  *     SIGPIPE ignored, an itimer 1000 s away, an alternate signal stack.
  * On SIGTERM it checks all of it, prints PASS (or FAIL: why) and exits; either way
@@ -236,6 +236,8 @@ int main(void)
     socklen_t alen = offsetof(struct sockaddr_un, sun_path) + 1 + namelen;
     expect(lis >= 0 && bind(lis, (struct sockaddr *)&sun, alen) == 0 && listen(lis, 5) == 0,
            "listener");
+    int loose = socket(AF_UNIX, SOCK_DGRAM, 0);
+    expect(loose >= 0, "unbound socket");
 
     struct sockaddr_in udp_at, tcp_at;
     int udp = bound(SOCK_DGRAM, &udp_at), tcp = bound(SOCK_STREAM, &tcp_at);
@@ -312,6 +314,10 @@ int main(void)
     socklen_t hlen = sizeof here;
     expect(getsockname(lis, (struct sockaddr *)&here, &hlen) == 0 && hlen == alen &&
            memcmp(&here, &sun, alen) == 0, "the listener's name");
+    int stype = 0;
+    socklen_t slen = sizeof stype;
+    expect(getsockopt(loose, SOL_SOCKET, SO_TYPE, &stype, &slen) == 0 && stype == SOCK_DGRAM,
+           "the unbound socket");
     expect(fcntl(dir, F_GETFD) == 0 && fcntl(null, F_GETFD) == FD_CLOEXEC, "dir, /dev/null");
     expect(read(fifo_r, buf, 64) == 10 && memcmp(buf, "fifo bytes", 10) == 0, "the FIFO");
     expect(same_name(udp, &udp_at) && same_name(tcp, &tcp_at), "the sockets' addresses");

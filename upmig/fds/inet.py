@@ -20,12 +20,19 @@ import ipaddress
 import os
 import socket
 import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from upmig import _native as nat
+from upmig import schema
 from upmig.errors import CantMigrate, RestoreError
-from upmig.inject import Session
+from upmig.fds import unix
+from upmig.fds.base import CONNECTIONS, Kind, Rebuild, Scan, Seen
 from upmig.records import Fd
 from upmig.syscalls import nr
+
+if TYPE_CHECKING:
+    from upmig.inject import Session
 
 SOL_SOCKET, SOL_TCP, SOL_IPV6 = 1, 6, 41
 # (level, option) kept for every socket; the values are ints.
@@ -51,6 +58,129 @@ TCPOPT_MSS, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
 TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
 REPAIR_WINDOW = struct.Struct("<5I")  # snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup
 KINDS = {socket.SOCK_STREAM: "tcp", socket.SOCK_DGRAM: "udp"}
+ALL_OPTIONS = OPTIONS | TCP_OPTIONS | V6_OPTIONS
+PORT = schema.integer(0, 65535, "a port")
+
+
+def _sockaddr(v: Any) -> str | None:
+    """[host, port] (IPv4) or [host, port, flowinfo, scope_id] (IPv6)."""
+    if type(v) is not list or len(v) not in (2, 4):
+        return schema.wrong_type(v, "an address ([host, port] or [host, port, flow, scope])")
+    if type(v[0]) is not str:
+        return "[0] " + schema.wrong_type(v[0], "an IP address")
+    try:
+        ipaddress.ip_address(v[0].split("%")[0])
+    except ValueError:
+        return f"[0] {schema.shown(v[0])} is not an IP address"
+    for i, check in ((1, PORT), (2, schema.UINT32), (3, schema.UINT32))[:len(v) - 1]:
+        why = check(v[i])
+        if why:
+            return f"[{i}] {why}"
+    return None
+
+
+@dataclass(kw_only=True)
+class InetFd(Fd):
+    """What every IPv4 or IPv6 socket has."""
+
+    checks: ClassVar[dict] = {
+        "protocol": schema.one_of(*KINDS.values()), "family": schema.one_of(2, 10),
+        "name": _sockaddr, "peer": schema.optional(_sockaddr),
+        "options": schema.dict_of(schema.one_of(*ALL_OPTIONS), schema.INT32, len(ALL_OPTIONS))}
+    protocol: str            # tcp | udp
+    family: int              # AF_INET | AF_INET6
+    name: list               # its address (see _sockaddr)
+    peer: list | None        # the address it is connected to
+    options: dict[str, int]  # of OPTIONS, TCP_OPTIONS, V6_OPTIONS
+
+
+@dataclass(kw_only=True)
+class InetSocketFd(InetFd):
+    """UDP (bound, or connected), or TCP neither listening nor connected."""
+
+    kind: ClassVar[str] = "fd_inet"
+
+
+@dataclass(kw_only=True)
+class TcpListenerFd(InetFd):
+    kind: ClassVar[str] = "fd_tcp_listen"
+    checks: ClassVar[dict] = {**InetFd.checks, "backlog": schema.BACKLOG}
+    backlog: int
+
+
+@dataclass(kw_only=True)
+class TcpFd(InetFd):
+    """An established connection, taken in repair mode (--tcp-established)."""
+
+    kind: ClassVar[str] = "fd_tcp"
+    checks: ClassVar[dict] = {
+        **InetFd.checks, "recv_seq": schema.UINT32, "send_seq": schema.UINT32,
+        "recv_queue": schema.blob(0, 1 << 26), "send_queue": schema.blob(0, 1 << 26),
+        "mss": schema.UINT32, "tcpi_options": schema.integer(0, 255),
+        "snd_wscale": schema.integer(0, 14), "rcv_wscale": schema.integer(0, 14),
+        "timestamp": schema.UINT32, "window": schema.row(*[schema.UINT32] * 5)}
+    recv_seq: int
+    send_seq: int
+    recv_queue: bytes
+    send_queue: bytes
+    mss: int
+    tcpi_options: int
+    snd_wscale: int
+    rcv_wscale: int
+    timestamp: int
+    window: list[int]        # snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup
+
+
+NAMES = {InetSocketFd: "inet", TcpListenerFd: "tcp_listen", TcpFd: "tcp"}
+
+
+class InetKind(Kind):
+    name = "inet"
+    records = (TcpFd, TcpListenerFd, InetSocketFd)
+
+    def classify(self, e: Seen, scan: Scan) -> bool:
+        """A socket sock_diag does not know as a unix one, but fds 0-2 (inherited)."""
+        return e.target.startswith("socket:") and e.fd > 2 and \
+            (e.st is None or e.st.st_ino not in unix.diags(scan))
+
+    def capture(self, e: Seen, scan: Scan) -> InetFd:
+        cls, fields = capture(scan.pid, e.fd, scan.repairs)
+        return cls(**e.common(e.target), **fields)
+
+    def phase_of(self, cls: type) -> int:
+        return CONNECTIONS if cls is TcpFd else self.phase
+
+    def restore(self, ctx: Rebuild, rec: InetFd) -> None:
+        ctx.place(make(ctx.s, ctx.pid, rec), rec)
+
+    def rule(self, rec: InetFd) -> tuple[str, str] | None:
+        """Its addresses are of its family, its protocol of its record kind."""
+        if not isinstance(rec, InetSocketFd) and rec.protocol != "tcp":
+            return "protocol", f"{rec.protocol!r} is not 'tcp' for a {NAMES[type(rec)]} fd"
+        if "SO_REUSEADDR" not in rec.options:
+            return "options", "lacks 'SO_REUSEADDR'"
+        version, size = (4, 2) if rec.family == 2 else (6, 4)
+        for key in ("name", "peer"):
+            addr = getattr(rec, key)
+            if addr is not None and (len(addr) != size or ipaddress.ip_address(
+                    addr[0].split("%")[0]).version != version):
+                return key, f"is not an IPv{version} address"
+        if isinstance(rec, TcpFd) and rec.peer is None:
+            return "peer", "is missing: a connection has one"
+        return None
+
+    def refers_to(self, rec: InetFd) -> Any:
+        return rec.name
+
+    def describe(self, rec: InetFd, others) -> dict[str, Any]:
+        return {"type": NAMES[type(rec)], "path": rec.note, "socket": rec.protocol,
+                "name": show(rec.name), **({"peer": show(rec.peer)} if rec.peer else {}),
+                **({"backlog": rec.backlog} if isinstance(rec, TcpListenerFd) else {}),
+                **({"recv_queue": len(rec.recv_queue), "send_queue": len(rec.send_queue)}
+                   if isinstance(rec, TcpFd) else {})}
+
+
+INET = InetKind()
 
 
 class Repairs:
@@ -88,13 +218,14 @@ class Repairs:
         self.socks = []
 
 
-def capture(pid: int, fd: int, repairs: Repairs | None) -> tuple[str, dict]:
-    """(fd type, extra) of an inet socket, or CantMigrate saying why it cannot move.
-    An established TCP connection is taken only with repairs (--tcp-established)."""
+def capture(pid: int, fd: int, repairs: Repairs | None) -> tuple[type[InetFd], dict]:
+    """(record type, its own fields) of an inet socket, or CantMigrate saying why it
+    cannot move. An established TCP connection is taken only with repairs
+    (--tcp-established)."""
     s = socket.socket(fileno=nat.copy_fd(pid, fd))
     try:
         ftype, extra = _describe(pid, fd, s, repairs is not None)
-        if ftype == "tcp" and repairs is not None:
+        if ftype is TcpFd and repairs is not None:
             repairs.add(s, extra["options"]["SO_REUSEADDR"])
             s, sock = None, s
             extra |= _repair_state(pid, fd, sock)
@@ -136,12 +267,13 @@ def _repair_state(pid: int, fd: int, s: socket.socket) -> dict:
     return out
 
 
-def _describe(pid: int, fd: int, s: socket.socket, established: bool) -> tuple[str, dict]:
+def _describe(pid: int, fd: int, s: socket.socket, established: bool
+              ) -> tuple[type[InetFd], dict]:
     kind = KINDS.get(s.type)
     if kind is None or s.proto not in (0, socket.IPPROTO_TCP, socket.IPPROTO_UDP):
         raise CantMigrate(f"holds a socket (family {s.family}, type {s.type}, protocol "
                           f"{s.proto}) on fd {fd}, which is not supported yet", pid=pid)
-    extra: dict = {"kind": kind, "family": int(s.family), "name": list(s.getsockname()),
+    extra: dict = {"protocol": kind, "family": int(s.family), "name": list(s.getsockname()),
                    "options": _options(s, kind)}
     try:
         extra["peer"] = list(s.getpeername())
@@ -156,7 +288,7 @@ def _describe(pid: int, fd: int, s: socket.socket, established: bool) -> tuple[s
                                   f"its TCP listener on fd {fd} ({show(extra['name'])}); "
                                   "they would be lost", pid=pid)
             extra["backlog"] = backlog
-            return "tcp_listen", extra
+            return TcpListenerFd, extra
         state = s.getsockopt(SOL_TCP, socket.TCP_INFO, 104)[0]
         if state not in (TCP_ESTABLISHED, TCP_CLOSE):
             raise CantMigrate(f"has a TCP socket on fd {fd} ({show(extra['name'])}) in state "
@@ -167,14 +299,14 @@ def _describe(pid: int, fd: int, s: socket.socket, established: bool) -> tuple[s
                 raise CantMigrate(f"has an established TCP connection on fd {fd} "
                                   f"({show(extra['name'])} to {show(extra['peer'])}); dump "
                                   "with --tcp-established to take it along", pid=pid)
-            return "tcp", extra
-        return "inet", extra
+            return TcpFd, extra
+        return InetSocketFd, extra
     queued = _inq(s)
     if queued:
         raise CantMigrate(f"has {queued} bytes of datagrams waiting on its UDP socket on fd "
                           f"{fd} ({show(extra['name'])}); they cannot be sent again from "
                           "their senders", pid=pid)
-    return "inet", extra
+    return InetSocketFd, extra
 
 
 def _inq(s: socket.socket) -> int:
@@ -209,26 +341,24 @@ def _sockaddr(family: int, addr: list) -> bytes:
         ipaddress.IPv6Address(host).packed + struct.pack("<I", addr[3])
 
 
-def make(s: Session, pid: int, r: Fd) -> int:
+def make(s: Session, pid: int, r: InetFd) -> int:
     """The socket again inside the process: options, address, then listen or connect."""
-    x = r.extra
-    stype = socket.SOCK_STREAM if x["kind"] == "tcp" else socket.SOCK_DGRAM
-    fd = s.call(nr.socket, x["family"], stype, 0, what="socket")
-    if r.type == "tcp":
+    stype = socket.SOCK_STREAM if r.protocol == "tcp" else socket.SOCK_DGRAM
+    fd = s.call(nr.socket, r.family, stype, 0, what="socket")
+    if isinstance(r, TcpFd):
         with socket.socket(fileno=nat.copy_fd(pid, fd)) as mine:
             _rebuild_connection(mine, r)
         return fd
-    options = dict(OPTIONS) | TCP_OPTIONS | V6_OPTIONS
-    for name, value in x["options"].items():
-        _set_int(s, fd, *options[name], value)
-    if x["name"][1]:  # bound to a port, which its rebuilt connections may share
+    for name, value in r.options.items():
+        _set_int(s, fd, *ALL_OPTIONS[name], value)
+    if r.name[1]:  # bound to a port, which its rebuilt connections may share
         _set_int(s, fd, *OPTIONS["SO_REUSEADDR"], 1)
-        _call_addr(s, nr.bind, fd, x["family"], x["name"], r, "bind to")
-        _set_int(s, fd, *OPTIONS["SO_REUSEADDR"], x["options"]["SO_REUSEADDR"])
-    if r.type == "tcp_listen":
-        s.call(nr.listen, fd, x["backlog"], what=f"listen(fd {r.fd})")
-    elif x["peer"] is not None:
-        _call_addr(s, nr.connect, fd, x["family"], x["peer"], r, "connect to")
+        _call_addr(s, nr.bind, fd, r.family, r.name, r, "bind to")
+        _set_int(s, fd, *OPTIONS["SO_REUSEADDR"], r.options["SO_REUSEADDR"])
+    if isinstance(r, TcpListenerFd):
+        s.call(nr.listen, fd, r.backlog, what=f"listen(fd {r.fd})")
+    elif r.peer is not None:
+        _call_addr(s, nr.connect, fd, r.family, r.peer, r, "connect to")
     return fd
 
 
@@ -237,7 +367,7 @@ def _set_int(s: Session, fd: int, level: int, opt: int, value: int) -> None:
     s.call(nr.setsockopt, fd, level, opt, s.scratch, 4, what=f"setsockopt({level}, {opt})")
 
 
-def _call_addr(s: Session, call: int, fd: int, family: int, addr: list, r: Fd,
+def _call_addr(s: Session, call: int, fd: int, family: int, addr: list, r: InetFd,
                what: str) -> None:
     raw = _sockaddr(family, addr)
     s.write(s.scratch, raw)
@@ -246,35 +376,34 @@ def _call_addr(s: Session, call: int, fd: int, family: int, addr: list, r: Fd,
         raise RestoreError(f"cannot {what} {show(addr)} for fd {r.fd}: {os.strerror(-rc)}")
 
 
-def _rebuild_connection(s: socket.socket, r: Fd) -> None:
+def _rebuild_connection(s: socket.socket, r: TcpFd) -> None:
     """An established connection, rebuilt in repair mode from what dump read out."""
-    x = r.extra
     s.setsockopt(SOL_TCP, TCP_REPAIR, 1)  # which also lets it share its listener's port
-    if "IPV6_V6ONLY" in x["options"]:  # only before bind
-        s.setsockopt(SOL_IPV6, socket.IPV6_V6ONLY, x["options"]["IPV6_V6ONLY"])
+    if "IPV6_V6ONLY" in r.options:  # only before bind
+        s.setsockopt(SOL_IPV6, socket.IPV6_V6ONLY, r.options["IPV6_V6ONLY"])
     for queue, name in ((TCP_RECV_QUEUE, "recv"), (TCP_SEND_QUEUE, "send")):
         s.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, queue)
-        start = (x[f"{name}_seq"] - len(x[f"{name}_queue"])) & 0xFFFFFFFF
+        start = (getattr(r, f"{name}_seq") - len(getattr(r, f"{name}_queue"))) & 0xFFFFFFFF
         s.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, struct.pack("<I", start))
     try:
-        s.bind(tuple(x["name"]))
-        s.connect(tuple(x["peer"]))  # no handshake in repair mode
+        s.bind(tuple(r.name))
+        s.connect(tuple(r.peer))  # no handshake in repair mode
     except OSError as e:
         raise RestoreError(f"cannot rebuild the TCP connection of fd {r.fd} "
-                           f"({show(x['name'])} to {show(x['peer'])}): {e.strerror}") from None
-    opts = [(TCPOPT_MSS, x["mss"])]
-    if x["tcpi_options"] & TCPI_OPT_WSCALE:
-        opts.append((TCPOPT_WINDOW, x["snd_wscale"] | x["rcv_wscale"] << 16))
-    if x["tcpi_options"] & TCPI_OPT_SACK:
+                           f"({show(r.name)} to {show(r.peer)}): {e.strerror}") from None
+    opts = [(TCPOPT_MSS, r.mss)]
+    if r.tcpi_options & TCPI_OPT_WSCALE:
+        opts.append((TCPOPT_WINDOW, r.snd_wscale | r.rcv_wscale << 16))
+    if r.tcpi_options & TCPI_OPT_SACK:
         opts.append((TCPOPT_SACK_PERM, 0))
-    if x["tcpi_options"] & TCPI_OPT_TIMESTAMPS:
+    if r.tcpi_options & TCPI_OPT_TIMESTAMPS:
         opts.append((TCPOPT_TIMESTAMP, 0))
     s.setsockopt(SOL_TCP, TCP_REPAIR_OPTIONS, b"".join(struct.pack("<II", *o) for o in opts))
-    if x["tcpi_options"] & TCPI_OPT_TIMESTAMPS:
-        s.setsockopt(SOL_TCP, TCP_TIMESTAMP, struct.pack("<I", x["timestamp"]))
+    if r.tcpi_options & TCPI_OPT_TIMESTAMPS:
+        s.setsockopt(SOL_TCP, TCP_TIMESTAMP, struct.pack("<I", r.timestamp))
     for queue, name, force in ((TCP_SEND_QUEUE, "send", SO_SNDBUFFORCE),
                                (TCP_RECV_QUEUE, "recv", SO_RCVBUFFORCE)):
-        data = x[f"{name}_queue"]
+        data = getattr(r, f"{name}_queue")
         if not data:
             continue
         # The queue grew with buffers the kernel had tuned up: make room (it doubles
@@ -289,10 +418,10 @@ def _rebuild_connection(s: socket.socket, r: Fd) -> None:
             raise RestoreError(f"the {name} queue of the TCP connection of fd {r.fd} "
                                f"({len(data)} bytes) does not fit back in") from None
     # The window last, once the queues are back (the kernel checks it against them).
-    s.setsockopt(SOL_TCP, TCP_REPAIR_WINDOW, REPAIR_WINDOW.pack(*x["window"]))
-    for name, value in x["options"].items():
+    s.setsockopt(SOL_TCP, TCP_REPAIR_WINDOW, REPAIR_WINDOW.pack(*r.window))
+    for name, value in r.options.items():
         if name not in ("SO_REUSEADDR", "IPV6_V6ONLY"):  # see go_live; before bind
-            level, opt = (OPTIONS | TCP_OPTIONS | V6_OPTIONS)[name]
+            level, opt = ALL_OPTIONS[name]
             s.setsockopt(level, opt, value)
 
 
@@ -300,10 +429,10 @@ def go_live(pid: int, recs: list[Fd]) -> None:
     """The very last step before the process runs: its connections leave repair mode.
     Until then a failed resume closes them silently; and a listener cannot bind next
     to a connection on its port once that is out of repair mode."""
-    live = [r for r in recs if r.type == "tcp" and r.shared_with < 0]
+    live = [r for r in recs if isinstance(r, TcpFd) and r.shared_with < 0]
     if not live:
         return
     for r in live:
         with socket.socket(fileno=nat.copy_fd(pid, r.fd)) as s:
             s.setsockopt(SOL_TCP, TCP_REPAIR, 0)  # which resets SO_REUSEADDR: set it after
-            s.setsockopt(SOL_SOCKET, socket.SO_REUSEADDR, r.extra["options"]["SO_REUSEADDR"])
+            s.setsockopt(SOL_SOCKET, socket.SO_REUSEADDR, r.options["SO_REUSEADDR"])

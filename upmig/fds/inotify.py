@@ -15,12 +15,18 @@ import fcntl
 import os
 import re
 import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from upmig import _native as nat
+from upmig import schema
 from upmig.errors import CantMigrate, Mismatch, RestoreError
-from upmig.inject import Session
+from upmig.fds.base import WATCHERS, Kind, Rebuild, Scan, Seen, anon_inode
 from upmig.records import Fd
 from upmig.syscalls import nr
+
+if TYPE_CHECKING:
+    from upmig.inject import Session
 
 WATCH = re.compile(r"^inotify wd:(\d+) ino:[0-9a-f]+ sdev:([0-9a-f]+) mask:([0-9a-f]+) "
                    r"ignored_mask:[0-9a-f]+ fhandle-bytes:([0-9a-f]+) fhandle-type:([0-9a-f]+) "
@@ -30,10 +36,51 @@ FIONREAD = 0x541B
 AT_FDCWD = -100
 BURNERS = ("/dev/null", "/", "/proc")  # throwaway watches that burn wd numbers
 IN_MODIFY, IN_MASK_CREATE = 0x2, 0x10000000
+O_NONBLOCK = 0o4000
+MAX_WATCH_NUMBER = 1 << 16     # each missing number below costs two syscalls
 
 
-def capture(pid: int, fd: int, fdinfo: str) -> dict:
-    """{"watches": [[wd, mask, path], ...]} of the inotify instance on fd."""
+def _increasing(watches: list[list]) -> str | None:
+    wds = [w[0] for w in watches]
+    return None if wds == sorted(set(wds)) else "are not in increasing watch-number order"
+
+
+@dataclass(kw_only=True)
+class InotifyFd(Fd):
+    kind: ClassVar[str] = "fd_inotify"
+    checks: ClassVar[dict] = {"watches": schema.all_of(schema.list_of(schema.row(
+        schema.integer(1, MAX_WATCH_NUMBER, "a watch number"), schema.UINT32, schema.path),
+        MAX_WATCH_NUMBER), _increasing)}
+    watches: list[list]      # [wd, mask, path] each, by wd
+
+
+class InotifyKind(Kind):
+    name = "inotify"
+    records = (InotifyFd,)
+    phase = WATCHERS
+
+    def classify(self, e: Seen, scan: Scan) -> bool:
+        return anon_inode(e, "inotify")
+
+    def capture(self, e: Seen, scan: Scan) -> InotifyFd:
+        return InotifyFd(**e.common(e.target), watches=capture(scan.pid, e.fd, e.info_text))
+
+    def restore(self, ctx: Rebuild, rec: InotifyFd) -> None:
+        ctx.place(ctx.s.call(nr.inotify_init1, rec.flags & O_NONBLOCK, what="inotify_init1"),
+                  rec)
+
+    def finish(self, ctx: Rebuild, rec: InotifyFd) -> None:
+        restore(ctx.s, ctx.pid, rec)
+
+    def describe(self, rec: InotifyFd, others) -> dict[str, Any]:
+        return {**super().describe(rec, others), "watches": [w[0] for w in rec.watches]}
+
+
+INOTIFY = InotifyKind()
+
+
+def capture(pid: int, fd: int, fdinfo: str) -> list[list]:
+    """The watches [[wd, mask, path], ...] of the inotify instance on fd."""
     _refuse_unread(pid, fd)
     watches = []
     for m in WATCH.finditer(fdinfo):
@@ -44,7 +91,7 @@ def capture(pid: int, fd: int, fdinfo: str) -> dict:
             raise CantMigrate(f"watches (inotify, fd {fd}, wd {wd}) a file upmig cannot find "
                               "the path of", pid=pid)
         watches.append([wd, mask, path])
-    return {"watches": sorted(watches)}
+    return sorted(watches)
 
 
 def _refuse_unread(pid: int, fd: int) -> None:
@@ -88,7 +135,7 @@ def _mounts_of(major: int, minor: int) -> list[str]:
     return out
 
 
-def restore(s: Session, pid: int, rec: Fd) -> None:
+def restore(s: Session, pid: int, rec: InotifyFd) -> None:
     """Once the new instance is at rec.fd: its watches, each under its old number
     (a new instance hands out 1, 2, 3, ... and never reuses one soon)."""
     _add_all(s, rec)
@@ -104,10 +151,10 @@ def _unread(fd: int) -> int:
     return struct.unpack("<i", fcntl.ioctl(fd, FIONREAD, bytes(4)))[0]
 
 
-def _add_all(s: Session, rec: Fd) -> None:
+def _add_all(s: Session, rec: InotifyFd) -> None:
     ours: set[int] = set()
     next_wd = 1
-    for wd, mask, path in rec.extra["watches"]:
+    for wd, mask, path in rec.watches:
         while next_wd < wd:
             next_wd = _burn(s, rec, ours) + 1
         got = _add(s, rec, path, mask)
@@ -118,7 +165,7 @@ def _add_all(s: Session, rec: Fd) -> None:
         next_wd = got + 1
 
 
-def _add(s: Session, rec: Fd, path: str, mask: int) -> int:
+def _add(s: Session, rec: InotifyFd, path: str, mask: int) -> int:
     """Watch path again. It is opened first (O_PATH) through no symlink on its way,
     and the watch added through /proc/self/fd: a path redirected by a symlink would
     show the process the names of files in a directory it may not read. (The path
@@ -142,7 +189,7 @@ def _add(s: Session, rec: Fd, path: str, mask: int) -> int:
     return wd
 
 
-def _burn(s: Session, rec: Fd, ours: set[int]) -> int:
+def _burn(s: Session, rec: InotifyFd, ours: set[int]) -> int:
     """Take and drop one watch number; the number."""
     for burner in BURNERS:
         # IN_MASK_CREATE: fail rather than change a watch the process really has

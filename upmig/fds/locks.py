@@ -1,6 +1,9 @@
 """File locks the process holds: flock, POSIX record locks and open-file-description
 (OFD) locks, read from /proc/PID/fdinfo and taken again on resume. If another process
-has taken one meanwhile, resume fails and says which."""
+has taken one meanwhile, resume fails and says which.
+
+Only the kinds of fd that say they are lockable (a regular file by path, a ghost)
+have a `locks` field; a lock on any other fd is refused."""
 
 from __future__ import annotations
 
@@ -8,11 +11,15 @@ import errno
 import os
 import re
 import struct
+from typing import TYPE_CHECKING, Any
 
+from upmig import schema
 from upmig.errors import CantMigrate, RestoreError
-from upmig.inject import Session
-from upmig.records import Fd
 from upmig.syscalls import nr
+
+if TYPE_CHECKING:
+    from upmig.fds.base import Seen
+    from upmig.inject import Session
 
 LINE = re.compile(r"^lock:\s*\d+:\s*(\S+)\s+(\S+)\s+(\S+)\s+(-?\d+)\s+\S+\s+(\d+)\s+(\S+)",
                   re.M)
@@ -21,6 +28,9 @@ LOCK_SH, LOCK_EX, LOCK_NB = 1, 2, 4
 F_SETLK, F_OFD_SETLK = 6, 37
 F_RDLCK, F_WRLCK = 0, 1
 FLOCK_T = struct.Struct("<hhxxxxqqi4x")  # l_type, l_whence, l_start, l_len, l_pid
+LOCK = schema.row(schema.one_of("FLOCK", "POSIX", "OFDLCK"), schema.boolean, schema.OFFSET,
+                  schema.integer(-1, schema.S64 - 1, "a lock end (-1: EOF)"))
+LOCKS = schema.list_of(LOCK, 1 << 16)  # the locks field's check
 
 
 def capture(pid: int, fd: int, fdinfo: str, path: str) -> list[list]:
@@ -38,9 +48,26 @@ def capture(pid: int, fd: int, fdinfo: str, path: str) -> list[list]:
     return out
 
 
-def take(s: Session, r: Fd) -> None:
-    """Take fd r's locks again, without waiting for anybody."""
-    for kind, write, start, end in r.extra.get("locks", []):
+def add(pid: int, rec: Any, e: Seen, lockable: bool,
+        locked: set[tuple]) -> None:
+    """Into rec.locks, the locks fdinfo lists for e. A POSIX lock is listed on every fd
+    of its file, a flock or OFD lock on every fd of its open file description: each
+    is kept once, on the first fd listing it (locked: the locks seen so far)."""
+    if e.st is None or not lockable:
+        raise CantMigrate(f"holds a lock through fd {e.fd} on {e.target}, which is not a "
+                          "regular file; this is not supported", pid=pid)
+    for lock in capture(pid, e.fd, e.info_text, e.target):
+        owner = e.st.st_ino if lock[0] == "POSIX" else rec.shared_with if \
+            rec.shared_with >= 0 else rec.fd
+        key = (e.st.st_dev, e.st.st_ino, owner, *lock)
+        if key not in locked:
+            locked.add(key)
+            rec.locks.append(lock)
+
+
+def take(s: Session, r: Any) -> None:
+    """Take fd r's locks again (r.locks, if its kind has them), without waiting."""
+    for kind, write, start, end in getattr(r, "locks", ()):
         if kind == "FLOCK":
             rc = s.raw(nr.flock, r.fd, (LOCK_EX if write else LOCK_SH) | LOCK_NB)
         else:

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import fcntl
 import struct
+from typing import TYPE_CHECKING
 
 from upmig import _native as nat
 from upmig.errors import CantMigrate
-from upmig.inject import Session
 from upmig.records import Fd
 from upmig.syscalls import nr
+
+if TYPE_CHECKING:
+    from upmig.inject import Session
 
 O_ASYNC = 0o20000
 F_SETFL, F_SETSIG, F_GETSIG, F_SETOWN_EX, F_GETOWN_EX = 4, 10, 11, 15, 16
@@ -20,12 +23,12 @@ F_OWNER_PGRP = 2
 
 
 def capture(pid: int, rec: Fd, tids: set[int], pgids: set[int]) -> None:
-    """Into rec.extra["async"]: [owner type, owner pid, signal] of an O_ASYNC fd. The
+    """Into rec.async_owner: [owner type, owner pid, signal] of an O_ASYNC fd. The
     owner must be moved too: a thread (or process) of the tree (tids), or one of its
     process groups (pgids)."""
     with nat.borrowed_fd(pid, rec.fd) as mine:
         kind, owner = OWNER.unpack(fcntl.fcntl(mine, F_GETOWN_EX, bytes(OWNER.size)))
-        rec.extra["async"] = [kind, owner, fcntl.fcntl(mine, F_GETSIG)]
+        rec.async_owner = [kind, owner, fcntl.fcntl(mine, F_GETSIG)]
     ours = owner == 0 or owner in (pgids if kind == F_OWNER_PGRP else tids)
     if not ours:
         raise CantMigrate(f"signals I/O on fd {rec.fd} (O_ASYNC) to {owner}, which is not "
@@ -33,7 +36,7 @@ def capture(pid: int, rec: Fd, tids: set[int], pgids: set[int]) -> None:
 
 
 def restore(s: Session, rec: Fd) -> None:
-    kind, owner, sig = rec.extra["async"]
+    kind, owner, sig = rec.async_owner
     s.write(s.scratch, OWNER.pack(kind, owner))
     s.call(nr.fcntl, rec.fd, F_SETOWN_EX, s.scratch, what=f"fcntl(fd {rec.fd}, F_SETOWN_EX)")
     s.call(nr.fcntl, rec.fd, F_SETSIG, sig, what=f"fcntl(fd {rec.fd}, F_SETSIG)")

@@ -1,28 +1,49 @@
-"""Pipes with both ends inside the process, and the bytes buffered in them.
+"""Pipes with both ends inside the process (or the tree), and the bytes buffered in
+them (for FIFOs too: upmig.fds.fifo).
 
 Dump copies the read end into upmig (pidfd_getfd) and tee()s the buffer into a
 pipe of its own: the process's bytes stay where they are, so a dump that fails or
 leaves the process running takes nothing from it. Resume makes a new pipe inside
-the process, gives it the old capacity and writes the bytes back in."""
+the process, gives it the old capacity and writes the bytes back in, both ends at
+once, at the first fd of either; an end only a later process of the tree holds is
+parked above the fd table for it (upmig.sharing)."""
 
 from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import struct
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from upmig import _native as nat
+from upmig import fileid, schema
 from upmig.errors import CantMigrate
-from upmig.inject import Session
+from upmig.fds.base import Kind, Rebuild, Scan, Seen
 from upmig.records import Fd, Pipe
 from upmig.syscalls import nr
 
 if TYPE_CHECKING:
+    from upmig.inject import Session
     from upmig.sharing import TreeFds
 
 O_ACCMODE, O_WRONLY, O_RDWR = 0o3, 0o1, 0o2
 F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
+
+
+@dataclass(kw_only=True)
+class PipeEnd(Fd):
+    """An end of a pipe or FIFO: its Pipe record's id, and which end."""
+
+    checks: ClassVar[dict] = {"pipe": schema.OBJECT, "end": schema.one_of("r", "w")}
+    pipe: int                # fileid.object_id of the pipe: its Pipe record's id
+    end: str                 # "r" | "w"
+
+
+@dataclass(kw_only=True)
+class PipeFd(PipeEnd):
+    kind: ClassVar[str] = "fd_pipe"
 
 
 def end(flags: int) -> str:
@@ -34,20 +55,34 @@ def ends(flags: int) -> set[str]:
     return {"r", "w"} if flags & O_ACCMODE == O_RDWR else {end(flags)}
 
 
-def capture(pid: int, recs: list[Fd], tree: TreeFds | None = None) -> list[Pipe]:
-    """A Pipe for every pipe and FIFO of recs (type "pipe"/"fifo", obj = inode) this
-    process is the first of the tree to hold, with its buffer, read through a read
-    end wherever in the tree one is."""
+def ends_held(scan: Scan) -> dict[int, set[str]]:
+    """The ends of each pipe and FIFO (by object id) the process holds, or the tree."""
+    def compute() -> dict[int, set[str]]:
+        held: dict[int, set[str]] = {}
+        for e in scan.seen:
+            if e.st is not None and stat.S_ISFIFO(e.st.st_mode):  # pipes, FIFOs by path
+                held.setdefault(fileid.object_id(e.st), set()).update(ends(e.flags))
+        if scan.tree:  # a pipe's ends may be in other processes of the tree
+            held.update({obj: scan.tree.pipe_ends[obj] for obj in held
+                         if obj in scan.tree.pipe_ends})
+        return held
+    return scan.memo("pipe.ends", compute)
+
+
+def buffers(pid: int, recs: list[Fd], tree: TreeFds | None = None) -> list[Pipe]:
+    """A Pipe for every pipe and FIFO of recs this process is the first of the tree
+    to hold, with its buffer, read through a read end wherever in the tree one is."""
+    ours = [r for r in recs if isinstance(r, PipeEnd)]
     read_ends = {}
-    for r in recs:
-        if r.type in ("pipe", "fifo") and r.extra["end"] == "r":
-            read_ends.setdefault(r.obj, (pid, r.fd))
+    for r in ours:
+        if r.end == "r":
+            read_ends.setdefault(r.pipe, (pid, r.fd))
     if tree:
-        for r in recs:
-            if r.type in ("pipe", "fifo") and tree.pipe_first.get(r.obj) == pid:
-                read_ends.setdefault(r.obj, tree.read_end[r.obj])
-            elif r.type in ("pipe", "fifo"):
-                read_ends.pop(r.obj, None)  # an earlier process holds it: its record
+        for r in ours:
+            if tree.pipe_first.get(r.pipe) == pid:
+                read_ends.setdefault(r.pipe, tree.read_end[r.pipe])
+            else:
+                read_ends.pop(r.pipe, None)  # an earlier process holds it: its record
     out = []
     for ino, (holder, fd) in read_ends.items():
         with nat.borrowed_fd(holder, fd) as mine:
@@ -85,3 +120,56 @@ def create(s: Session, pid: int, pipe: Pipe) -> tuple[int, int]:
     rd, wr = struct.unpack("<ii", s.read(s.scratch, 8))
     _fill(s, pid, wr, pipe)
     return rd, wr
+
+
+class PipeKind(Kind):
+    name = "pipe"
+    records = (PipeFd,)
+
+    def classify(self, e: Seen, scan: Scan) -> bool:
+        return e.target.startswith("pipe:") and e.st is not None and \
+            ends_held(scan)[fileid.object_id(e.st)] == {"r", "w"}
+
+    def capture(self, e: Seen, scan: Scan) -> PipeFd:
+        rec = PipeFd(**e.common(e.target), pipe=fileid.object_id(e.st), end=end(e.flags))
+        firsts = scan.memo("pipe.firsts", set)
+        if rec.shared_with < 0:  # (opened again through /proc/PID/fd: two descriptions)
+            if (rec.pipe, rec.end) in firsts:
+                raise CantMigrate(f"holds one end of a pipe through two open file "
+                                  f"descriptions (fd {rec.fd}); this is not supported yet",
+                                  pid=scan.pid)
+            firsts.add((rec.pipe, rec.end))
+        return rec
+
+    def restore(self, ctx: Rebuild, rec: PipeFd) -> None:
+        """Both ends at once, at the first fd of either; an end this process does not
+        hold (another process of the tree does) is parked above the fds."""
+        if rec.pipe in ctx.made:
+            return
+        ctx.made.add(rec.pipe)
+        pipe = ctx.by_id.get(Pipe, rec.pipe)
+        rd, wr = create(ctx.s, ctx.pid, pipe)
+        rd_rec, wr_rec = (self._primaries(ctx).get((rec.pipe, e)) for e in "rw")
+        if rd_rec and wr_rec:
+            ctx.place_two(rd, rd_rec, wr, wr_rec)
+            return
+        (keep, placed), (away, other) = ((rd, rd_rec), (wr, "w")) if rd_rec else \
+            ((wr, wr_rec), (rd, "r"))
+        ctx.park(pipe.ends[other], ctx.move_aside(away))
+        ctx.place(keep, placed)
+
+    def _primaries(self, ctx: Rebuild) -> dict[tuple[int, str], PipeFd]:
+        """Each pipe end's first fd (the others are its dups)."""
+        return ctx.memo("pipe.primaries", lambda: {
+            (r.pipe, r.end): r for r in ctx.img.of(PipeFd) if r.shared_with < 0})
+
+    def refers_to(self, rec: PipeFd) -> Any:
+        return rec.pipe, rec.end
+
+    def describe(self, rec: PipeFd, others) -> dict[str, Any]:
+        p = others.get(Pipe, rec.pipe)
+        return {**super().describe(rec, others), "end": rec.end,
+                "buffered": len(p.data) if p else 0}
+
+
+PIPE = PipeKind()

@@ -6,7 +6,11 @@ What the kernel knows of each (type, state, name, peer, queue lengths, backlog)
 comes from sock_diag over netlink. Queued data is read with MSG_PEEK from a copy of
 the socket in upmig, stepping through the queue with SO_PEEK_OFF, so nothing is
 taken from the process. Resume makes each anew inside the process (socketpair,
-or socket + bind + listen) and sends the queued data back in from the other end."""
+or socket + bind + listen) and sends the queued data back in from the other end.
+
+A pair is made whole in the first process of the tree holding either end; the end
+a later process holds is parked above the fd table for it (upmig.sharing), and its
+queue and shutdown state travel in the maker's record (peer_*)."""
 
 from __future__ import annotations
 
@@ -15,13 +19,18 @@ import os
 import socket
 import stat
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from upmig import _native as nat
+from upmig import _proc, schema
 from upmig.errors import CantMigrate, RestoreError
-from upmig.inject import Session
+from upmig.fds.base import Kind, Rebuild, Scan, Seen
 from upmig.records import Fd
 from upmig.syscalls import nr
+
+if TYPE_CHECKING:
+    from upmig.inject import Session
 
 SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
@@ -39,6 +48,67 @@ SO_PEEK_OFF = 42
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 SOL_SOCKET = 1
 AF_UNIX = 1
+
+
+def _sun_name(v: Any) -> str | None:
+    """A unix socket's name, hex: abstract (a leading NUL), a path, or unbound."""
+    if type(v) is not str:
+        return schema.wrong_type(v, "a hex string")
+    try:
+        name = bytes.fromhex(v)
+    except ValueError:
+        return f"{schema.shown(v)} is not hex"
+    if len(name) > 108:
+        return f"is {len(name)} bytes long, more than a sun_path holds (108)"
+    if name[:1] != b"\0" and b"\0" in name.rstrip(b"\0"):
+        return "is a path with a NUL in it"
+    return None
+
+
+SHUTDOWN = schema.integer(0, 3, "a shutdown state")
+QUEUE = schema.list_of(schema.blob(0, 1 << 26), 1 << 20)
+
+
+@dataclass(kw_only=True)
+class UnixFd(Fd):
+    """What every unix socket has."""
+
+    checks: ClassVar[dict] = {"sock_type": schema.one_of(*TYPES.values()), "name": _sun_name}
+    sock_type: str           # stream | dgram | seqpacket
+    name: str                # hex; "": unbound; an abstract name starts with a NUL
+
+
+@dataclass(kw_only=True)
+class UnixSocketFd(UnixFd):
+    """Neither listening nor connected (bound or not)."""
+
+    kind: ClassVar[str] = "fd_unix"
+
+
+@dataclass(kw_only=True)
+class UnixListenerFd(UnixFd):
+    kind: ClassVar[str] = "fd_unix_listen"
+    checks: ClassVar[dict] = {**UnixFd.checks, "backlog": schema.BACKLOG}
+    backlog: int
+
+
+@dataclass(kw_only=True)
+class UnixPairFd(UnixFd):
+    """An end of a connected pair whose other end is in the tree."""
+
+    kind: ClassVar[str] = "fd_unix_pair"
+    checks: ClassVar[dict] = {**UnixFd.checks, "ino": schema.OBJECT, "peer": schema.OBJECT,
+                              "shutdown": SHUTDOWN, "queued": QUEUE, "peer_desc": schema.DESC,
+                              "peer_shutdown": SHUTDOWN, "peer_queued": QUEUE}
+    ino: int                 # its inode (sock_diag's name for it)
+    peer: int                # the other end's
+    shutdown: int            # as sock_diag gives it (1: no more reading, 2: writing)
+    queued: list[bytes]      # what waits to be read on it (a dup's is [])
+    # The other end, when a later process of the tree holds it and this fd's process
+    # makes the pair: its description, shutdown state and queue.
+    peer_desc: int = 0
+    peer_shutdown: int = 0
+    peer_queued: list[bytes] = field(default_factory=list)
 
 
 @dataclass
@@ -98,43 +168,114 @@ def _parse(msg: bytes) -> Diag:
 
 # ---- dump
 
-def classify(pid: int, fd: int, d: Diag, inside: set[int], diags: dict[int, Diag]
-             ) -> tuple[str, dict]:
-    """(fd type, extra) of a unix socket, or CantMigrate."""
-    kind = TYPES.get(d.type)
-    if kind is None:
-        raise CantMigrate(f"holds a unix socket of type {d.type} on fd {fd}, which is not "
-                          "supported", pid=pid)
-    name = d.name.hex()
-    if d.state == ST_LISTEN:
+def diags(scan: Scan) -> dict[int, Diag]:
+    """sock_diag's view of every unix socket, once the process is seen to hold a
+    socket (of any family) in upmig's network namespace."""
+    def compute() -> dict[int, Diag]:
+        if _proc.readlink(scan.pid, "ns/net") != os.readlink("/proc/self/ns/net"):
+            raise CantMigrate("holds sockets in another network namespace, which is not "
+                              "supported yet", pid=scan.pid)
+        return diag()
+    return scan.memo("unix.diags", compute)
+
+
+def _sockets(scan: Scan) -> set[int]:
+    """The process's own sockets, by inode."""
+    return scan.memo("unix.sockets", lambda: {
+        e.st.st_ino for e in scan.seen if e.target.startswith("socket:") and e.st})
+
+
+def _inside(scan: Scan) -> set[int]:
+    """The sockets of the tree (of the process, with no tree)."""
+    return scan.memo("unix.inside", lambda: _sockets(scan) | set(scan.tree.socket_first)
+                     if scan.tree else _sockets(scan))
+
+
+class UnixKind(Kind):
+    name = "unix"
+    records = (UnixPairFd, UnixListenerFd, UnixSocketFd)
+
+    def classify(self, e: Seen, scan: Scan) -> bool:
+        """A unix socket, unless it is fds 0-2 connected outside (inherited)."""
+        if not e.target.startswith("socket:") or e.st is None:
+            return False
+        d = diags(scan).get(e.st.st_ino)
+        return d is not None and not (e.fd <= 2 and d.peer and d.peer not in _inside(scan))
+
+    def capture(self, e: Seen, scan: Scan) -> UnixFd:
+        d, pid = diags(scan)[e.st.st_ino], scan.pid
+        kind = TYPES.get(d.type)
+        if kind is None:
+            raise CantMigrate(f"holds a unix socket of type {d.type} on fd {e.fd}, which is "
+                              "not supported", pid=pid)
+        common = {**e.common(e.target), "sock_type": kind, "name": d.name.hex()}
+        if d.state == ST_LISTEN:
+            if d.rqueue:
+                raise CantMigrate(f"has {d.rqueue} connection(s) waiting to be accepted on "
+                                  f"its listening unix socket on fd {e.fd}; they would be "
+                                  "lost", pid=pid)
+            return UnixListenerFd(**common, backlog=d.wqueue)
+        if d.peer:
+            return self._pair(e, scan, d, common)
+        if d.state == ST_ESTABLISHED and kind != "dgram":
+            raise CantMigrate(f"holds a unix socket on fd {e.fd} whose peer has gone; this is "
+                              "not supported yet", pid=pid)
         if d.rqueue:
-            raise CantMigrate(f"has {d.rqueue} connection(s) waiting to be accepted on its "
-                              f"listening unix socket on fd {fd}; they would be lost", pid=pid)
-        return "unix_listen", {"type": kind, "name": name, "backlog": d.wqueue}
-    if d.peer:
-        if d.peer not in inside:
-            raise CantMigrate(f"holds a unix socket on fd {fd} connected to a process "
+            raise CantMigrate(f"has datagrams waiting on its unix socket on fd {e.fd}, which "
+                              "cannot be sent again from their senders", pid=pid)
+        return UnixSocketFd(**common)
+
+    def _pair(self, e: Seen, scan: Scan, d: Diag, common: dict) -> UnixPairFd:
+        pid, everything = scan.pid, diags(scan)
+        if d.peer not in _inside(scan):
+            raise CantMigrate(f"holds a unix socket on fd {e.fd} connected to a process "
                               f"outside (peer socket {d.peer}); this is not supported", pid=pid)
-        if diags[d.peer].peer != d.ino:
-            raise CantMigrate(f"holds a datagram socket on fd {fd} connected one way to "
+        if everything[d.peer].peer != d.ino:
+            raise CantMigrate(f"holds a datagram socket on fd {e.fd} connected one way to "
                               "another of its sockets; this is not supported yet", pid=pid)
-        return "unix_pair", {"type": kind, "name": name, "peer": d.peer,
-                             "shutdown": d.shutdown, "queued": []}
-    if d.state == ST_ESTABLISHED and kind != "dgram":
-        raise CantMigrate(f"holds a unix socket on fd {fd} whose peer has gone; this is not "
-                          "supported yet", pid=pid)
-    if d.rqueue:
-        raise CantMigrate(f"has datagrams waiting on its unix socket on fd {fd}, which "
-                          "cannot be sent again from their senders", pid=pid)
-    return "unix", {"type": kind, "name": name}
+        rec = UnixPairFd(**common, ino=d.ino, peer=d.peer, shutdown=d.shutdown, queued=[])
+        if rec.shared_with < 0:  # what waits to be read on it, left in place
+            rec.queued = queued(pid, e.fd, rec.sock_type, d.rqueue)
+        if d.peer not in _sockets(scan):
+            _peer_elsewhere(pid, scan.tree, d, rec, everything)
+        return rec
+
+    def restore(self, ctx: Rebuild, rec: UnixFd) -> None:
+        if not isinstance(rec, UnixPairFd):
+            ctx.place(make_socket(ctx.s, rec), rec)
+        elif rec.ino not in ctx.made:
+            ctx.made |= {rec.ino, rec.peer}
+            ends = ctx.memo("unix.pairs", lambda: {
+                r.ino: r for r in ctx.img.of(UnixPairFd) if r.shared_with < 0})
+            _make_pair(ctx, rec, ends.get(rec.peer))
+
+    def refers_to(self, rec: UnixFd) -> Any:
+        return rec.ino if isinstance(rec, UnixPairFd) else rec.name
+
+    def describe(self, rec: UnixFd, others) -> dict[str, Any]:
+        out = {"type": "unix_pair" if isinstance(rec, UnixPairFd) else "unix_listen"
+               if isinstance(rec, UnixListenerFd) else "unix", "path": rec.note,
+               "socket": rec.sock_type}
+        if isinstance(rec, UnixPairFd):
+            return {**out, "queued": sum(len(m) for m in rec.queued)}
+        return {**out, "name": _show(bytes.fromhex(rec.name)),
+                **({"backlog": rec.backlog} if isinstance(rec, UnixListenerFd) else {})}
 
 
-def capture_queues(pid: int, recs: list[Fd], diags: dict[int, Diag]) -> None:
-    """The data waiting to be read on each end of each pair, left in place."""
-    for r in recs:
-        if r.type != "unix_pair" or r.shared_with >= 0:
-            continue
-        r.extra["queued"] = queued(pid, r.fd, r.extra["type"], diags[r.obj].rqueue)
+UNIX = UnixKind()
+
+
+def _peer_elsewhere(pid: int, tree: Any, d: Diag, rec: UnixPairFd,
+                    everything: dict[int, Diag]) -> None:
+    """A socket pair whose other end another process of the tree holds. If this one
+    makes the pair on resume (it is the first to hold either end), it carries what
+    the other end needs: its description, queue and shutdown state."""
+    me, first, _ = tree.socket_first[d.ino]
+    if first != pid or tree.pair_maker(d.ino, d.peer) != me:
+        return  # made by an earlier process; this end is taken from it
+    _, holder, fd = tree.socket_first[d.peer]
+    rec.peer_desc, rec.peer_shutdown = tree.desc[(holder, fd)], everything[d.peer].shutdown
+    rec.peer_queued = queued(holder, fd, rec.sock_type, everything[d.peer].rqueue)
 
 
 def queued(pid: int, fd: int, kind: str, expected: int) -> list[bytes]:
@@ -196,6 +337,33 @@ def make_pair(s: Session, kind: str) -> tuple[int, int]:
     return a, b
 
 
+def _make_pair(ctx: Rebuild, r: UnixPairFd, peer: UnixPairFd | None) -> None:
+    """A socket pair, with what each end had queued to read. The peer's end is this
+    process's (peer) or goes to a later process of the tree: parked above the fds
+    under its description."""
+    a, b = make_pair(ctx.s, r.sock_type)
+    if peer is not None:
+        ctx.place_two(a, r, b, peer)
+        _fill_pair(ctx.pid, r, b=peer.fd, b_queued=peer.queued, b_shutdown=peer.shutdown)
+        return
+    if not r.peer_desc:
+        raise RestoreError(f"the image is inconsistent: fd {r.fd} of pid {ctx.who} is a "
+                           "socket pair whose other end is nowhere")
+    away = ctx.move_aside(b)
+    ctx.place(a, r)
+    _fill_pair(ctx.pid, r, b=away, b_queued=r.peer_queued, b_shutdown=r.peer_shutdown)
+    ctx.park(r.peer_desc, away)
+
+
+def _fill_pair(pid: int, r: UnixPairFd, *, b: int, b_queued: list[bytes],
+               b_shutdown: int) -> None:
+    """Each end's queue sent in from the other, then each end's shutdown state."""
+    fill(pid, r.fd, b, r.sock_type, b_queued)
+    fill(pid, b, r.fd, r.sock_type, r.queued)
+    shut(pid, r.fd, r.shutdown)
+    shut(pid, b, b_shutdown)
+
+
 def fill(pid: int, sender: int, receiver: int, kind: str, queued: list[bytes]) -> None:
     """Send what the end at fd receiver had queued to read, from its peer at fd
     sender (both fds of pid)."""
@@ -228,11 +396,10 @@ def shut(pid: int, fd: int, how: int) -> None:
             sk.shutdown({1: socket.SHUT_RD, 2: socket.SHUT_WR, 3: socket.SHUT_RDWR}[how])
 
 
-def make_socket(s: Session, r: Fd) -> int:
+def make_socket(s: Session, r: UnixFd) -> int:
     """An unconnected or listening unix socket, bound to its name if it had one."""
-    x = r.extra
-    fd = s.call(nr.socket, AF_UNIX, _sock_type(x["type"]), 0, what="socket(AF_UNIX)")
-    name = bytes.fromhex(x["name"])
+    fd = s.call(nr.socket, AF_UNIX, _sock_type(r.sock_type), 0, what="socket(AF_UNIX)")
+    name = bytes.fromhex(r.name)
     if name:
         if not name.startswith(b"\0"):
             _clear_stale(s, os.fsdecode(name.rstrip(b"\0")))
@@ -242,8 +409,8 @@ def make_socket(s: Session, r: Fd) -> int:
         if rc < 0:
             raise RestoreError(f"cannot bind the unix socket of fd {r.fd} to "
                                f"{_show(name)}: {os.strerror(-rc)}")
-    if r.type == "unix_listen":
-        s.call(nr.listen, fd, x["backlog"], what=f"listen(fd {r.fd})")
+    if isinstance(r, UnixListenerFd):
+        s.call(nr.listen, fd, r.backlog, what=f"listen(fd {r.fd})")
     return fd
 
 
