@@ -115,7 +115,7 @@ def test_valid_image_round_trip(tmp_path, real_image, frames, test_key):
     img = image.load(str(p), key=test_key)
     try:
         kinds = {r.kind for r in img.records}
-        assert {"header", "task", "mm", "signals", "thread", "vma", "fd",
+        assert {"header", "task", "mm", "signals", "thread", "vma", "fd_path",
                 "pages"} <= kinds
         assert "trailer" not in kinds
         assert img.size == len(real_image)

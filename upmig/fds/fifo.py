@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 from upmig import fileid, schema
 from upmig.errors import CantMigrate
 from upmig.fds import path, pipe
-from upmig.fds.base import F_DUPFD, F_SETFL, O_ASYNC, Kind, Rebuild, Scan, Seen
+from upmig.fds.base import F_SETFL, O_ASYNC, Kind, Rebuild, Scan, Seen
 from upmig.records import Pipe
 from upmig.syscalls import nr
 
@@ -51,9 +51,7 @@ class FifoKind(Kind):
             both = ctx.open_by_path(rec, rec.path, O_RDWR | O_NONBLOCK)
             # None: an earlier process of the tree filled it (and holds it open still)
             pipe.fill_fifo(s, ctx.pid, both, ctx.by_id.get(Pipe, rec.pipe))
-            ctx.open_meanwhile[rec.pipe] = s.call(nr.fcntl, both, F_DUPFD, ctx.spare,
-                                                  what="fcntl")
-            s.call(nr.close, both, what="close")
+            ctx.open_meanwhile[rec.pipe] = ctx.move_aside(both)
         fd = ctx.open_by_path(rec, rec.path, path.open_flags(rec.flags) | O_NONBLOCK)
         ctx.place(fd, rec, status=False)
         s.call(nr.fcntl, rec.fd, F_SETFL, rec.flags & ~O_ASYNC, what="fcntl(F_SETFL)")
