@@ -37,7 +37,6 @@ Corrupt too, naming the record and field, before inspect or resume use any of it
 from __future__ import annotations
 
 import errno
-import fcntl
 import hmac
 import mmap
 import os
@@ -52,6 +51,7 @@ import msgpack
 from upmig import _native
 from upmig.errors import Corrupt, ImageError, NotSealed, RestoreError, Truncated, VersionTooNew
 from upmig.keys import Key
+from upmig.newfile import enlarge_pipe
 from upmig.records import Pages, Process, Trailer, from_wire, to_wire
 
 MAGIC = b"UPMIG\x00\x89\n"
@@ -228,7 +228,6 @@ class Image(Records):
 
 
 STDIN = "-"  # the path that means: the image comes on standard input
-PIPE_SIZE = 1 << 20  # the most an unprivileged process may ask for
 
 
 def load(path: str, *, key: Key | None = None, pages_later: bool = False) -> Image:
@@ -352,6 +351,7 @@ class StreamedPages:
 
 def _load_records(what: str, fd: int, key: Key) -> Image:
     """A stream's records, each frame checked, up to its first page data."""
+    enlarge_pipe(fd)
     head = _read_exactly(what, fd, HEADER.size, 0)
     _, salt = _check_header(what, head, key)
     frame_key = key.frame_key(salt)
@@ -438,10 +438,7 @@ def _memory() -> int:
 
 
 def _read_stream(what: str, fd: int, key: Key | None) -> tuple[Any, Any]:
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)  # fewer, larger reads
-    except OSError:
-        pass  # not a pipe, or a smaller limit: it only goes slower
+    enlarge_pipe(fd)
     head = b""
     while len(head) < HEADER.size:
         part = os.read(fd, HEADER.size - len(head))

@@ -98,21 +98,29 @@ def _unlink(path: str) -> None:
         pass
 
 
+PIPE_SIZES = (8 << 20, 1 << 20)  # root may go past pipe-max-size; anyone up to it
+
+
+def enlarge_pipe(fd: int) -> None:
+    """Fewer, larger reads and writes, and fewer wake-ups, if fd is a pipe."""
+    for size in PIPE_SIZES:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+            return
+        except OSError:
+            pass  # not a pipe, or too big for us: it only goes slower
+
+
 class Stream:
     """An output that is already open and has no name: standard output, a pipe or a
     socket. There is nothing to commit: each byte went out as it was written."""
-
-    PIPE_SIZE = 1 << 20  # fewer wake-ups of the reader; the unprivileged maximum
 
     def __init__(self, fd: int):
         self.fd = fd
         self.path = "stdout" if fd == 1 else f"fd {fd}"
         if os.isatty(fd):
             raise OSError(errno.ENOTTY, "will not write an image to a terminal")
-        try:
-            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, self.PIPE_SIZE)
-        except OSError:
-            pass  # not a pipe, or a smaller limit: it only goes slower
+        enlarge_pipe(fd)
 
     def commit(self) -> None:
         pass
