@@ -827,8 +827,10 @@ long up_read_stream(int fd, const void *prefix, size_t prefix_len, int head_in_p
         int last = head[0] == 3;
         uint64_t rest = (uint64_t)head[1] + UP_FRAME_TAIL + (last ? 0 : UP_FRAME_HEAD);
         r = grow(&base, &size, got, rest, cap);
-        if (!r)     /* the frame's pages in one go, not a fault each: ~20% of the read */
-            madvise(base + (got & ~4095ULL), rest + 4096, MADV_POPULATE_WRITE);
+        if (!r) {   /* the frame's pages in one go, not a fault each: ~20% of the read */
+            uint64_t from = got & ~4095ULL, len = got + rest - from;
+            madvise(base + from, len, MADV_POPULATE_WRITE);     /* only ever faster */
+        }
         if (!r)
             r = read_exact(fd, base + got, rest, &got);
         if (!r && last)
