@@ -10,7 +10,7 @@ import pty
 import signal
 import subprocess
 
-from conftest import UPMIG, run_upmig, wait_for
+from conftest import UPMIG, descendants, run_upmig, wait_for
 from upmig import _proc
 
 
@@ -65,19 +65,20 @@ def test_dump_into_resume_through_a_pipe(run_victim):
 
 
 def _others_like(r) -> list[int]:
-    """Processes but r's own running r's program, or the stub: what a failed resume
-    would have left behind."""
+    """Processes of ours (we are the subreaper: a failed resume's orphans would come to
+    us) but r's own, running r's program or the stub: what a failed resume would
+    have left behind."""
     mine = open(f"/proc/{r.pid}/cmdline", "rb").read()
     found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit() and int(name) != r.pid:
+    for pid in descendants(os.getpid()):
+        if pid != r.pid:
             try:
-                cmd = open(f"/proc/{name}/cmdline", "rb").read()
-                exe = os.readlink(f"/proc/{name}/exe")
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+                exe = os.readlink(f"/proc/{pid}/exe")
             except OSError:
                 continue
             if cmd == mine or exe.endswith("upmig-stub"):
-                found.append(int(name))
+                found.append(pid)
     return found
 
 
