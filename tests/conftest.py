@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from upmig import keys
-from upmig.syscalls import name_of
+from upmig.syscalls import name as syscall_name
 
 ROOT = Path(__file__).resolve().parent.parent
 VICTIMS = ROOT / "tests" / "victims"
@@ -161,7 +161,7 @@ def syscalls_of(pid: int) -> dict[int, str | None]:
             first = Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()[0]
         except (FileNotFoundError, ProcessLookupError, IndexError):
             continue
-        out[int(tid)] = name_of(int(first)) if first.isdigit() else None
+        out[int(tid)] = syscall_name(int(first)) if first.isdigit() else None
     return out
 
 

@@ -38,6 +38,16 @@ NREGS = 27  # words in x86-64 struct user_regs_struct
 SIGINFO_SIZE = 128
 
 
+def syscall_number(name: str) -> int | None:
+    """The number of syscall name, from the SYS_* constants of <sys/syscall.h>."""
+    return getattr(lib, "SYS_" + name, None)
+
+
+def syscall_numbers() -> dict[str, int]:
+    """Every syscall the helper's <sys/syscall.h> knows, by name."""
+    return {c[4:]: getattr(lib, c) for c in dir(lib) if c.startswith("SYS_")}
+
+
 def check(ret: int, call: str, pid: int | None = None) -> int:
     """Raise OSError(errno, 'call') for a negative helper return."""
     if ret < 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import time
 
-from upmig import fileid, image, keys, regs, signals
+from upmig import fileid, image, keys, regs, signals, syscalls
 from upmig.errors import KeyProblem
 from upmig.fds import registry
 from upmig.fds.base import ById
@@ -24,11 +24,6 @@ from upmig.records import (
     Thread,
     Vma,
 )
-
-try:
-    from ptrace.syscall.linux.x86_64 import SYSCALL_NAMES
-except ImportError:  # only names for the display; numbers still shown
-    SYSCALL_NAMES = {}
 
 SHOWN_REGS = ("rip", "rsp", "rbp", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10",
               "r11", "r12", "r13", "r14", "r15", "orig_rax", "eflags", "fs_base", "gs_base")
@@ -178,7 +173,7 @@ FD_COMMON = {"fd", "type", "path", "flags", "pos", "cloexec", "shares", "identit
 def _state(th: Thread) -> str:
     if th.syscall < 0:
         return "running"
-    name = f"{SYSCALL_NAMES.get(th.syscall, th.syscall)}()"
+    name = f"{syscalls.name(th.syscall)}()"
     if regs.in_syscall(th):
         return f"in {name}"
     res = th.syscall_result

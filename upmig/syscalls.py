@@ -1,22 +1,32 @@
-"""x86-64 syscall numbers by name, from python-ptrace's table: `nr.mmap`."""
+"""x86-64 syscall numbers by name, `nr.mmap`, and names by number, `name(9)`.
 
-from ptrace.syscall.linux.x86_64 import SYSCALL_NAMES
+Both come from <sys/syscall.h> as the C helper was compiled against it (its SYS_*
+constants), so that no table is written out here and nothing is imported that the
+numbers do not need (python-ptrace's table costs ~30 ms of every start)."""
 
-# The table also lists the x32 ABI's entries (512 and up) under the same names.
-_BY_NAME = {name: num for num, name in sorted(SYSCALL_NAMES.items()) if num < 512}
-_BY_NAME["timerfd_create"] = 283  # python-ptrace lists it under its old name, "timerfd"
+from __future__ import annotations
+
+from upmig import _native as nat
 
 
 class _Numbers:
+    """Each number is looked up in the helper once, on first use."""
+
     def __getattr__(self, name: str) -> int:
-        try:
-            return _BY_NAME[name]
-        except KeyError:
-            raise AttributeError(f"no x86-64 syscall named {name}") from None
+        num = nat.syscall_number(name)
+        if num is None:
+            raise AttributeError(f"no x86-64 syscall named {name}")
+        setattr(self, name, num)
+        return num
 
 
 nr = _Numbers()
 
+_names: dict[int, str] = {}
 
-def name_of(num: int) -> str:
-    return SYSCALL_NAMES.get(num, str(num)) if 0 <= num < 512 else str(num)
+
+def name(num: int) -> str:
+    """The syscall's name, for messages; its number as text if it has none."""
+    if not _names:
+        _names.update((n, s) for s, n in nat.syscall_numbers().items())
+    return _names.get(num, str(num))
