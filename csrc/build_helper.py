@@ -1,6 +1,6 @@
 """cffi build script (out-of-line API mode): the cdef is csrc/helper.h itself, plus the
-syscall numbers by name (SYS_*), taken from the system headers when the helper is
-compiled."""
+kernel vocabulary the Python side reads by name: struct user_regs_struct and the
+syscall numbers, both taken from the system headers when the helper is compiled."""
 
 import os
 import re
@@ -11,6 +11,14 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
+
+# cffi checks this declaration against <sys/user.h> when the module is loaded (a
+# field at another offset is an error), so upmig.regs names the kernel's layout.
+REGS_FIELDS = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx",
+               "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base",
+               "gs_base", "ds", "es", "fs", "gs")
+REGS = "".join(["struct user_regs_struct {", *(f" unsigned long long {f};" for f in REGS_FIELDS),
+                "};"])
 
 
 def syscall_names() -> list[str]:
@@ -23,10 +31,12 @@ def syscall_names() -> list[str]:
 
 ffibuilder = FFI()
 ffibuilder.cdef((HERE / "helper.h").read_text())
+ffibuilder.cdef(REGS)
 ffibuilder.cdef("\n".join(f"#define SYS_{name} ..." for name in syscall_names()))
 ffibuilder.set_source(
     "upmig._helper",
-    '#include <stdint.h>\n#include <stddef.h>\n#include <sys/syscall.h>\n#include "helper.h"\n',
+    '#include <stdint.h>\n#include <stddef.h>\n#include <sys/syscall.h>\n'
+    '#include <sys/user.h>\n#include "helper.h"\n',
     sources=[str(HERE / "helper.c")],
     include_dirs=[str(HERE)],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-pthread"],

@@ -15,6 +15,7 @@
 #include <sys/ptrace.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <sys/user.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -165,10 +166,6 @@ long up_setregset(int pid, int note, const void *buf, size_t len)
     return (long)iov.iov_len;
 }
 
-/* Word indexes in x86-64 struct user_regs_struct. */
-enum { R_R10 = 7, R_R9 = 8, R_R8 = 9, R_RAX = 10, R_RDX = 12, R_RSI = 13, R_RDI = 14,
-       R_ORIG_RAX = 15, R_RIP = 16 };
-
 /* A fault of the tracee's own (the kernel's SIGSEGV at an unmapped syscall
  * instruction, say), not a signal sent to it: resuming it would fault again, for ever. */
 static int faulted(int pid, int sig)
@@ -184,18 +181,18 @@ static int faulted(int pid, int sig)
 int up_inject(int pid, void *regs, long nr, const uint64_t *args, int64_t *ret,
               int *held_sig, uint64_t *clone_msg)
 {
-    uint64_t *r = regs;
-    uint64_t rip = r[R_RIP];
+    struct user_regs_struct *r = regs;
+    uint64_t rip = r->rip;
     int status;
 
-    r[R_RAX] = (uint64_t)nr;
-    r[R_ORIG_RAX] = (uint64_t)-1;   /* no syscall-restart fix-up on the way out */
-    r[R_RDI] = args[0];
-    r[R_RSI] = args[1];
-    r[R_RDX] = args[2];
-    r[R_R10] = args[3];
-    r[R_R8] = args[4];
-    r[R_R9] = args[5];
+    r->rax = (uint64_t)nr;
+    r->orig_rax = (uint64_t)-1;     /* no syscall-restart fix-up on the way out */
+    r->rdi = args[0];
+    r->rsi = args[1];
+    r->rdx = args[2];
+    r->r10 = args[3];
+    r->r8 = args[4];
+    r->r9 = args[5];
     if (ptrace(PTRACE_SETREGS, pid, 0, r) < 0)
         return -errno;
     /* Syscall-enter stop, then syscall-exit stop. Unlike a single step, these stops
@@ -232,9 +229,9 @@ int up_inject(int pid, void *regs, long nr, const uint64_t *args, int64_t *ret,
     }
     if (ptrace(PTRACE_GETREGS, pid, 0, r) < 0)
         return -errno;
-    if (r[R_RIP] != rip + 2)
+    if (r->rip != rip + 2)
         return -ECANCELED;      /* the syscall instruction did not run */
-    *ret = (int64_t)r[R_RAX];
+    *ret = (int64_t)r->rax;
     return 0;
 }
 

@@ -44,7 +44,7 @@ long up_getregset(int pid, int note, void *buf, size_t len);
 long up_setregset(int pid, int note, const void *buf, size_t len);
 
 /* Run one syscall in a stopped tracee (traced with PTRACE_O_TRACESYSGOOD): set regs
- * (a 27-word user_regs_struct) with rip at a syscall instruction, run it between its
+ * (a struct user_regs_struct) with rip at a syscall instruction, run it between its
  * syscall-enter and syscall-exit stops, fetch rax into *ret. regs is scratch. A
  * signal that stops it meanwhile is held back and named in *held_sig; a fault of its
  * own there (an unmapped syscall instruction) is -EFAULT. */

@@ -34,7 +34,6 @@ PTRACE_PEEKSIGINFO_SHARED = 1
 NT_X86_XSTATE = 0x202
 KCMP_FILE, KCMP_VM, KCMP_FILES = 0, 1, 2
 
-NREGS = 27  # words in x86-64 struct user_regs_struct
 SIGINFO_SIZE = 128
 
 
@@ -69,17 +68,40 @@ def waitpid(pid: int, flags: int = 0) -> tuple[int, int]:
     return got, int(status[0])
 
 
+REGS_SIZE = ffi.sizeof("struct user_regs_struct")
+
+
+def new_regs(raw: bytes | None = None):
+    """A struct user_regs_struct (fields by name: .rip, .rsp), zeroed or holding raw,
+    its bytes as PTRACE_GETREGS gives them. upmig.regs.Regs is the view over it."""
+    regs = ffi.new("struct user_regs_struct *")
+    if raw is not None:
+        if len(raw) != REGS_SIZE:
+            raise ValueError(f"registers are {len(raw)} bytes, not {REGS_SIZE}")
+        ffi.memmove(regs, raw, REGS_SIZE)
+    return regs
+
+
+def regs_bytes(regs) -> bytes:
+    return bytes(ffi.buffer(regs))
+
+
+def regs_fields() -> list[str]:
+    """The names of struct user_regs_struct's fields, in the kernel's order."""
+    fields = ffi.typeof("struct user_regs_struct").fields
+    return [name for name, f in sorted(fields, key=lambda nf: nf[1].offset)]
+
+
 def get_regs(pid: int) -> bytes:
-    buf = ffi.new("uint64_t[]", NREGS)
-    check(lib.up_ptrace(PTRACE_GETREGS, pid, 0, int(ffi.cast("uintptr_t", buf)), ffi.NULL),
+    regs = new_regs()
+    check(lib.up_ptrace(PTRACE_GETREGS, pid, 0, int(ffi.cast("uintptr_t", regs)), ffi.NULL),
           "PTRACE_GETREGS", pid)
-    return bytes(ffi.buffer(buf))
+    return regs_bytes(regs)
 
 
-def set_regs(pid: int, regs: bytes) -> None:
-    buf = ffi.new("uint64_t[]", NREGS)
-    ffi.memmove(buf, regs, len(regs))
-    check(lib.up_ptrace(PTRACE_SETREGS, pid, 0, int(ffi.cast("uintptr_t", buf)), ffi.NULL),
+def set_regs(pid: int, raw: bytes) -> None:
+    regs = new_regs(raw)
+    check(lib.up_ptrace(PTRACE_SETREGS, pid, 0, int(ffi.cast("uintptr_t", regs)), ffi.NULL),
           "PTRACE_SETREGS", pid)
 
 
@@ -146,8 +168,7 @@ class Injector:
     def __init__(self, pid: int, base_regs: bytes, gadget: int):
         self.pid = pid
         self.gadget = gadget
-        self.regs = ffi.new("uint64_t[]", NREGS)
-        ffi.memmove(self.regs, base_regs, len(base_regs))
+        self.regs = new_regs(base_regs)  # the helper's scratch copy
         self.args = ffi.new("uint64_t[6]")
         self.ret = ffi.new("int64_t *")
         self.held = ffi.new("int *")
@@ -158,7 +179,7 @@ class Injector:
         self.gadget = gadget
 
     def set_stack(self, rsp: int) -> None:
-        self.regs[19] = rsp
+        self.regs.rsp = rsp
 
     def raw(self, nr: int, *args: int) -> int:
         """The syscall's return value, -errno included; raises only if injection failed."""
@@ -166,7 +187,7 @@ class Injector:
             self.args[i] = (args[i] if i < len(args) else 0) & 0xFFFFFFFFFFFFFFFF
         # Every call starts at the gadget: the registers the last one left behind
         # point past it, and an exception may have come between two calls.
-        self.regs[16] = self.gadget
+        self.regs.rip = self.gadget
         self.held[0] = 0
         self.clone_msg[0] = 0
         rc = lib.up_inject(self.pid, self.regs, nr, self.args, self.ret, self.held,

@@ -1,13 +1,15 @@
 """General registers and the XSAVE area of a stopped thread, and the fix-up that lets
-a thread caught inside a syscall restart it correctly in its new life."""
+a thread caught inside a syscall restart it correctly in its new life.
+
+`Regs` is the one view of the general registers, by name (r.rip, r.rax). It wraps the
+C helper's struct user_regs_struct, whose layout cffi checks against <sys/user.h>;
+bytes(r) is the kernel's PTRACE_GETREGS form, which an image stores
+(records.Thread.regs) and _native.Injector runs injected syscalls from."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import struct
-
-from ptrace.binding.linux_struct import user_regs_struct
 
 from upmig import _native as nat
 from upmig.errors import Mismatch
@@ -18,26 +20,55 @@ from upmig.syscalls import nr
 ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 514, 516
 RESTART_CODES = {-ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND, -ERESTART_RESTARTBLOCK}
 EINTR = 4
+WORD = 1 << 64
 
 
-def decode(raw: bytes) -> user_regs_struct:
-    return user_regs_struct.from_buffer_copy(raw)
+class Regs:
+    """A thread's general registers by field name. A value set is taken modulo 2**64,
+    so that r.rax = -EINTR stores what the kernel would; signed() reads one back."""
 
+    __slots__ = ("_struct",)
+    SIZE = nat.REGS_SIZE
 
-def encode(regs: user_regs_struct) -> bytes:
-    return bytes(regs)
+    def __init__(self, raw: bytes | None = None) -> None:
+        """Zeroed, or the registers in raw (bytes(r) form); ValueError if raw has
+        another length."""
+        object.__setattr__(self, "_struct", nat.new_regs(raw))
 
+    def __getattr__(self, name: str) -> int:
+        if name.startswith("_"):  # not a register (and _struct itself, before __init__)
+            raise AttributeError(name)
+        return getattr(self._struct, name)
 
-def signed(v: int) -> int:
-    return ctypes.c_long(v).value
+    def __setattr__(self, name: str, value: int) -> None:
+        setattr(self._struct, name, value % WORD)
+
+    def __bytes__(self) -> bytes:
+        return nat.regs_bytes(self._struct)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Regs) and bytes(self) == bytes(other)
+
+    def __repr__(self) -> str:
+        return f"Regs(rip={self.rip:#x}, rsp={self.rsp:#x}, rax={self.rax:#x})"
+
+    def signed(self, name: str) -> int:
+        """A field as the signed long the kernel means by it (rax = -errno, say)."""
+        v = getattr(self._struct, name)
+        return v - WORD if v >= WORD >> 1 else v
+
+    @staticmethod
+    def fields() -> list[str]:
+        """The register names, in the kernel's order."""
+        return nat.regs_fields()
 
 
 def capture(tid: int, mem_fd: int) -> Thread:
     """A stopped thread's registers; mem_fd (its process's /proc/PID/mem) is for
     reading its rseq critical-section descriptor."""
     raw = nat.get_regs(tid)
-    r = decode(raw)
-    orig, rax = signed(r.orig_rax), signed(r.rax)
+    r = Regs(raw)
+    orig, rax = r.signed("orig_rax"), r.signed("rax")
     rseq = nat.get_rseq(tid)
     if rseq and orig < 0:
         raw = _abort_rseq_cs(raw, rseq[0], mem_fd)
@@ -60,10 +91,10 @@ def _abort_rseq_cs(raw: bytes, area: int, mem_fd: int) -> bytes:
         _, _, start, length, abort = RSEQ_CS.unpack(os.pread(mem_fd, RSEQ_CS.size, cs))
     except (OSError, struct.error):
         return raw  # an unreadable descriptor: the kernel would kill it; leave it be
-    r = decode(raw)
-    if (r.rip - start) & 0xFFFFFFFFFFFFFFFF < length:
+    r = Regs(raw)
+    if (r.rip - start) % WORD < length:
         r.rip = abort
-        return encode(r)
+        return bytes(r)
     return raw
 
 
@@ -91,16 +122,16 @@ def for_restore(raw: bytes) -> bytes:
     restart state (say, a nanosleep's deadline) lived in the old kernel, so we
     restart the original call with its original arguments instead. Only a thread
     that was already in restart_syscall cannot be restarted: it gets -EINTR."""
-    r = decode(raw)
-    orig, rax = signed(r.orig_rax), signed(r.rax)
+    r = Regs(raw)
+    orig, rax = r.signed("orig_rax"), r.signed("rax")
     if orig >= 0 and rax in RESTART_CODES:
         if orig == nr.restart_syscall:
-            r.rax = -EINTR & 0xFFFFFFFFFFFFFFFF
+            r.rax = -EINTR
         else:
             r.rax = orig
             r.rip -= 2
-    r.orig_rax = 0xFFFFFFFFFFFFFFFF
-    return encode(r)
+    r.orig_rax = -1
+    return bytes(r)
 
 
 def restore(tid: int, th: Thread) -> None:

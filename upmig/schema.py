@@ -20,7 +20,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from upmig import _proc, memmap
+from upmig import _proc, memmap, regs
 from upmig._native import PAGE
 from upmig.records import Fd, Ghost, Pipe, Signals, Thread, Vma
 
@@ -57,8 +57,7 @@ SS_AUTODISARM = -(1 << 31)     # as the int the altstack's flags are packed into
 SS_DISABLE = 2
 ROLES = ("anon", "file", "ghost", "sysv", "heap", "stack", *memmap.VDSO_ROLES)
 GHOST_TYPES = ("file", "memfd", "shmem", "posix")
-RIP_AT = 16 * 8                # user_regs_struct.rip
-REGS_SIZE = 27 * 8             # sizeof(struct user_regs_struct)
+REGS_SIZE = regs.Regs.SIZE     # sizeof(struct user_regs_struct)
 
 
 # ---- the checks
@@ -581,4 +580,4 @@ RULES: dict[str, Callable[[Any], tuple[str, str] | None]] = {
 
 
 def rip(t: Thread) -> int:
-    return struct.unpack_from("<Q", t.regs, RIP_AT)[0]
+    return regs.Regs(t.regs).rip

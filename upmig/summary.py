@@ -140,7 +140,7 @@ def _unnamed(v: Vma) -> str:
 
 
 def _thread(th: Thread) -> dict:
-    r = regs.decode(th.regs)
+    r = regs.Regs(th.regs)
     sp, flags, size = th.altstack
     return {"tid": th.tid, "comm": th.comm,
             "state": _state(th),

@@ -23,11 +23,10 @@ from upmig import _proc, pidns, threads
 from upmig.errors import CantMigrate, RestoreError, UpmigError
 from upmig.freeze import Zombie
 from upmig.records import Process
+from upmig.regs import Regs
 from upmig.syscalls import nr
 
 ZOMBIE_SECONDS = 5.0   # how long a made zombie may take to exit
-# user_regs_struct word indexes
-RAX, RSI, RDI, ORIG_RAX, RIP = 10, 13, 14, 15, 16
 
 
 # ---- dump
@@ -89,7 +88,7 @@ def create(root: int, procs: list[Process], set_tid: bool) -> list[Born]:
     its parent, starting from the stub `root`; give each its session and group;
     make the zombies. On failure the caller kills what was made (see made())."""
     regs = nat.get_regs(root)
-    gadget = struct.unpack_from("<27Q", regs)[RIP]
+    gadget = Regs(regs).rip
     nat.set_sigmask(root, (1 << 64) - 1)  # inherited: nothing is delivered while we work
     first = Born(procs[0], root, pidns.inner_pid(root), gadget,
                  nat.Injector(root, regs, gadget))
@@ -114,7 +113,7 @@ def create(root: int, procs: list[Process], set_tid: bool) -> list[Born]:
 
 def _args_at(b: Born) -> int:
     """Room for syscall arguments: below the stub's stack pointer (it runs no code)."""
-    return b.inj.regs[19] - 1024
+    return b.inj.regs.rsp - 1024
 
 
 def _fork(parent: Born, p: Process, set_tid: bool) -> Born:
@@ -156,17 +155,17 @@ def _join_group(b: Born, made: dict[int, Born], root: Born) -> None:
 def _die(b: Born) -> None:
     """Let a zombie-to-be go, straight into the exit it made on the source."""
     status = b.rec.exit_status
-    words = list(struct.unpack("<27Q", nat.get_regs(b.outer)))
-    words[RIP], words[ORIG_RAX] = b.gadget, (1 << 64) - 1
+    r = Regs(nat.get_regs(b.outer))
+    r.rip, r.orig_rax = b.gadget, -1
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        words[RAX], words[RDI], words[RSI] = nr.kill, b.inner, sig
+        r.rax, r.rdi, r.rsi = nr.kill, b.inner, sig
         # A core dump would land here, or in the machine's crash reporter.
         b.inj.call(nr.prlimit64, 0, 4, _zero_limit(b), 0, what="prlimit(RLIMIT_CORE)")
     else:
-        words[RAX], words[RDI] = nr.exit_group, os.WEXITSTATUS(status)
+        r.rax, r.rdi = nr.exit_group, os.WEXITSTATUS(status)
     nat.set_sigmask(b.outer, 0)
-    nat.set_regs(b.outer, struct.pack("<27Q", *words))
+    nat.set_regs(b.outer, bytes(r))
     nat.ptrace(nat.PTRACE_DETACH, b.outer, 0, 0)
 
 
