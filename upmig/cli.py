@@ -33,7 +33,6 @@ for _signum in STOP_SIGNALS:
     signal.signal(_signum, _interrupted)
 
 import argparse  # noqa: E402 - after the handlers, on purpose
-import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -218,7 +217,7 @@ def _dump(a: argparse.Namespace) -> int:
     _too_late_to_stop()
     out = sys.stderr if a.output == "-" else sys.stdout  # stdout was the image
     if a.json:
-        print(json.dumps({**res.__dict__, "process": after}), file=out)
+        print(_json({**res.__dict__, "process": after}), file=out)
     else:
         tree = (f"{res.processes} processes, " if res.processes > 1 else "")
         where = "stdout" if a.output == "-" else res.image
@@ -240,7 +239,7 @@ def _resume(a: argparse.Namespace) -> int:
                  terminal=not a.detach, key_file=a.key_file,
                  allow_changed_files=a.allow_changed_files)
     if a.detach:
-        print(json.dumps(res.__dict__) if a.json else res.pid, flush=True)
+        print(_json(res.__dict__) if a.json else res.pid, flush=True)
         return 0
     status = _wait(res.pid)
     if res.foreground:
@@ -248,7 +247,7 @@ def _resume(a: argparse.Namespace) -> int:
     if res.pidns_init:  # its namespace's PID 1 follows it, unless orphans live on
         _reap_soon(res.pidns_init, 1.0)
     if a.json:
-        print(json.dumps({**res.__dict__, "exit_status": status}), flush=True)
+        print(_json({**res.__dict__, "exit_status": status}), flush=True)
     return status
 
 
@@ -295,6 +294,12 @@ def _take_terminal_back() -> None:
         signal.signal(signal.SIGTTOU, old)
 
 
+def _json(answer: dict) -> str:
+    import json  # only --json needs it: not every start
+
+    return json.dumps(answer)
+
+
 def _reap_soon(pid: int, seconds: float) -> None:
     """Reap our child pid if it exits within seconds; else leave it running (it is
     handed to whoever reaps our orphans)."""
@@ -309,7 +314,7 @@ def _inspect(a: argparse.Namespace) -> int:
     from upmig.summary import render, summary
 
     s = summary(a.image, a.key_file)
-    print(json.dumps(s) if a.json else render(s))
+    print(_json(s) if a.json else render(s))
     return 0
 
 
@@ -340,3 +345,4 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"upmig: {describe_oserror(e)}", file=sys.stderr)
         return 1
+

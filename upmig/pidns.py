@@ -11,22 +11,21 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 from upmig import _native as nat
 from upmig.errors import RestoreError, describe_oserror
 
-INIT = Path(__file__).resolve().parent / "upmig-init"
+INIT = os.path.join(os.path.dirname(os.path.realpath(__file__)), "upmig-init")
 CLONE_NEWPID = 0x20000000
 
 
 class Namespace:
     def __init__(self) -> None:
-        if not INIT.exists():
+        if not os.path.exists(INIT):
             raise RestoreError(f"{INIT} is missing (run make)")
         r, self.ctl = os.pipe()
         try:
-            self.init = nat.spawn(str(INIT), 0, traceme=False, flags=CLONE_NEWPID, pass_fd=r)
+            self.init = nat.spawn(INIT, 0, traceme=False, flags=CLONE_NEWPID, pass_fd=r)
         except OSError as e:
             os.close(self.ctl)
             raise RestoreError(f"cannot make a PID namespace: {describe_oserror(e)}") from None

@@ -13,7 +13,6 @@ import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from pathlib import Path
 
 from upmig import _native as nat
 from upmig import _proc, freeze, inject, memmap, pidns
@@ -22,12 +21,12 @@ from upmig.inject import Session
 from upmig.records import Vma
 from upmig.syscalls import nr
 
-PATH = Path(__file__).resolve().parent / "upmig-stub"
+PATH = os.path.join(os.path.dirname(os.path.realpath(__file__)), "upmig-stub")
 PID_WAIT_SECONDS = 5.0  # how long to wait for a dead process's PID to be reaped
 
 
 def check_present() -> None:
-    if not PATH.exists():
+    if not os.path.exists(PATH):
         raise RestoreError(f"the stub loader {PATH} is missing (run make)")
 
 
@@ -94,7 +93,7 @@ def spawn(want: int, ns: pidns.Namespace | None) -> int:
     given."""
     try:
         with ns.entered() if ns else nullcontext():
-            pid = nat.spawn(str(PATH), want, traceme=True)
+            pid = nat.spawn(PATH, want, traceme=True)
     except OSError as e:
         if e.errno == errno.EEXIST:
             raise Mismatch(_taken(want, [want])) from None
