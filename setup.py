@@ -33,7 +33,7 @@ setup(
     setup_requires=["cffi>=1.15"],
     cffi_modules=["csrc/build_helper.py:ffibuilder"],
     package_data={"upmig": ["upmig-stub", "upmig-init"]},
-    entry_points={"console_scripts": ["upmig=upmig.cli:main"]},
+    entry_points={"console_scripts": ["upmig=upmig.cli:run"]},
     cmdclass={"build_py": BuildWithStub},
     zip_safe=False,
 )

@@ -1,3 +1,3 @@
-from upmig.cli import main
+from upmig.cli import run
 
-raise SystemExit(main())
+run()

@@ -346,3 +346,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"upmig: {describe_oserror(e)}", file=sys.stderr)
         return 1
 
+
+def run() -> None:
+    """The program (console script and `python -m upmig`): main(), then exit at once.
+    Python's own teardown, which frees every module and object, costs ~17 ms here and
+    has nothing left to do: main() has closed, removed and released all it used."""
+    status = main()
+    if sys.getprofile() or sys.gettrace():  # a profiler or coverage tool saves at exit
+        sys.exit(status)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:
+        status = 120  # what Python's own exit says when it cannot flush
+    os._exit(status)
