@@ -212,6 +212,8 @@ class Injector:
 
 @dataclass
 class CopyStats:
+    """What a page copy moved: payload bytes and the frames they went out in."""
+
     bytes: int
     frames: int
 

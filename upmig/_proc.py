@@ -44,6 +44,8 @@ def boot_id() -> str:
 
 @dataclass
 class MapsLine:
+    """One line of /proc/PID/maps."""
+
     start: int
     end: int
     perms: str

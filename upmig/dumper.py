@@ -66,6 +66,8 @@ STDOUT = "-"  # the image path that means standard output
 
 @dataclass
 class DumpResult:
+    """What `upmig dump` did, for the command line and --json."""
+
     pid: int
     image: str
     image_bytes: int

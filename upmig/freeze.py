@@ -38,6 +38,8 @@ class Frozen:
 
 @dataclass
 class Zombie:
+    """A child of the tree that has exited but is not reaped: it cannot be seized."""
+
     pid: int
     ppid: int
     pgid: int

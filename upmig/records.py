@@ -12,6 +12,8 @@ from typing import Any, ClassVar
 
 @dataclass
 class Header:
+    """The image's first record: the machine and upmig that wrote it."""
+
     kind: ClassVar[str] = "header"
     arch: str
     kernel: str
@@ -86,6 +88,8 @@ class MM:
 
 @dataclass
 class Vma:
+    """One memory mapping of the process, as /proc/PID/maps and smaps show it."""
+
     kind: ClassVar[str] = "vma"
     start: int
     end: int
@@ -262,6 +266,8 @@ class Thread:
 
 @dataclass
 class Trailer:
+    """The image's last record: how many came before it and their page bytes."""
+
     kind: ClassVar[str] = "trailer"
     records: int
     data_bytes: int

@@ -85,6 +85,8 @@ Notice = Callable[[str], None]
 
 @dataclass
 class ResumeResult:
+    """What `upmig resume` made, for the command line and --json."""
+
     pid: int                # as seen here: for kill, wait, /proc
     pid_inside: int         # as the process sees itself
     same_pid: bool          # pid_inside is the original PID (and so are the TIDs)
@@ -518,6 +520,8 @@ def tcp_go_live(r: Resume, p: ProcessBuild, done: ExitStack) -> None:
 
 @dataclass(frozen=True)
 class Stage:
+    """One step of rebuilding a process (PROCESS_STAGES)."""
+
     run: Callable[[Resume, ProcessBuild, ExitStack], None]
     pinned: bool  # a burst of injected syscalls: upmig runs on the stub's CPU
 

@@ -33,6 +33,8 @@ F_ADD_SEALS = 1033
 
 @dataclass
 class _Held:
+    """One fd of one process of the tree, and the object behind it."""
+
     pid: int
     fd: int
     obj: int      # fileid.object_id of what it refers to

@@ -303,6 +303,8 @@ def _attachments(vmas: list[Vma]) -> dict[tuple[int, int], list[Vma]]:
 
 @dataclass
 class Span:
+    """An address range [start, end) a SysV segment occupies."""
+
     start: int
     end: int
 

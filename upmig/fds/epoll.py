@@ -24,6 +24,8 @@ WATCH = re.compile(r"^tfd:\s*(\d+)\s+events:\s*([0-9a-f]+)\s+data:\s*([0-9a-f]+)
 
 @dataclass(kw_only=True)
 class EpollFd(Fd):
+    """An epoll instance and what it watches."""
+
     kind: ClassVar[str] = "fd_epoll"
     checks: ClassVar[dict] = {"watches": schema.list_of(
         schema.row(schema.FD, schema.UINT32, schema.UINT64), schema.FD_MAX + 1)}

@@ -18,6 +18,8 @@ O_NONBLOCK = 0o4000
 
 @dataclass(kw_only=True)
 class EventFd(Fd):
+    """An eventfd and its counter."""
+
     kind: ClassVar[str] = "fd_eventfd"
     checks: ClassVar[dict] = {"count": schema.integer(0, schema.U64 - 1, "an eventfd count"),
                               "semaphore": schema.boolean}

@@ -23,6 +23,8 @@ O_RDWR, O_NONBLOCK = 0o2, 0o4000
 
 @dataclass(kw_only=True)
 class FifoFd(pipe.PipeEnd):
+    """An end of a FIFO, reopened by its path."""
+
     kind: ClassVar[str] = "fd_fifo"
     checks: ClassVar[dict] = {**pipe.PipeEnd.checks, "path": schema.path}
     path: str

@@ -32,6 +32,8 @@ def _named(v: Any) -> str | None:
 
 @dataclass(kw_only=True)
 class GhostFd(Fd):
+    """A file with no name left (deleted, a memfd, a /dev/shm object)."""
+
     kind: ClassVar[str] = "fd_ghost"
     checks: ClassVar[dict] = {"path": _named, "ghost": schema.OBJECT, "locks": locks.LOCKS}
     path: str                # where it was, without " (deleted)"

@@ -103,6 +103,8 @@ class InetSocketFd(InetFd):
 
 @dataclass(kw_only=True)
 class TcpListenerFd(InetFd):
+    """A listening TCP socket."""
+
     kind: ClassVar[str] = "fd_tcp_listen"
     checks: ClassVar[dict] = {**InetFd.checks, "backlog": schema.BACKLOG}
     backlog: int

@@ -14,6 +14,8 @@ from upmig.records import Fd
 
 @dataclass(kw_only=True)
 class InheritFd(Fd):
+    """An fd 0-2 leading outside the tree: the resuming side's own takes its place."""
+
     kind: ClassVar[str] = "fd_inherit"
     checks: ClassVar[dict] = {}
 

@@ -47,6 +47,8 @@ def _increasing(watches: list[list]) -> str | None:
 
 @dataclass(kw_only=True)
 class InotifyFd(Fd):
+    """An inotify instance and its watches."""
+
     kind: ClassVar[str] = "fd_inotify"
     checks: ClassVar[dict] = {"watches": schema.all_of(schema.list_of(schema.row(
         schema.integer(1, MAX_WATCH_NUMBER, "a watch number"), schema.UINT32, schema.path),

@@ -35,6 +35,8 @@ WHAT = ("file", "dir", "chardev")
 
 @dataclass(kw_only=True)
 class PathFd(Fd):
+    """What is found by its path: a regular file, a directory, a device."""
+
     kind: ClassVar[str] = "fd_path"
     checks: ClassVar[dict] = {"what": schema.one_of(*WHAT), "path": schema.path,
                               "locks": locks.LOCKS}

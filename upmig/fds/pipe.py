@@ -43,6 +43,8 @@ class PipeEnd(Fd):
 
 @dataclass(kw_only=True)
 class PipeFd(PipeEnd):
+    """An end of a pipe whose other end is in the tree."""
+
     kind: ClassVar[str] = "fd_pipe"
 
 

@@ -16,6 +16,8 @@ O_NONBLOCK = 0o4000
 
 @dataclass(kw_only=True)
 class SignalFd(Fd):
+    """A signalfd and the signals it takes."""
+
     kind: ClassVar[str] = "fd_signalfd"
     checks: ClassVar[dict] = {"mask": schema.UINT64}
     mask: int

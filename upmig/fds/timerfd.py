@@ -23,6 +23,8 @@ _TIMESPEC = schema.row(schema.INT64, schema.integer(0, 999999999, "nanoseconds")
 
 @dataclass(kw_only=True)
 class TimerFd(Fd):
+    """A timerfd, its clock and where its timer stands."""
+
     kind: ClassVar[str] = "fd_timerfd"
     checks: ClassVar[dict] = {"clock": schema.one_of(*CLOCKS), "ticks": schema.UINT64,
                               "value": _TIMESPEC, "interval": _TIMESPEC}

@@ -87,6 +87,8 @@ class UnixSocketFd(UnixFd):
 
 @dataclass(kw_only=True)
 class UnixListenerFd(UnixFd):
+    """A listening unix socket."""
+
     kind: ClassVar[str] = "fd_unix_listen"
     checks: ClassVar[dict] = {**UnixFd.checks, "backlog": schema.BACKLOG}
     backlog: int
@@ -113,6 +115,8 @@ class UnixPairFd(UnixFd):
 
 @dataclass
 class Diag:
+    """What sock_diag says of one unix socket."""
+
     ino: int
     type: int
     state: int
