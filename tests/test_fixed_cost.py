@@ -5,9 +5,27 @@ what is known to be costly and not needed stays out of the hot path."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 UPMIG = Path(__file__).resolve().parent.parent / "upmig"
+
+# Each cost a few ms or more at every start; none is needed to dump or resume:
+# python-ptrace (its import runs ldconfig too), ctypes, logging, subprocess, json (only
+# --json), pathlib and what it brings (urllib.parse, fnmatch).
+KEPT_OUT = ("ptrace", "ctypes", "logging", "subprocess", "json", "pathlib", "urllib",
+            "fnmatch")
+
+
+def test_the_commands_import_nothing_kept_out():
+    code = ("import sys\nimport upmig.cli, upmig.dumper, upmig.restore\n"
+            "print(' '.join(sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, cwd="/").stdout.split()
+    assert "upmig.dumper" in loaded and "upmig.restore" in loaded
+    assert sorted(m for m in loaded if m.split(".")[0] in KEPT_OUT) == []
+
 
 def test_every_dataclass_has_a_docstring():
     """Without one, @dataclass makes one from inspect.signature() of the class, at
