@@ -13,9 +13,10 @@ UPMIG = Path(__file__).resolve().parent.parent / "upmig"
 
 # Each cost a few ms or more at every start; none is needed to dump or resume:
 # python-ptrace (its import runs ldconfig too), ctypes, logging, subprocess, json (only
-# --json), pathlib and what it brings (urllib.parse, fnmatch).
+# --json), pathlib and what it brings (urllib.parse, fnmatch), hmac and hashlib (only
+# a streamed image's frames are compared with hmac.compare_digest).
 KEPT_OUT = ("ptrace", "ctypes", "logging", "subprocess", "json", "pathlib", "urllib",
-            "fnmatch")
+            "fnmatch", "hmac", "hashlib")
 
 
 def test_the_commands_import_nothing_kept_out():

@@ -37,7 +37,6 @@ Corrupt too, naming the record and field, before inspect or resume use any of it
 from __future__ import annotations
 
 import errno
-import hmac
 import mmap
 import os
 import stat
@@ -386,6 +385,8 @@ def _next_frame(what: str, fd: int, frame_key: bytes, off: int, head: bytes | No
         raise Corrupt(f"image is corrupt: bad frame at byte {off}", what=what)
     rest = _read_exactly(what, fd, length + FRAME_TAIL.size, off)
     payload, tag = rest[:length], rest[length:]
+    import hmac  # here: it brings OpenSSL's hashlib (~3 ms), which only streams need
+
     if not hmac.compare_digest(_native.frame_tag(frame_key, off, head, payload), tag):
         _stream_failed(what, errno.EBADMSG, off)
     return ftype, payload
