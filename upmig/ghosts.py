@@ -174,8 +174,10 @@ def mapped_by(keys: set[tuple[str, int]], but: set[int]) -> tuple[int, tuple[str
         try:
             with open(f"/proc/{name}/maps") as f:
                 lines = _proc.parse_maps(f.read())
-        except OSError:
-            continue  # gone, or a kernel thread
+        except (OSError, ValueError):
+            # Gone, or a kernel thread; a torn line (ValueError) is a process whose
+            # address space is being torn down as it exits: it maps nothing for long.
+            continue
         for line in lines:
             if line.perms[3] == "s" and (line.dev, line.inode) in keys:
                 return int(name), (line.dev, line.inode)
