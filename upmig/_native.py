@@ -10,29 +10,39 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from upmig._helper import ffi, lib
+from upmig.errors import call_failed
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 FRAME_TAIL, FRAME_KEY = lib.UP_FRAME_TAIL, lib.UP_FRAME_KEY  # the image's tags, its key
 
-# ptrace requests and options (linux/ptrace.h)
+# ptrace requests (linux/ptrace.h), named in messages: "ptrace(PTRACE_SEIZE)"
 PTRACE_CONT = 7
 PTRACE_GETREGS = 12
 PTRACE_SETREGS = 13
 PTRACE_DETACH = 17
 PTRACE_SETOPTIONS = 0x4200
+PTRACE_GETREGSET = 0x4204
+PTRACE_SETREGSET = 0x4205
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 PTRACE_PEEKSIGINFO = 0x4209
 PTRACE_GETSIGMASK = 0x420A
 PTRACE_SETSIGMASK = 0x420B
+PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
+REQUEST_NAMES = {value: name for name, value in dict(globals()).items()
+                 if name.startswith("PTRACE_")}  # the requests: all there are so far
+# its options, events and flags
 PTRACE_O_TRACESYSGOOD = 0x1
 PTRACE_O_TRACEFORK = 0x2
 PTRACE_O_TRACECLONE = 0x8
 PTRACE_O_EXITKILL = 0x100000
 PTRACE_EVENT_STOP = 128
 PTRACE_PEEKSIGINFO_SHARED = 1
-NT_X86_XSTATE = 0x202
-KCMP_FILE, KCMP_VM, KCMP_FILES = 0, 1, 2
+NT_X86_XSTATE = 0x202  # PTRACE_GETREGSET's note types (elf.h)
+KCMP_FILE, KCMP_VM, KCMP_FILES = 0, 1, 2  # linux/kcmp.h
+# PAGEMAP_SCAN page categories (helper.h: linux/fs.h of 6.7+)
+PAGE_IS_FILE, PAGE_IS_PRESENT = lib.UP_PAGE_IS_FILE, lib.UP_PAGE_IS_PRESENT
+PAGE_IS_SWAPPED, PAGE_IS_PFNZERO = lib.UP_PAGE_IS_SWAPPED, lib.UP_PAGE_IS_PFNZERO
 
 SIGINFO_SIZE = 128
 
@@ -48,18 +58,28 @@ def syscall_numbers() -> dict[str, int]:
 
 
 def check(ret: int, call: str, pid: int | None = None) -> int:
-    """Raise OSError(errno, 'call') for a negative helper return."""
+    """A helper's return, or for a negative one (-errno) an OSError naming the call
+    and the process (errors.call_failed)."""
     if ret < 0:
-        err = -ret
-        where = f"{call} (pid {pid})" if pid is not None else call
-        raise OSError(err, f"{where}: {os.strerror(err)}")
+        raise call_failed(-ret, call, pid)
     return ret
+
+
+def request_name(req: int) -> str:
+    """ptrace(PTRACE_SEIZE), or ptrace(0x4299) for a request without a name here."""
+    return f"ptrace({REQUEST_NAMES.get(req, hex(req))})"
 
 
 def ptrace(req: int, pid: int, addr: int = 0, data: int = 0) -> int:
     out = ffi.new("uint64_t *")
-    check(lib.up_ptrace(req, pid, addr, data, out), f"ptrace({req:#x})", pid)
+    check(lib.up_ptrace(req, pid, addr, data, out), request_name(req), pid)
     return int(out[0])
+
+
+def _ptrace_buffer(req: int, pid: int, addr: int, buf) -> None:
+    """A ptrace request whose data is a buffer of ours."""
+    check(lib.up_ptrace(req, pid, addr, int(ffi.cast("uintptr_t", buf)), ffi.NULL),
+          request_name(req), pid)
 
 
 def waitpid(pid: int, flags: int = 0) -> tuple[int, int]:
@@ -94,48 +114,47 @@ def regs_fields() -> list[str]:
 
 def get_regs(pid: int) -> bytes:
     regs = new_regs()
-    check(lib.up_ptrace(PTRACE_GETREGS, pid, 0, int(ffi.cast("uintptr_t", regs)), ffi.NULL),
-          "PTRACE_GETREGS", pid)
+    _ptrace_buffer(PTRACE_GETREGS, pid, 0, regs)
     return regs_bytes(regs)
 
 
 def set_regs(pid: int, raw: bytes) -> None:
     regs = new_regs(raw)
-    check(lib.up_ptrace(PTRACE_SETREGS, pid, 0, int(ffi.cast("uintptr_t", regs)), ffi.NULL),
-          "PTRACE_SETREGS", pid)
+    _ptrace_buffer(PTRACE_SETREGS, pid, 0, regs)
 
 
 def get_regset(pid: int, note: int, maxlen: int = 1 << 16) -> bytes:
     buf = ffi.new("char[]", maxlen)
-    n = check(lib.up_getregset(pid, note, buf, maxlen), f"PTRACE_GETREGSET({note:#x})", pid)
+    n = check(lib.up_getregset(pid, note, buf, maxlen), _regset_call(PTRACE_GETREGSET, note),
+              pid)
     return bytes(ffi.buffer(buf, n))
 
 
 def set_regset(pid: int, note: int, data: bytes) -> None:
-    check(lib.up_setregset(pid, note, data, len(data)), f"PTRACE_SETREGSET({note:#x})", pid)
+    check(lib.up_setregset(pid, note, data, len(data)), _regset_call(PTRACE_SETREGSET, note),
+          pid)
+
+
+def _regset_call(req: int, note: int) -> str:
+    note_name = "NT_X86_XSTATE" if note == NT_X86_XSTATE else hex(note)
+    return f"ptrace({REQUEST_NAMES[req]}, {note_name})"
 
 
 def get_sigmask(pid: int) -> int:
     buf = ffi.new("uint64_t *")
-    check(lib.up_ptrace(PTRACE_GETSIGMASK, pid, 8, int(ffi.cast("uintptr_t", buf)), ffi.NULL),
-          "PTRACE_GETSIGMASK", pid)
+    _ptrace_buffer(PTRACE_GETSIGMASK, pid, 8, buf)
     return int(buf[0])
 
 
 def set_sigmask(pid: int, mask: int) -> None:
     buf = ffi.new("uint64_t *", mask)
-    check(lib.up_ptrace(PTRACE_SETSIGMASK, pid, 8, int(ffi.cast("uintptr_t", buf)), ffi.NULL),
-          "PTRACE_SETSIGMASK", pid)
-
-
-PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
+    _ptrace_buffer(PTRACE_SETSIGMASK, pid, 8, buf)
 
 
 def get_rseq(tid: int) -> list[int] | None:
     """[area, size, signature] of the thread's rseq registration, or None."""
     buf = ffi.new("uint64_t[3]")
-    check(lib.up_ptrace(PTRACE_GET_RSEQ_CONFIGURATION, tid, 24, int(ffi.cast("uintptr_t", buf)),
-                        ffi.NULL), "PTRACE_GET_RSEQ_CONFIGURATION", tid)
+    _ptrace_buffer(PTRACE_GET_RSEQ_CONFIGURATION, tid, 24, buf)
     area, size, sig = int(buf[0]), int(buf[1]) & 0xFFFFFFFF, int(buf[1]) >> 32
     return [area, size, sig] if area else None
 
@@ -152,7 +171,7 @@ def peek_siginfo(pid: int, shared: bool) -> list[bytes]:
         args[1] = (PTRACE_PEEKSIGINFO_SHARED if shared else 0) | (batch << 32)
         n = check(lib.up_ptrace(PTRACE_PEEKSIGINFO, pid, int(ffi.cast("uintptr_t", args)),
                                 int(ffi.cast("uintptr_t", buf)), ffi.NULL),
-                  "PTRACE_PEEKSIGINFO", pid)
+                  request_name(PTRACE_PEEKSIGINFO), pid)
         raw = bytes(ffi.buffer(buf, n * SIGINFO_SIZE))
         out += [raw[i * SIGINFO_SIZE:(i + 1) * SIGINFO_SIZE] for i in range(n)]
         if n < batch:
@@ -194,7 +213,7 @@ class Injector:
                            self.clone_msg)
         if self.held[0]:
             self.held_signals.add(int(self.held[0]))
-        check(rc, f"injecting syscall {nr}", self.pid)
+        check(rc, _injected(nr), self.pid)
         return int(self.ret[0])
 
     def cloned(self) -> int:
@@ -206,8 +225,15 @@ class Injector:
         """Like raw() but a -errno result raises OSError naming the syscall."""
         r = self.raw(nr, *args)
         if -4096 < r < 0:
-            raise OSError(-r, f"{what or f'syscall {nr}'} in pid {self.pid}: {os.strerror(-r)}")
+            raise call_failed(-r, _injected(nr, what), self.pid)
         return r
+
+
+def _injected(nr: int, what: str = "") -> str:
+    """How a syscall injected into a process is named: "injected mmap(scratch)"."""
+    from upmig import syscalls  # its table is needed only for a message
+
+    return f"injected {what or syscalls.name(nr)}"
 
 
 @dataclass
@@ -236,7 +262,8 @@ def pagemap_scan(fd: int, start: int, end: int, required: int, inverted: int, an
     while start < end:
         n = lib.up_pagemap_scan(fd, start, end, required, inverted, anyof, 0, vec, cap, walk_end)
         if n == -errno.ENOTTY:
-            raise OSError(errno.ENOTTY, "PAGEMAP_SCAN: this kernel lacks it (Linux 6.7+ needed)")
+            raise call_failed(errno.ENOTTY, "ioctl(PAGEMAP_SCAN)",
+                              strerror="this kernel lacks it (Linux 6.7+ needed)")
         check(n, "ioctl(PAGEMAP_SCAN)")
         for i in range(n):
             s, e = int(vec[i].start), int(vec[i].end)
@@ -275,10 +302,13 @@ def copy_same_addresses(src: int, src_mem_fd: int, dst: int, dst_mem_fd: int,
                  "copying pages from the parent process", dst)
 
 
-def syscall(nr: int, a: int = 0, b: int = 0, c: int = 0, d: int = 0, *, what: str) -> int:
-    """A syscall made by upmig itself (SysV IPC, which Python lacks); pointers as
-    ints (ffi.cast("uintptr_t", buf)). Raises OSError naming what."""
-    return check(lib.up_syscall4(nr, a, b, c, d), what)
+def syscall(nr: int, *args: int | bytearray, what: str) -> int:
+    """A syscall made by upmig itself (SysV IPC, which Python lacks), of up to four
+    arguments; a bytearray is passed as its address (the call may fill it). Raises
+    OSError naming what."""
+    held = [ffi.from_buffer(a) if isinstance(a, bytearray) else a for a in args]
+    words = [a if isinstance(a, int) else int(ffi.cast("uintptr_t", a)) for a in held]
+    return check(lib.up_syscall4(nr, *words, *[0] * (4 - len(words))), what)
 
 
 def copy_threads(nbytes: int) -> int:
@@ -452,6 +482,18 @@ def link_fd(fd: int, path: str) -> None:
         raise OSError(-err, os.strerror(-err), path)
 
 
+_KCMP_NAMES = {KCMP_FILE: "KCMP_FILE", KCMP_VM: "KCMP_VM", KCMP_FILES: "KCMP_FILES"}
+
+
+def kcmp(pid1: int, pid2: int, kind: int, idx1: int = 0, idx2: int = 0) -> int:
+    """0 if the kind of object (KCMP_*) of pid1 and of pid2 is one and the same; else
+    1 or 2 as the first sorts before or after the second, in an order the kernel
+    keeps stable, or 3 if it gives none. Raises OSError (EPERM: one of them may not
+    be looked at)."""
+    return check(lib.up_kcmp(pid1, pid2, kind, idx1, idx2),
+                 f"kcmp({_KCMP_NAMES.get(kind, kind)})", pid1)
+
+
 def kcmp_file(pid: int, fd1: int, fd2: int) -> bool:
     """True if fd1 and fd2 of pid are the same open file description."""
     return kcmp_file_order(pid, fd1, fd2) == 0
@@ -461,7 +503,7 @@ def kcmp_file_order(pid: int, fd1: int, fd2: int, pid2: int = 0) -> int:
     """0 if fd1 of pid and fd2 of pid2 (default: pid) are one open file description;
     else 1 or 2 as the first sorts before or after the second, in an order the kernel
     keeps stable."""
-    order = check(lib.up_kcmp(pid, pid2 or pid, KCMP_FILE, fd1, fd2), "kcmp", pid)
+    order = kcmp(pid, pid2 or pid, KCMP_FILE, fd1, fd2)
     if order == 3:
         raise OSError(0, "kcmp gives no order here")
     return order

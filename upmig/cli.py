@@ -39,7 +39,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 from upmig import __version__  # noqa: E402
-from upmig.errors import UpmigError, describe_oserror  # noqa: E402
+from upmig.errors import UpmigError, from_oserror  # noqa: E402
 
 EXIT_STATUSES = """exit status:
   0    success (resume: the resumed process's own status, 128+N if killed by signal N)
@@ -339,14 +339,12 @@ def main(argv: list[str] | None = None) -> int:
             return run(a)
         finally:  # before any message: a signal now must not cut it short
             _too_late_to_stop()
-    except UpmigError as e:
-        print(f"upmig: {e}", file=sys.stderr)
-        return e.exit_code
     except BrokenPipeError:
         os._exit(1)  # our reader went away: nothing left to say to it
-    except OSError as e:
-        print(f"upmig: {describe_oserror(e)}", file=sys.stderr)
-        return 1
+    except (UpmigError, OSError) as e:
+        err = e if isinstance(e, UpmigError) else from_oserror(e)
+        print(f"upmig: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 def run() -> None:

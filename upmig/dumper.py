@@ -24,7 +24,6 @@ Why the stages are in this order:
 
 from __future__ import annotations
 
-import errno
 import os
 import time
 from collections.abc import Callable
@@ -53,7 +52,7 @@ from upmig import (
     tree,
 )
 from upmig import _native as nat
-from upmig.errors import CantMigrate, ImageError, NoSuchProcess, UpmigError, describe_oserror
+from upmig.errors import CantMigrate, ImageError, NoSuchProcess, UpmigError, from_oserror
 from upmig.fds import inet
 from upmig.image import RUNS_PER_RECORD, ImageWriter, PageSource
 from upmig.newfile import NewFile, Stream
@@ -167,8 +166,7 @@ def open_output(d: Dump) -> None:
     try:
         d.out = Stream(1) if d.image_path == STDOUT else NewFile(d.image_path)
     except OSError as e:
-        raise UpmigError(f"cannot write the image: {e.strerror}",
-                         what=d.image_path) from None
+        raise from_oserror(e, "cannot write the image", what=d.image_path) from None
     d.undo.callback(d.out.close)  # uncommitted, a new file is gone (it has no name)
 
 
@@ -292,9 +290,20 @@ def preflight(pid: int) -> None:
     ppid = int(status.get("PPid", "0"))
     if ppid > 0:
         for kind, what in ((nat.KCMP_VM, "memory"), (nat.KCMP_FILES, "its file table")):
-            if nat.lib.up_kcmp(pid, ppid, kind, 0, 0) == 0:
+            if _shares(pid, ppid, kind):
                 raise CantMigrate(f"shares {what} with its parent pid {ppid} (vfork or "
                                   "clone); this is not supported yet", pid=pid)
+
+
+def _shares(pid: int, ppid: int, kind: int) -> bool:
+    try:
+        return nat.kcmp(pid, ppid, kind) == 0
+    except (PermissionError, ProcessLookupError):
+        # EPERM: a parent we may not look at (init, when a user dumps a daemon). A
+        # process we may trace shares neither with it: a change of credentials
+        # makes it undumpable until it execs, and exec leaves neither shared.
+        # ESRCH: the parent has just exited.
+        return False
 
 
 def _identify_mapped(pid: int) -> dict[str, MappedFile]:
@@ -377,10 +386,10 @@ def _capture_threads(s: inject.Session, pid: int, tids: list[int]) -> list[Threa
 
 
 def _explain(pid: int, e: OSError) -> UpmigError:
-    # The process is frozen by us: ESRCH can only mean it was killed meanwhile.
-    if e.errno == errno.ESRCH or _gone(pid):
+    # The process is frozen by us: whatever the error, it may have been killed meanwhile.
+    if _gone(pid):
         return NoSuchProcess("exited during the dump", pid=pid)
-    return UpmigError(describe_oserror(e), pid=pid, what="dump failed")
+    return from_oserror(e, pid=pid, phase="dump")
 
 
 def _gone(pid: int) -> bool:

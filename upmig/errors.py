@@ -1,7 +1,16 @@
-"""The one exception hierarchy of upmig. The CLI prints str(error) as one line and
-exits with the class's exit_code, so scripts can tell the failures apart."""
+"""The one exception hierarchy of upmig, and the one map from OSError into it. The
+CLI prints str(error) as one line and exits with the class's exit_code, so scripts
+can tell the failures apart.
+
+An OSError becomes an UpmigError in one place, from_oserror(), which picks the class
+by errno and by the phase the error came in, and names the call that failed as a
+person reads it: "ptrace(PTRACE_GETREGSET)", "injected mmap". upmig._native makes
+its OSErrors with call_failed(), which carries that name and the process."""
 
 from __future__ import annotations
+
+import errno
+import os
 
 
 class UpmigError(Exception):
@@ -93,8 +102,64 @@ class Interrupted(UpmigError):
     exit_code = 130
 
 
-def describe_oserror(e: OSError) -> str:
-    """One line for an OSError, naming the file or call it came from."""
+def call_failed(err: int, call: str, pid: int | None = None, strerror: str | None = None
+                ) -> OSError:
+    """The OSError of a call that failed with errno err: of err's own subclass, as
+    Python makes them (ProcessLookupError for ESRCH...), carrying the call's name and
+    the process (or thread) it was made on, for from_oserror to name."""
+    e = OSError(err, strerror or os.strerror(err))
+    e.call = call  # type: ignore[attr-defined]
+    e.pid = pid  # type: ignore[attr-defined]
+    return e
+
+
+# What each phase calls its failures, and the class of those it does not sort.
+_PHASES: dict[str | None, tuple[str | None, type[UpmigError]]] = {
+    "dump": ("dump failed", UpmigError),
+    "resume": ("resume failed", RestoreError),
+    "image": (None, ImageError),
+    "key": (None, KeyProblem),
+    None: (None, UpmigError),
+}
+
+
+def from_oserror(e: OSError, call: str | None = None, pid: int | None = None,
+                 phase: str | None = None, *, what: str | None = None) -> UpmigError:
+    """The UpmigError an OSError stands for.
+
+    call: what was being done, if the OSError does not say (upmig._native's name
+    their call); pid: the process being worked on; phase: "dump", "resume",
+    "image", "key" or None (anywhere); what: the thing that failed, if not the phase (an
+    image's path, say). Every failure of resume is a RestoreError (nothing was left
+    running); elsewhere ESRCH means the process is gone (NoSuchProcess), EPERM or
+    EACCES on a process that access to it was refused (AccessDenied); the rest is
+    the phase's own: ImageError, KeyProblem, or UpmigError."""
+    label, cls = _PHASES[phase]
+    what = what or label
+    by = getattr(e, "pid", None)  # the process or thread the call was made on
+    if pid is None:
+        pid, by = by, None
+    own = getattr(e, "call", None)
+    if what is None:
+        what = e.filename  # it names the file, at the head
+    elif not own and e.filename != what:
+        own = e.filename
+    named = ": ".join(str(c) for c in (call, own) if c)
+    if by is not None and by != pid:
+        named = f"{named} (pid {by})"
+    why = f"{named}: {e.strerror or e}" if named else str(e.strerror or e)
+    if phase == "resume":
+        return RestoreError(why, pid=pid, what=what)
+    if e.errno == errno.ESRCH and pid is not None:
+        return NoSuchProcess("exited during the dump" if phase == "dump" else why, pid=pid)
+    if e.errno in (errno.EPERM, errno.EACCES) and _on_a_process(e, pid):
+        return AccessDenied(why, pid=pid, what=what)
+    return cls(why, pid=pid, what=what)
+
+
+def _on_a_process(e: OSError, pid: int | None) -> bool:
+    """The call was made on a process (ptrace, an injected syscall, /proc/PID/...),
+    not on a file, say the image."""
     if e.filename:
-        return f"{e.filename}: {e.strerror}"
-    return e.strerror or str(e)
+        return str(e.filename).startswith("/proc/")
+    return pid is not None

@@ -48,7 +48,15 @@ from typing import Any
 import msgpack
 
 from upmig import _native
-from upmig.errors import Corrupt, ImageError, NotSealed, RestoreError, Truncated, VersionTooNew
+from upmig.errors import (
+    Corrupt,
+    ImageError,
+    NotSealed,
+    RestoreError,
+    Truncated,
+    VersionTooNew,
+    from_oserror,
+)
 from upmig.keys import Key
 from upmig.newfile import enlarge_pipe
 from upmig.records import Pages, Process, Trailer, from_wire, to_wire
@@ -245,7 +253,7 @@ def load(path: str, *, key: Key | None = None, pages_later: bool = False) -> Ima
     try:
         fd = 0 if path == STDIN else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
-        raise ImageError(f"cannot open image: {e.strerror}", what=path) from None
+        raise from_oserror(e, "cannot open image", phase="image", what=path) from None
     try:
         if pages_later and key is not None and _is_stream(what, fd):
             return _load_records(what, fd, key)
@@ -268,7 +276,7 @@ def _is_stream(what: str, fd: int) -> bool:
     try:
         return not stat.S_ISREG(os.fstat(fd).st_mode)
     except OSError as e:
-        raise ImageError(f"cannot read image: {e.strerror}", what=what) from None
+        raise from_oserror(e, "cannot read image", phase="image", what=what) from None
 
 
 class MappedPages:
@@ -398,7 +406,7 @@ def _read_exactly(what: str, fd: int, n: int, off: int) -> bytes:
         try:
             part = os.read(fd, n - len(out))
         except OSError as e:
-            raise ImageError(f"cannot read image: {e.strerror}", what=what) from None
+            raise from_oserror(e, "cannot read image", phase="image", what=what) from None
         if not part:
             _stream_failed(what, errno.ENODATA, off)
         out += part
@@ -429,7 +437,7 @@ def _read(what: str, fd: int, key: Key | None) -> tuple[Any, Any]:
                             what=what)
         data = mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ)
     except OSError as e:
-        raise ImageError(f"cannot read image: {e.strerror}", what=what) from None
+        raise from_oserror(e, "cannot read image", phase="image", what=what) from None
     return data, data
 
 

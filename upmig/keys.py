@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import blake3
 
 from upmig import _native
-from upmig.errors import KeyProblem
+from upmig.errors import KeyProblem, from_oserror
 
 ENV = "UPMIG_KEY_FILE"
 ROOT_KEY = "/etc/upmig/key"
@@ -64,7 +64,7 @@ def load(path: str | None = None, *, create: bool = False) -> Key:
                              "machine that dumped it (or pass --key-file)", what=path) from None
         return _create(path)
     except OSError as e:
-        raise KeyProblem(f"cannot read the key: {e.strerror}", what=path) from None
+        raise from_oserror(e, "cannot read the key", phase="key", what=path) from None
     try:
         return _from_fd(path, fd)
     finally:
@@ -102,7 +102,7 @@ def _create(path: str) -> Key:
         os.makedirs(where, mode=0o700, exist_ok=True)
         fd = os.open(where, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
     except OSError as e:
-        raise KeyProblem(f"cannot make a key: {e.strerror}", what=path) from None
+        raise from_oserror(e, "cannot make a key", phase="key", what=path) from None
     try:
         material = os.urandom(MIN_BYTES)
         os.write(fd, material)
@@ -112,7 +112,7 @@ def _create(path: str) -> Key:
         except FileExistsError:
             return load(path)
         except OSError as e:
-            raise KeyProblem(f"cannot make a key: {e.strerror}", what=path) from None
+            raise from_oserror(e, "cannot make a key", phase="key", what=path) from None
     finally:
         os.close(fd)
     return derive(path, material)

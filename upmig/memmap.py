@@ -20,8 +20,8 @@ from upmig.syscalls import nr
 
 # PAGEMAP_SCAN: pages that are present or swapped, neither file pages nor the zero page.
 # For a private mapping that is exactly what differs from its backing.
-_NOT_FILE_NOT_ZERO = nat.lib.UP_PAGE_IS_FILE | nat.lib.UP_PAGE_IS_PFNZERO
-_IN_MEMORY = nat.lib.UP_PAGE_IS_PRESENT | nat.lib.UP_PAGE_IS_SWAPPED
+_NOT_FILE_NOT_ZERO = nat.PAGE_IS_FILE | nat.PAGE_IS_PFNZERO
+_IN_MEMORY = nat.PAGE_IS_PRESENT | nat.PAGE_IS_SWAPPED
 VDSO_ROLES = ("vvar", "vvar_vclock", "vdso")
 SEEK_DATA, SEEK_HOLE = 3, 4
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from upmig import _native as nat
-from upmig.errors import RestoreError, describe_oserror
+from upmig.errors import RestoreError, from_oserror
 
 INIT = os.path.join(os.path.dirname(os.path.realpath(__file__)), "upmig-init")
 CLONE_NEWPID = 0x20000000
@@ -28,7 +28,7 @@ class Namespace:
             self.init = nat.spawn(INIT, 0, traceme=False, flags=CLONE_NEWPID, pass_fd=r)
         except OSError as e:
             os.close(self.ctl)
-            raise RestoreError(f"cannot make a PID namespace: {describe_oserror(e)}") from None
+            raise from_oserror(e, "cannot make a PID namespace", phase="resume") from None
         finally:
             os.close(r)
 

@@ -58,7 +58,7 @@ from upmig import (
     threads,
     tree,
 )
-from upmig.errors import Corrupt, Mismatch, RestoreError, describe_oserror
+from upmig.errors import Corrupt, Mismatch, from_oserror
 from upmig.fds import inet
 from upmig.inject import SCRATCH, Session
 from upmig.records import (
@@ -205,7 +205,7 @@ def resume(image_path: str, *, pids: str = "same", notice: Notice | None = None,
                 for stage in STAGES:
                     stage(r)
             except OSError as e:
-                raise RestoreError(describe_oserror(e), what="resume failed") from None
+                raise from_oserror(e, phase="resume") from None
             undo.pop_all()  # it runs: nothing to undo
     return _result(r, time.perf_counter() - began)
 

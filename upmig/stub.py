@@ -16,7 +16,7 @@ from contextlib import nullcontext
 
 from upmig import _native as nat
 from upmig import _proc, freeze, inject, memmap, pidns
-from upmig.errors import Mismatch, RestoreError, UpmigError, describe_oserror
+from upmig.errors import Mismatch, RestoreError, UpmigError, from_oserror
 from upmig.inject import Session
 from upmig.records import Vma
 from upmig.syscalls import nr
@@ -100,7 +100,7 @@ def spawn(want: int, ns: pidns.Namespace | None) -> int:
         if want and e.errno in (errno.EPERM, errno.EINVAL):
             raise Mismatch(f"pid {want} cannot be chosen here ({e.strerror}); resume with "
                            "--new-pids to take new ids") from None
-        raise RestoreError(f"cannot start the stub: {describe_oserror(e)}") from None
+        raise from_oserror(e, "cannot start the stub", phase="resume") from None
     try:
         _, status = nat.waitpid(pid)
         if not (os.WIFSTOPPED(status) and os.WSTOPSIG(status) == signal.SIGTRAP):

@@ -21,7 +21,7 @@ from typing import Any
 
 from upmig import _native as nat
 from upmig import _proc, ghosts, memmap
-from upmig.errors import CantMigrate, Mismatch, RestoreError
+from upmig.errors import CantMigrate, Mismatch, RestoreError, from_oserror
 from upmig.image import PageData, PageSource
 from upmig.inject import Session
 from upmig.records import SysvSem, SysvShm, Vma
@@ -93,10 +93,9 @@ def _sem(semid: int, num: int, cmd: int) -> int:
 
 
 def _sem_values(semid: int, nsems: int) -> list[int]:
-    buf = nat.ffi.new("unsigned short[]", max(nsems, 1))
-    nat.syscall(nr.semctl, semid, 0, GETALL, int(nat.ffi.cast("uintptr_t", buf)),
-                what=f"semctl({semid}, GETALL)")
-    return list(buf)[:nsems]
+    buf = bytearray(2 * max(nsems, 1))  # unsigned short[]
+    nat.syscall(nr.semctl, semid, 0, GETALL, buf, what=f"semctl({semid}, GETALL)")
+    return list(struct.unpack_from(f"<{nsems}H", buf))
 
 
 def records_and_contents(found: Found, opened: ExitStack) -> list[Any]:
@@ -214,9 +213,8 @@ def _make_sem(sem: SysvSem, made: Made) -> None:
 
 
 def _set_values(sem: SysvSem) -> None:
-    values = nat.ffi.new("unsigned short[]", sem.values or [0])
-    nat.syscall(nr.semctl, sem.id, 0, SETALL, int(nat.ffi.cast("uintptr_t", values)),
-                what=f"semctl({sem.id}, SETALL)")
+    values = bytearray(struct.pack(f"<{len(sem.values)}H", *sem.values) or bytes(2))
+    nat.syscall(nr.semctl, sem.id, 0, SETALL, values, what=f"semctl({sem.id}, SETALL)")
 
 
 def set_values(s: Session, made: Made, pid: int) -> None:
@@ -227,7 +225,7 @@ def set_values(s: Session, made: Made, pid: int) -> None:
         s.call(nr.semctl, sem.id, 0, SETALL, s.scratch, what=f"semctl({sem.id}, SETALL)")
 
 
-def _ctl(ctl: int, ipc_id: int, cmd: int, arg: int = 0) -> int:
+def _ctl(ctl: int, ipc_id: int, cmd: int, arg: int | bytearray = 0) -> int:
     """shmctl or semctl (which takes a semaphore number first: 0) of one id."""
     name = {IPC_RMID: "IPC_RMID", IPC_SET: "IPC_SET", IPC_STAT: "IPC_STAT"}.get(cmd, cmd)
     what = f"{'semctl' if ctl == nr.semctl else 'shmctl'}({ipc_id}, {name})"
@@ -237,18 +235,18 @@ def _ctl(ctl: int, ipc_id: int, cmd: int, arg: int = 0) -> int:
 
 
 def _stat(ctl: int, ipc_id: int) -> bytes | None:
-    buf = nat.ffi.new("char[]", STAT_SIZE)
+    buf = bytearray(STAT_SIZE)
     try:
-        _ctl(ctl, ipc_id, IPC_STAT, int(nat.ffi.cast("uintptr_t", buf)))
+        _ctl(ctl, ipc_id, IPC_STAT, buf)
     except OSError:
         return None  # EINVAL/EIDRM: no such id here
-    return bytes(nat.ffi.buffer(buf))
+    return bytes(buf)
 
 
 def _set_perm(ctl: int, ipc_id: int, uid: int, gid: int, mode: int) -> None:
-    buf = nat.ffi.new("char[]", STAT_SIZE)
-    struct.pack_into("<IIIIIH", nat.ffi.buffer(buf), 0, 0, uid, gid, 0, 0, mode & 0o777)
-    _ctl(ctl, ipc_id, IPC_SET, int(nat.ffi.cast("uintptr_t", buf)))
+    buf = bytearray(STAT_SIZE)
+    struct.pack_into("<IIIIIH", buf, 0, 0, uid, gid, 0, 0, mode & 0o777)
+    _ctl(ctl, ipc_id, IPC_SET, buf)
 
 
 def _free_key(get: int, key: int, what: str) -> None:
@@ -266,7 +264,8 @@ def _next_id(what: str, ipc_id: int) -> None:
         with open(f"/proc/sys/kernel/{what}_next_id", "w") as f:
             f.write(str(ipc_id))
     except OSError as e:
-        raise RestoreError(f"cannot choose the SysV {what} id {ipc_id}: {e.strerror}") from None
+        raise from_oserror(e, f"cannot choose the SysV {what} id {ipc_id}",
+                           phase="resume") from None
 
 
 def undo(made: Made) -> None:
