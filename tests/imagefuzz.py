@@ -55,7 +55,7 @@ from upmig.fds import registry  # noqa: E402
 from upmig.records import Fd, Pages, Process  # noqa: E402
 
 HANG_SECONDS = 10
-DOCUMENTED = {"inspect": {0, 6}, "resume": {0, 6, 7, 8}}  # what each may exit with here
+DOCUMENTED = {"inspect": {0, 6}, "resume": {0, 206, 207, 208}}  # what each may exit with here
 
 
 # ---- decoding and encoding

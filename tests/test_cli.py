@@ -67,6 +67,13 @@ def test_dump_help_mentions_modes_and_an_example():
     assert re.search(r"upmig dump \d+ -o \S+", out)
 
 
+def test_resume_help_says_how_its_own_failures_differ():
+    out = run_upmig("resume", "--help").stdout
+    for code in (201, 202, 204, 206, 207, 208, 209, 230):
+        assert re.search(rf"^\s+{code}\s+\S", out, re.M), f"exit status {code} missing"
+    assert "--status-fd" in out and '"running"' in out
+
+
 @pytest.mark.parametrize("cmd", ["resume", "inspect"])
 def test_other_help_has_an_example(cmd):
     out = run_upmig(cmd, "--help").stdout
@@ -89,7 +96,7 @@ def test_version():
 ])
 def test_bad_command_line_exits_2(argv, tmp_path):
     r = run_upmig(*argv, check=False)
-    assert r.returncode == 2, r.stderr
+    assert r.returncode == (202 if argv[:1] == ["resume"] else 2), r.stderr
     assert "Traceback" not in r.stderr
     assert "usage:" in r.stderr
     assert not os.path.exists(os.path.join(tmp_path, "x.upmig"))

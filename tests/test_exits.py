@@ -1,13 +1,16 @@
 """How upmig ends: never a partial image, even when killed with SIGKILL; a signal
 after the commit never turns a finished dump into a failure or into death by that
-signal; SIGINT, from the first moment on, gives one line and exit status 130."""
+signal; SIGINT, from the first moment on, gives one line and exit status 130;
+resume's own failures are told from its process's exit status."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -150,3 +153,62 @@ def test_sigint_from_the_start_gives_one_line_and_130(run_victim, tmp_path):
     assert seen_130 >= 3, "SIGINT never landed before the dump finished"
     r.wait_output("SLEPT\n")  # its 3 s sleep, cut by none of this
     assert r.finish() == 0 and r.output().endswith("PASS\n")
+
+
+# Exits with resume's own status for an unusable image, once the file "go" is there.
+EXITS_206 = """
+import os, time
+print("READY", flush=True)
+while not os.path.exists("go"):
+    time.sleep(0.01)
+os._exit(206)
+"""
+
+
+def _resume_reporting(img: Path, *flags: str) -> tuple[subprocess.CompletedProcess, list]:
+    """`upmig resume --status-fd` and the JSON lines it wrote there."""
+    rd, wr = os.pipe()
+    try:
+        res = subprocess.run([*UPMIG, "resume", "--status-fd", str(wr), *flags, str(img)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60,
+                             pass_fds=(wr,))
+        os.close(wr)
+        wr = -1
+        with os.fdopen(rd) as f:
+            rd = -1
+            lines = [json.loads(line) for line in f]
+    finally:
+        for fd in (rd, wr):
+            if fd >= 0:
+                os.close(fd)
+    return res, lines
+
+
+def test_status_fd_tells_the_process_status_from_resumes_own(run_victim, tmp_path):
+    """The same exit status, 206, from the resumed process and from a resume that
+    refuses a cut image: only the "running" line tells them apart."""
+    r = run_victim([sys.executable, "-c", EXITS_206])
+    r.wait_output("READY\n")
+    img = r.dump()
+    cut = tmp_path / "cut.upmig"
+    cut.write_bytes(img.read_bytes()[:-100])
+    refused, said = _resume_reporting(cut)
+    assert refused.returncode == 206, refused.stderr
+    assert [line["status"] for line in said] == ["failed"]
+    assert said[0]["exit_status"] == 206 and said[0]["error"] in refused.stderr
+    (r.cwd / "go").touch()
+    ran, said = _resume_reporting(img)
+    assert ran.returncode == 206 and ran.stderr == ""
+    assert [line["status"] for line in said] == ["running", "exited"]
+    assert said[0]["pid"] == r.pid and said[1]["exit_status"] == 206
+
+
+def test_resumes_own_failures_are_out_of_the_way(tmp_path):
+    """200 + the status dump would give: a bad command line, a missing key."""
+    bad_fd = subprocess.run([*UPMIG, "resume", "--status-fd", "987", "x.upmig"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad_fd.returncode == 202 and "not an open fd" in bad_fd.stderr
+    no_key = subprocess.run([*UPMIG, "resume", "--key-file", str(tmp_path / "none"),
+                             str(tmp_path / "x.upmig")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert no_key.returncode == 209, no_key.stderr

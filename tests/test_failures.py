@@ -79,7 +79,7 @@ def test_changed_mapped_file_is_refused_by_name(run_victim):
     data.write_bytes(bytes(blob))
     before = stub_pids()
     res = run_upmig("resume", str(img), check=False)
-    assert res.returncode == 8
+    assert res.returncode == 208  # resume's own 8
     assert res.stderr.strip().startswith("upmig: mapped file") and "data.bin" in res.stderr
     assert res.stderr.count("\n") == 1
     assert stub_pids() == before
@@ -92,7 +92,7 @@ def test_missing_open_file_fails_resume_and_leaves_nothing(run_victim):
     img = r.dump()
     (r.cwd / "app.log").unlink()
     res = run_upmig("resume", str(img), check=False)
-    assert res.returncode == 8, res.stderr  # found before any process is made
+    assert res.returncode == 208, res.stderr  # found before any process is made
     assert res.stderr == f"upmig: pid {r.pid}: {r.cwd}/app.log (fd 3) is not here\n"
     assert "Traceback" not in res.stderr
     # resume has ended: whatever it made exists by now (and nothing may).

@@ -317,7 +317,7 @@ def test_resume_fails_clearly_when_a_lock_was_taken_meanwhile(run_victim):
     with open(r.cwd / "b.lock", "r+") as thief:
         fcntl.lockf(thief, fcntl.LOCK_EX, 1, 7)  # inside the victim's bytes 5-14
         res = run_upmig("resume", str(img), check=False)
-    assert res.returncode == 7, res.stderr
+    assert res.returncode == 207, res.stderr
     assert res.stderr == ("upmig: another process now holds a lock that conflicts with "
                           f"the write POSIX lock on bytes 5-14 of {r.cwd}/b.lock (fd 5)\n")
     assert not os.path.exists(f"/proc/{r.pid}"), "nothing half-built is left"

@@ -40,12 +40,12 @@ def dumped(run_victim):
 
 
 def refused(r, img: Path, *flags: str) -> str:
-    """Resume must refuse with exit 8 and one line, leaving nothing behind: that line."""
+    """Resume must refuse with exit 208 and one line, leaving nothing behind: that line."""
     res = run_upmig("resume", "--detach", *flags, str(img), check=False)
     if res.returncode == 0:  # resumed: it came to us (the subreaper); end it
         os.kill(r.pid, signal.SIGKILL)
         reap(r.pid)
-    assert res.returncode == 8, res.stderr
+    assert res.returncode == 208, res.stderr
     assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
     assert not os.path.exists(f"/proc/{r.pid}"), "a half-built process is left"
     return res.stderr

@@ -1,7 +1,7 @@
 """The image fuzz (tests/imagefuzz.py), a fixed seeded share of it: every mutant of
 a real image ends in a clean refusal or a correct resume.
 
-Clean: a documented exit status (inspect 0 or 6; resume 0, 6, 7 or 8), one `upmig:`
+Clean: a documented exit status (inspect 0 or 6; resume 0, 206, 207 or 208), one `upmig:`
 line on stderr, no traceback; correct: the resumed victim passes its own check;
 always: no hang over 10 s, nothing left behind (processes, /dev/shm objects, SysV
 objects, files). Most mutants run in this process through upmig.cli.main, every

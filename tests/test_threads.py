@@ -197,7 +197,7 @@ def _stubs() -> list[int]:
 def test_taken_tids_are_refused_naming_pidns(run_victim):
     r, img = _stopped_original(run_victim, "mutex", "3")
     res = run_upmig("resume", str(img), check=False)
-    assert res.returncode == 8, res.stderr
+    assert res.returncode == 208, res.stderr
     assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
     assert f"pid {r.pid} is taken here by 'threads'" in res.stderr
     assert "--pidns" in res.stderr

@@ -33,7 +33,7 @@ from upmig.fds.path import PathFd
 from upmig.fds.unix import UnixListenerFd
 from upmig.records import FileIdentity, Ghost, Pages, Task, Vma
 
-EXIT_ACCESS, EXIT_IMAGE, EXIT_RESTORE, EXIT_MISMATCH = 4, 6, 7, 8
+EXIT_ACCESS, EXIT_IMAGE, EXIT_RESTORE, EXIT_MISMATCH = 204, 206, 207, 208  # resume's own
 SHADOW = Path("/etc/shadow")
 
 

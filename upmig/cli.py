@@ -9,12 +9,31 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 from upmig.critical import STOP_SIGNALS
 from upmig.errors import Interrupted
 
 _started = False  # main() is running: a signal unwinds through its cleanup
 GC_THRESHOLD = 50_000  # new objects between two collections (Python's default: 700)
+RESUME_OWN = 200  # resume's own failures: 200 + their status (see own_status)
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand: the first word that is not an option (the global options
+    take no value)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+_command = _command_of(sys.argv[1:])  # main() says for sure once it has its argv
+
+
+def own_status(code: int) -> int:
+    """The exit status of a failure of upmig's own. resume exits with its process's
+    status, so its own failures go where processes seldom go: 200 + the status's
+    last two digits (201-209, 230), clear of 0-127 and of the 128+N of a death by
+    signal N (N <= 64)."""
+    return RESUME_OWN + code % 100 if _command == "resume" else code
 
 
 def _interrupted(signum, _frame):
@@ -25,7 +44,7 @@ def _interrupted(signum, _frame):
         signal.signal(s, signal.SIG_IGN)
     if not _started:  # still starting: nothing to undo, and no traceback
         os.write(2, b"upmig: interrupted\n")
-        os._exit(Interrupted.exit_code)
+        os._exit(own_status(Interrupted.exit_code))
     raise Interrupted(f"interrupted by signal {signum}; nothing was left behind")
 
 
@@ -35,14 +54,13 @@ for _signum in STOP_SIGNALS:
 
 import argparse  # noqa: E402 - after the handlers, on purpose
 import gc  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 from upmig import __version__  # noqa: E402
 from upmig.errors import UpmigError, from_oserror  # noqa: E402
 
-EXIT_STATUSES = """exit status:
-  0    success (resume: the resumed process's own status, 128+N if killed by signal N)
+EXIT_STATUSES = """exit status (resume: see below):
+  0    success
   1    other failure
   2    bad command line
   3    no such process
@@ -56,10 +74,38 @@ EXIT_STATUSES = """exit status:
        dump's commit the message says the image was written and what became of
        the process)
 
+resume: once the process runs, its own status (128+N if killed by signal N);
+before that, a failure of resume's own is 200 + the status above (201-209, 230
+interrupted), clear of what processes commonly return. To be sure which it is,
+use resume's --status-fd (upmig resume --help).
+
 keys: images are sealed with a keyed hash; resume runs only images its own key
 sealed. root's key is /etc/upmig/key, a user's ~/.config/upmig/key (made by the
 first dump); --key-file or UPMIG_KEY_FILE name another. Share root's key between
 the nodes of a cluster, as munge's is shared.
+"""
+
+
+RESUME_STATUSES = """exit status:
+  0    --detach: the process runs
+  *    otherwise, once the process runs: its own status (128+N if killed by signal N)
+  201  other failure of resume's own
+  202  bad command line
+  204  access denied (credentials upmig resume cannot grant)
+  206  the image is unreadable, truncated, corrupt, too new, or not sealed with this key
+  207  rebuilding the process failed (nothing left running)
+  208  this machine differs from the source (a file, the vdso, a PID taken)
+  209  the key is missing, unreadable or open to other users
+  230  interrupted by SIGINT, SIGTERM or SIGHUP before the process ran
+A process may exit with these too: a script that must be sure passes --status-fd;
+the status is resume's own unless a "running" line came first.
+
+example:
+  upmig resume job.upmig
+  upmig resume -d job.upmig
+  upmig resume --pidns job.upmig   # its PID is taken here
+  upmig resume --status-fd 3 job.upmig 3>status.jsonl
+  upmig dump 4242 -o - | upmig resume -d -
 """
 
 
@@ -117,9 +163,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "keep their ids in memory). By default wait for it and "
                                    "exit with its status; its fds 0-2 that were a terminal, "
                                    "pipe or socket become upmig's own.",
-                       epilog="example:\n  upmig resume job.upmig\n  upmig resume -d job.upmig\n"
-                              "  upmig resume --pidns job.upmig   # its PID is taken here\n"
-                              "  upmig dump 4242 -o - | upmig resume -d -")
+                       epilog=RESUME_STATUSES)
     r.add_argument("image", metavar="IMAGE",
                    help="image file, or - to read it from standard input (read whole and "
                         "checked before anything is built)")
@@ -127,6 +171,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="print the PID and return at once, leaving the process running")
     r.add_argument("--json", action="store_true",
                    help="print one JSON object on stdout (after it exits, unless --detach)")
+    r.add_argument("--status-fd", type=_open_fd, metavar="FD",
+                   help="write one JSON line to the open fd FD once the process runs, "
+                        "before waiting for it: {\"status\": \"running\", \"pid\": ...} "
+                        "(what --json reports); then {\"status\": \"exited\", "
+                        "\"exit_status\": N} when it has. A failure of resume's own writes "
+                        "{\"status\": \"failed\", \"exit_status\": 207, \"error\": ...} "
+                        "instead, and no running line: without one, the exit status is "
+                        "upmig's own")
     r.add_argument("--allow-changed-files", action="store_true",
                    help="resume even if a regular file the process holds open has another "
                         "size or modification time than at the dump (say, a log others "
@@ -159,6 +211,34 @@ def _key_option(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--key-file", metavar="FILE", default=None,
                    help=f"{what} (default: $UPMIG_KEY_FILE, else /etc/upmig/key for root, "
                         "~/.config/upmig/key for others)")
+
+
+def _open_fd(text: str) -> int:
+    """An fd number upmig has open (it is not passed on to the resumed process)."""
+    try:
+        fd = int(text)
+        os.set_inheritable(fd, False)
+    except (ValueError, OSError):
+        raise argparse.ArgumentTypeError(f"not an open fd: {text!r}") from None
+    return fd
+
+
+class _StatusFd:
+    """resume's --status-fd: one JSON line per event, so that a script can tell its
+    process's exit status from a failure of resume's own; a reader gone away
+    changes nothing."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def say(self, status: str, **fields) -> None:
+        try:
+            os.write(self.fd, (_json({"status": status, **fields}) + "\n").encode())
+        except OSError:
+            pass
+
+
+_status: _StatusFd | None = None
 
 
 def _size(text: str) -> int:
@@ -240,6 +320,9 @@ def _resume(a: argparse.Namespace) -> int:
                  on_ready=(lambda _pid: _too_late_to_stop()) if a.detach else _forward_signals,
                  terminal=not a.detach, key_file=a.key_file,
                  allow_changed_files=a.allow_changed_files)
+    # It runs: from here on the exit status is its own, whatever becomes of ours.
+    if _status:
+        _status.say("running", **res.__dict__)
     if a.detach:
         print(_json(res.__dict__) if a.json else res.pid, flush=True)
         return 0
@@ -248,13 +331,21 @@ def _resume(a: argparse.Namespace) -> int:
         _take_terminal_back()
     if res.pidns_init:  # its namespace's PID 1 follows it, unless orphans live on
         _reap_soon(res.pidns_init, 1.0)
+    if _status:
+        _status.say("exited", exit_status=status)
     if a.json:
-        print(_json({**res.__dict__, "exit_status": status}), flush=True)
+        try:
+            print(_json({**res.__dict__, "exit_status": status}), flush=True)
+        except OSError:
+            os._exit(status)  # our reader went away; the status is still the process's
     return status
 
 
 def _notice(msg: str) -> None:
-    print(f"upmig: {msg}", file=sys.stderr, flush=True)
+    try:
+        print(f"upmig: {msg}", file=sys.stderr, flush=True)
+    except OSError:
+        pass  # only information: a stderr gone must not fail a process that runs
 
 
 def _forward_signals(pid: int) -> None:
@@ -328,8 +419,16 @@ def _too_late_to_stop() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global _started
-    a = _parser().parse_args(argv)
+    global _started, _command, _status
+    argv = sys.argv[1:] if argv is None else argv
+    _command = _command_of(argv)
+    try:
+        a = _parser().parse_args(argv)
+    except SystemExit as e:
+        if e.code == 2:  # a bad command line, said on stderr
+            raise SystemExit(own_status(2)) from None
+        raise
+    _status = _StatusFd(a.status_fd) if getattr(a, "status_fd", None) is not None else None
     for signum in STOP_SIGNALS:
         signal.signal(signum, _interrupted)
     run = {"dump": _dump, "resume": _resume, "inspect": _inspect}[a.command]
@@ -340,11 +439,13 @@ def main(argv: list[str] | None = None) -> int:
         finally:  # before any message: a signal now must not cut it short
             _too_late_to_stop()
     except BrokenPipeError:
-        os._exit(1)  # our reader went away: nothing left to say to it
+        os._exit(own_status(1))  # our reader went away: nothing left to say to it
     except (UpmigError, OSError) as e:
         err = e if isinstance(e, UpmigError) else from_oserror(e)
+        if _status:
+            _status.say("failed", exit_status=own_status(err.exit_code), error=str(err))
         print(f"upmig: {err}", file=sys.stderr)
-        return err.exit_code
+        return own_status(err.exit_code)
 
 
 def run() -> None:
