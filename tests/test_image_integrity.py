@@ -415,13 +415,13 @@ def _stub_children() -> set[int]:
                 st = _proc.parse_stat(f.read())
         except OSError:
             continue
-        if int(st[4]) != me:
+        if st.ppid != me:
             continue
         try:
             exe = os.readlink(f"/proc/{name}/exe")
         except OSError:
             exe = ""   # a zombie has no exe; its comm stays
-        if st[2] == STUB.name or exe.endswith(STUB.name):
+        if st.comm == STUB.name or exe.endswith(STUB.name):
             found.add(int(name))
     return found
 

@@ -4,6 +4,7 @@ syscall-restart fix-up of registers, the ELF build-id reader and free_gap."""
 from __future__ import annotations
 
 import io
+import os
 import re
 import shutil
 import struct
@@ -12,6 +13,7 @@ import subprocess
 import pytest
 
 from upmig import _proc, fileid, memmap, regs
+from upmig.errors import NoSuchProcess
 from upmig.records import Vma
 
 pytestmark = pytest.mark.pure
@@ -128,18 +130,42 @@ def _stat_line(comm: str) -> str:
             "140733818178272 140733818178292 140733818178292 140733818179563 0\n")
 
 
-@pytest.mark.parametrize("comm", ["cat", "a) b (c", "x y", "))", "(", ") S 1 2"])
+@pytest.mark.parametrize("comm", ["cat", "a) b (c", "x y", "))", "(", ") S 1 2", "a\nb", ""])
 def test_parse_stat_comm_kept_whole(comm):
     st = _proc.parse_stat(_stat_line(comm))
-    assert st[1] == "6163"
-    assert st[2] == comm
-    assert st[3] == "S"           # state
-    assert st[4] == "6157"        # ppid
-    assert st[26] == "94122255724544"   # start_code (the field capture_mm reads)
-    assert st[28] == "140733818175296"  # start_stack
-    assert st[47] == "94122751082496"   # start_brk
-    assert st[51] == "140733818179563"  # env_end
-    assert len(st) == 53          # index 0 unused + 52 fields
+    assert st.pid == 6163
+    assert st.comm == comm
+    assert st.state == "S"
+    assert (st.ppid, st.pgrp, st.session, st.tty_nr, st.tpgid) == (6157, 6157, 4875, 0, -1)
+    assert st.num_threads == 1 and st.start_time == 89677
+    assert st.start_code == 94122255724544   # the fields capture_mm reads
+    assert st.end_code == 94122255744425
+    assert st.start_stack == 140733818175296
+    assert st.processor == 1
+    assert (st.start_data, st.end_data, st.start_brk) == \
+        (94122255760432, 94122255762048, 94122751082496)
+    assert (st.arg_start, st.arg_end, st.env_start, st.env_end) == \
+        (140733818178272, 140733818178292, 140733818178292, 140733818179563)
+    assert st.exit_code == 0
+
+
+def test_parse_stat_of_a_zombie():
+    line = _stat_line("gone").replace(" S ", " Z ", 1).rsplit(" ", 1)[0] + " 256\n"
+    st = _proc.parse_stat(line)
+    assert st.state == "Z" and st.exit_code == 256 and st.comm == "gone"
+
+
+def test_stat_of_this_process():
+    st = _proc.stat(os.getpid())
+    assert st.pid == os.getpid() and st.ppid == os.getppid() and st.state == "R"
+    assert st.pgrp == os.getpgrp() and st.session == os.getsid(0)
+    main = _proc.stat(os.getpid(), os.getpid())
+    assert (main.pid, main.comm) == (st.pid, st.comm)
+
+
+def test_stat_of_no_process():
+    with pytest.raises(NoSuchProcess):
+        _proc.stat(999999)  # beyond pid_max
 
 
 # ---- /proc/PID/status

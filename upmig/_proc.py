@@ -83,10 +83,55 @@ def parse_smaps_vmflags(text: str) -> dict[int, list[str]]:
     return flags
 
 
-def parse_stat(text: str) -> list[str]:
-    """Fields of /proc/PID/stat, 1-based as in proc(5) (index 0 unused); comm kept whole."""
+@dataclass(frozen=True)
+class Stat:
+    """The fields of /proc/PID/stat upmig reads (proc(5)'s numbers after each)."""
+
+    pid: int            # 1
+    comm: str           # 2, whole: it may hold spaces and parentheses
+    state: str          # 3: R, S, D, T, t, Z, X...
+    ppid: int           # 4
+    pgrp: int           # 5
+    session: int        # 6
+    tty_nr: int         # 7: its controlling terminal, 0 if none
+    tpgid: int          # 8: the terminal's foreground process group
+    num_threads: int    # 20
+    start_time: int     # 22: clock ticks after boot
+    start_code: int     # 26
+    end_code: int       # 27
+    start_stack: int    # 28
+    processor: int      # 39: the CPU it last ran on
+    start_data: int     # 45
+    end_data: int       # 46
+    start_brk: int      # 47
+    arg_start: int      # 48
+    arg_end: int        # 49
+    env_start: int      # 50
+    env_end: int        # 51
+    exit_code: int      # 52: as waitpid reports it, for a zombie
+
+
+def parse_stat(text: str) -> Stat:
+    """/proc/PID/stat's text. comm is whatever lies between the first "(" and the
+    last ")": a name may hold both, and no field after it holds either."""
     lp, rp = text.index("("), text.rindex(")")
-    return ["", text[:lp].strip(), text[lp + 1:rp]] + text[rp + 2:].split()
+    rest = text[rp + 2:].split()
+
+    def field(n: int) -> int:  # proc(5)'s field n; rest starts at field 3
+        return int(rest[n - 3])
+
+    return Stat(pid=int(text[:lp]), comm=text[lp + 1:rp], state=rest[0], ppid=field(4),
+                pgrp=field(5), session=field(6), tty_nr=field(7), tpgid=field(8),
+                num_threads=field(20), start_time=field(22), start_code=field(26),
+                end_code=field(27), start_stack=field(28), processor=field(39),
+                start_data=field(45), end_data=field(46), start_brk=field(47),
+                arg_start=field(48), arg_end=field(49), env_start=field(50),
+                env_end=field(51), exit_code=field(52))
+
+
+def stat(pid: int, tid: int = 0) -> Stat:
+    """/proc/PID/stat, or a thread's own (task/TID/stat); NoSuchProcess if gone."""
+    return parse_stat(read_text(pid, f"task/{tid}/stat" if tid else "stat"))
 
 
 def parse_status(text: str) -> dict[str, str]:
@@ -131,11 +176,6 @@ def parse_fdinfo(text: str) -> dict[str, str]:
 def parse_auxv(data: bytes) -> list[tuple[int, int]]:
     words = memoryview(data).cast("Q")
     return [(words[i], words[i + 1]) for i in range(0, len(words) - 1, 2)]
-
-
-def last_cpu(pid: int, tid: int = 0) -> int:
-    """The CPU the thread (default: the leader) last ran on (stat field 39)."""
-    return int(parse_stat(read_text(pid, f"task/{tid}/stat" if tid else "stat"))[39])
 
 
 def fd_numbers(pid: int) -> list[int]:

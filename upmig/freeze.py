@@ -248,12 +248,12 @@ def descendants(pid: int) -> list[int]:
 def zombie(pid: int) -> Zombie | None:
     """pid as a zombie, or None if it is alive (or gone altogether)."""
     try:
-        st = _proc.parse_stat(_proc.read_text(pid, "stat"))
+        st = _proc.stat(pid)
     except UpmigError:
         return None
-    if st[3] not in "ZX" or int(st[20]) > 1:  # (a main thread gone, others running)
+    if st.state not in "ZX" or st.num_threads > 1:  # (a main thread gone, others running)
         return None
-    return Zombie(pid, int(st[4]), int(st[5]), int(st[6]), int(st[52]), st[2])
+    return Zombie(pid, st.ppid, st.pgrp, st.session, st.exit_code, st.comm)
 
 
 @contextmanager

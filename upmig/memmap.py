@@ -196,14 +196,11 @@ def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
 
 
 def capture_mm(pid: int, brk: int) -> MM:
-    st = _proc.parse_stat(_proc.read_text(pid, "stat"))
-
-    def f(i: int) -> int:
-        return int(st[i])
-
-    return MM(start_code=f(26), end_code=f(27), start_data=f(45), end_data=f(46),
-              start_brk=f(47), brk=brk, start_stack=f(28), arg_start=f(48), arg_end=f(49),
-              env_start=f(50), env_end=f(51), auxv=_proc.read_bytes(pid, "auxv"))
+    st = _proc.stat(pid)
+    return MM(start_code=st.start_code, end_code=st.end_code, start_data=st.start_data,
+              end_data=st.end_data, start_brk=st.start_brk, brk=brk, start_stack=st.start_stack,
+              arg_start=st.arg_start, arg_end=st.arg_end, env_start=st.env_start,
+              env_end=st.env_end, auxv=_proc.read_bytes(pid, "auxv"))
 
 
 @dataclass

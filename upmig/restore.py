@@ -401,7 +401,7 @@ def take_stub(r: Resume, p: ProcessBuild, done: ExitStack) -> None:
     p.mem_fd = os.open(f"/proc/{p.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
     done.callback(os.close, p.mem_fd)
     # Threads cloned from it inherit this CPU.
-    p.cpu = _proc.last_cpu(os.getpid())
+    p.cpu = _proc.stat(os.getpid()).processor
     os.sched_setaffinity(p.pid, {p.cpu})
 
 

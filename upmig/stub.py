@@ -16,7 +16,7 @@ from contextlib import nullcontext
 
 from upmig import _native as nat
 from upmig import _proc, freeze, inject, memmap, pidns
-from upmig.errors import Mismatch, RestoreError, UpmigError, from_oserror
+from upmig.errors import Mismatch, NoSuchProcess, RestoreError, UpmigError, from_oserror
 from upmig.inject import Session
 from upmig.records import Vma
 from upmig.syscalls import nr
@@ -80,9 +80,8 @@ def _dying(pid: int) -> bool:
     """True if pid is held by a process that has exited (a zombie to be reaped soon)
     or by nothing we can see (a PID just being released)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in "ZX"
-    except (FileNotFoundError, ProcessLookupError):
+        return _proc.stat(pid).state in "ZX"
+    except NoSuchProcess:
         return True
 
 

@@ -26,7 +26,7 @@ O_DIRECTORY, O_CLOEXEC, O_PATH = 0o200000, 0o2000000, 0o10000000
 
 def capture(s: Session, pid: int) -> Task:
     status = _proc.parse_status(_proc.read_text(pid, "status"))
-    stat = _proc.parse_stat(_proc.read_text(pid, "stat"))
+    stat = _proc.stat(pid)
     root = _proc.readlink(pid, "root")
     if root != "/":
         raise CantMigrate(f"runs chrooted in {root}; chroot is not supported yet", pid=pid)
@@ -51,8 +51,8 @@ def capture(s: Session, pid: int) -> Task:
         gids=[int(x) for x in status["Gid"].split()],
         groups=[int(x) for x in status["Groups"].split()],
         rlimits=_proc.parse_limits(_proc.read_text(pid, "limits")),
-        session_leader=int(stat[6]) == pid,
-        group_leader=int(stat[5]) == pid,
+        session_leader=stat.session == pid,
+        group_leader=stat.pgrp == pid,
         dumpable=dumpable,
         caps=capabilities(status),
         no_new_privs=int(status.get("NoNewPrivs", "0")),

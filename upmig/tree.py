@@ -32,9 +32,9 @@ ZOMBIE_SECONDS = 5.0   # how long a made zombie may take to exit
 # ---- dump
 
 def record(pid: int) -> Process:
-    st = _proc.parse_stat(_proc.read_text(pid, "stat"))
-    return Process(pid=pid, ppid=int(st[4]), pgid=int(st[5]), sid=int(st[6]), comm=st[2],
-                   tty=int(st[7]), foreground=int(st[7]) != 0 and int(st[8]) == int(st[5]))
+    st = _proc.stat(pid)
+    return Process(pid=pid, ppid=st.ppid, pgid=st.pgrp, sid=st.session, comm=st.comm,
+                   tty=st.tty_nr, foreground=st.tty_nr != 0 and st.tpgid == st.pgrp)
 
 
 def zombie_record(z: Zombie) -> Process:
@@ -178,10 +178,10 @@ def _wait_zombie(b: Born) -> None:
     deadline = time.monotonic() + ZOMBIE_SECONDS
     while time.monotonic() < deadline:
         try:
-            st = _proc.parse_stat(_proc.read_text(b.outer, "stat"))
+            state = _proc.stat(b.outer).state
         except UpmigError:
             break
-        if st[3] == "Z":
+        if state == "Z":
             return
         time.sleep(0.002)
     raise RestoreError(f"pid {b.rec.pid} did not become a zombie again")
