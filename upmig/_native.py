@@ -15,7 +15,7 @@ from upmig.errors import call_failed
 PAGE = os.sysconf("SC_PAGE_SIZE")
 FRAME_TAIL, FRAME_KEY = lib.UP_FRAME_TAIL, lib.UP_FRAME_KEY  # the image's tags, its key
 
-# ptrace requests (linux/ptrace.h), named in messages: "ptrace(PTRACE_SEIZE)"
+# <linux/ptrace.h> requests, named in messages: "ptrace(PTRACE_SEIZE)"
 PTRACE_CONT = 7
 PTRACE_GETREGS = 12
 PTRACE_SETREGS = 13
@@ -29,17 +29,24 @@ PTRACE_PEEKSIGINFO = 0x4209
 PTRACE_GETSIGMASK = 0x420A
 PTRACE_SETSIGMASK = 0x420B
 PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
+
 REQUEST_NAMES = {value: name for name, value in dict(globals()).items()
                  if name.startswith("PTRACE_")}  # the requests: all there are so far
-# its options, events and flags
+
+# <linux/ptrace.h> options, events and flags
 PTRACE_O_TRACESYSGOOD = 0x1
 PTRACE_O_TRACEFORK = 0x2
 PTRACE_O_TRACECLONE = 0x8
 PTRACE_O_EXITKILL = 0x100000
 PTRACE_EVENT_STOP = 128
 PTRACE_PEEKSIGINFO_SHARED = 1
-NT_X86_XSTATE = 0x202  # PTRACE_GETREGSET's note types (elf.h)
-KCMP_FILE, KCMP_VM, KCMP_FILES = 0, 1, 2  # linux/kcmp.h
+
+# <elf.h> PTRACE_GETREGSET's note types
+NT_X86_XSTATE = 0x202
+
+# <linux/kcmp.h>
+KCMP_FILE, KCMP_VM, KCMP_FILES = 0, 1, 2
+
 # PAGEMAP_SCAN page categories (helper.h: linux/fs.h of 6.7+)
 PAGE_IS_FILE, PAGE_IS_PRESENT = lib.UP_PAGE_IS_FILE, lib.UP_PAGE_IS_PRESENT
 PAGE_IS_SWAPPED, PAGE_IS_PFNZERO = lib.UP_PAGE_IS_SWAPPED, lib.UP_PAGE_IS_PFNZERO

@@ -17,7 +17,7 @@ from upmig import _native as nat
 from upmig import _proc, fileid, sharing
 from upmig.errors import CantMigrate
 from upmig.fds import inet, inherit, locks, owner, pipe, registry
-from upmig.fds.base import O_ASYNC, ById, Rebuild, Scan, Seen
+from upmig.fds.base import ById, Rebuild, Scan, Seen
 from upmig.fds.path import is_tty
 from upmig.image import Records
 from upmig.inject import Session
@@ -67,7 +67,7 @@ def capture(pid: int, tids: list[int], repairs: inet.Repairs | None = None,
         rec = kind.capture(e, scan)
         if "lock" in e.info:
             locks.add(pid, rec, e, kind.lockable(rec), locked)
-        if e.flags & O_ASYNC and kind.shares and rec.shared_with < 0:
+        if e.flags & os.O_ASYNC and kind.shares and rec.shared_with < 0:
             owner.capture(pid, rec, scan.tids, scan.pgids)
         out.append(rec)
     return out, pipe.buffers(pid, out, tree)

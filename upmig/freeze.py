@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from upmig import _native as nat
 from upmig import _proc
 from upmig.errors import AccessDenied, NoSuchProcess, UpmigError
+from upmig.kconst import WALL
 
-WALL = 0x40000000
 RESCANS = 20  # rounds of /proc/PID/task rescans before the thread set must have settled
 
 

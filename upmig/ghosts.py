@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
 from contextlib import ExitStack
 
@@ -26,15 +27,10 @@ from upmig import _proc, fileid, memmap
 from upmig.errors import CantMigrate, Mismatch, RestoreError
 from upmig.image import PageData, PageSource, Records
 from upmig.inject import Session
+from upmig.kconst import AT_FDCWD
 from upmig.records import Fd, Ghost, Vma
 from upmig.syscalls import nr
 
-O_RDWR, O_CREAT, O_EXCL, O_TMPFILE = 0o2, 0o100, 0o200, 0o20200000
-AT_FDCWD = -100
-F_DUPFD_CLOEXEC = 1030
-MFD_CLOEXEC, MFD_ALLOW_SEALING = 1, 2
-F_SEAL_SEAL = 1
-PROT_RW, MAP_SHARED_ANON = 3, 0x01 | 0x20
 POSIX_SHM = "/dev/shm/"
 
 
@@ -211,11 +207,11 @@ def make_all(s: Session, pid: int, inner: int, img: Records, spare: int, reg,
             made = reg.take(s, key(g.id))
         else:
             made = make(s, pid, g, source, contents.get(target(g.id), []), reg.files)
-        out[g.id] = s.call(nr.fcntl, made, F_DUPFD_CLOEXEC, spare, what="fcntl(F_DUPFD)")
+        out[g.id] = s.call(nr.fcntl, made, fcntl.F_DUPFD_CLOEXEC, spare, what="fcntl(F_DUPFD)")
         s.call(nr.close, made, what="close")
         first = key(g.id) not in reg.made
         reg.park(pid, inner, key(g.id), out[g.id])
-        if first and g.type == "memfd" and g.seals not in (0, F_SEAL_SEAL):
+        if first and g.type == "memfd" and g.seals not in (0, fcntl.F_SEAL_SEAL):
             reg.seal_later(pid, key(g.id), g.seals)
     return out
 
@@ -243,7 +239,7 @@ def make(s: Session, pid: int, g: Ghost, source, pages: list[PageData],
 def _make_deleted(s: Session, pid: int, g: Ghost) -> int:
     """Unlinked, in its old directory (reached through no symlink)."""
     where = os.path.dirname(g.path) or "/"
-    fd = s.open_path(where, O_TMPFILE | O_RDWR, g.mode & 0o7777)
+    fd = s.open_path(where, os.O_TMPFILE | os.O_RDWR, g.mode & 0o7777)
     if fd in (-errno.EOPNOTSUPP, -errno.EISDIR, -errno.EINVAL):
         fd = _named_then_unlinked(s, where, g)
     if fd == -errno.ELOOP:
@@ -259,18 +255,19 @@ def _make_memfd(s: Session, pid: int, g: Ghost) -> int:
     """Sealable unless it was not; its seals go on once every process has mapped it
     (F_SEAL_FUTURE_WRITE forbids new writable mappings)."""
     s.write(s.scratch, os.fsencode(g.path[len("/memfd:"):]) + b"\0")
-    flags = MFD_CLOEXEC | (0 if g.seals == F_SEAL_SEAL else MFD_ALLOW_SEALING)
+    flags = os.MFD_CLOEXEC | (0 if g.seals == fcntl.F_SEAL_SEAL else os.MFD_ALLOW_SEALING)
     return s.call(nr.memfd_create, s.scratch, flags, what=f"memfd_create({g.path})")
 
 
 def _make_shmem(s: Session, pid: int, g: Ghost) -> int:
     """MAP_SHARED anonymous memory is a shmem file of its first mmap's size: mmap one,
     keep its file (through map_files), let the mapping go."""
-    at = s.call(nr.mmap, 0, g.size, PROT_RW, MAP_SHARED_ANON, -1, 0,
+    at = s.call(nr.mmap, 0, g.size, mmap.PROT_READ | mmap.PROT_WRITE,
+                mmap.MAP_SHARED | mmap.MAP_ANONYMOUS, -1, 0,
                 what="mmap(shared anonymous memory)")
     try:
         s.write(s.scratch, f"/proc/self/map_files/{at:x}-{at + g.size:x}".encode() + b"\0")
-        return s.call(nr.openat, AT_FDCWD, s.scratch, O_RDWR, 0,
+        return s.call(nr.openat, AT_FDCWD, s.scratch, os.O_RDWR, 0,
                       what="open(/proc/self/map_files)")
     finally:
         s.call(nr.munmap, at, g.size, what="munmap")
@@ -281,13 +278,13 @@ def _open_posix(s: Session, pid: int, g: Ghost, made: list[tuple[str, int]]
     """Made where it was (and listed in made, to be removed if resume fails); or,
     when it is still there (the same machine), that one: (its fd, made here).
     Through no symlink."""
-    fd = s.open_path(g.path, O_RDWR | O_CREAT | O_EXCL, g.mode & 0o7777)
+    fd = s.open_path(g.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, g.mode & 0o7777)
     fresh = fd >= 0
     if fresh:
         with nat.borrowed_fd(pid, fd) as mine:  # what to remove: this file, no other
             made.append((g.path, fileid.object_id(os.fstat(mine))))
     elif fd == -errno.EEXIST:
-        fd = s.open_path(g.path, O_RDWR)
+        fd = s.open_path(g.path, os.O_RDWR)
     if fd < 0:
         raise RestoreError(f"cannot make the POSIX shared memory object {g.path}: "
                            f"{os.strerror(-fd)}")
@@ -330,7 +327,7 @@ def _check_same_object(mine: int, g: Ghost, fresh: bool) -> None:
 
 def _named_then_unlinked(s: Session, where: str, g: Ghost) -> int:
     name = os.path.join(where, f".upmig-ghost-{g.id}-{os.getpid()}")
-    fd = s.open_path(name, O_RDWR | O_CREAT | O_EXCL, g.mode & 0o7777)
+    fd = s.open_path(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, g.mode & 0o7777)
     if fd >= 0:
         s.write(s.scratch, os.fsencode(name) + b"\0")
         s.call(nr.unlink, s.scratch, what=f"unlink({name})")

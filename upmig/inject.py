@@ -6,6 +6,7 @@ The process's registers and signal mask are restored however the block ends."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -15,14 +16,11 @@ from dataclasses import dataclass
 from upmig import _native as nat
 from upmig import _proc, critical, freeze
 from upmig.errors import UpmigError
+from upmig.kconst import AT_FDCWD, RESOLVE_NO_SYMLINKS
 from upmig.syscalls import nr
 
-PROT_RW = 0x3
-MAP_PRIVATE_ANON = 0x22
 ALL_SIGNALS = (1 << 64) - 1
 SCRATCH = 16 * 4096
-AT_FDCWD = -100
-RESOLVE_NO_SYMLINKS = 0x04  # openat2(2): nor magic links
 OPEN_HOW = struct.Struct("<QQQ")  # struct open_how: flags, mode, resolve
 
 
@@ -96,7 +94,8 @@ def session(pid: int, regs: bytes, gadget: int, mem_fd: int, tid: int = 0,
     try:
         if owned:
             with critical.deferred():
-                scratch = inj.call(nr.mmap, 0, SCRATCH, PROT_RW, MAP_PRIVATE_ANON, -1, 0,
+                scratch = inj.call(nr.mmap, 0, SCRATCH, mmap.PROT_READ | mmap.PROT_WRITE,
+                                   mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0,
                                    what="mmap(scratch)")
         yield Session(inj, scratch, mem_fd, mask)
     finally:

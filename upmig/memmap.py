@@ -8,6 +8,7 @@ functions below `# ---- restore`."""
 from __future__ import annotations
 
 import bisect
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -15,6 +16,19 @@ from dataclasses import dataclass
 from upmig import _native as nat
 from upmig import _proc, fileid
 from upmig.errors import CantMigrate, Corrupt, Mismatch
+from upmig.kconst import (
+    AT_FDCWD,
+    MADV_WIPEONFORK,
+    MAP_FIXED,
+    MAP_FIXED_NOREPLACE,
+    MAP_GROWSDOWN,
+    MREMAP_FIXED,
+    MREMAP_MAYMOVE,
+    PR_SET_MM,
+    PR_SET_MM_MAP,
+    PR_SET_VMA,
+    PR_SET_VMA_ANON_NAME,
+)
 from upmig.records import MM, CowPages, Vma
 from upmig.syscalls import nr
 
@@ -23,7 +37,6 @@ from upmig.syscalls import nr
 _NOT_FILE_NOT_ZERO = nat.PAGE_IS_FILE | nat.PAGE_IS_PFNZERO
 _IN_MEMORY = nat.PAGE_IS_PRESENT | nat.PAGE_IS_SWAPPED
 VDSO_ROLES = ("vvar", "vvar_vclock", "vdso")
-SEEK_DATA, SEEK_HOLE = 3, 4
 
 
 def role_of(m: _proc.MapsLine) -> str:
@@ -184,12 +197,12 @@ def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
     pos = 0
     while pos < size:
         try:
-            data = os.lseek(fd, pos, SEEK_DATA)
+            data = os.lseek(fd, pos, os.SEEK_DATA)
         except OSError:
             break  # ENXIO: no data past pos
         if data >= size:
             break
-        hole = min(os.lseek(fd, data, SEEK_HOLE), size)
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
         runs.append((data, hole))
         pos = hole
     return runs
@@ -231,19 +244,13 @@ class VdsoBlock:
 
 # ---- restore
 
-PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
-MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_GROWSDOWN = 1, 2, 0x10, 0x20, 0x100
-MAP_FIXED_NOREPLACE = 0x100000
-PR_SET_VMA, PR_SET_VMA_ANON_NAME = 0x53564D41, 0
-MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
-O_RDONLY, O_RDWR, O_CLOEXEC = 0, 2, 0o2000000
-PR_SET_MM, PR_SET_MM_MAP = 35, 14
-MADVISE = {"dd": 16, "dc": 10, "wf": 18, "hg": 14, "nh": 15}  # VmFlags -> MADV_*
+MADVISE = {"dd": mmap.MADV_DONTDUMP, "dc": mmap.MADV_DONTFORK, "wf": MADV_WIPEONFORK,
+           "hg": mmap.MADV_HUGEPAGE, "nh": mmap.MADV_NOHUGEPAGE}  # VmFlags -> advice
 
 
 def prot_of(perms: str) -> int:
-    return ((PROT_READ if perms[0] == "r" else 0) | (PROT_WRITE if perms[1] == "w" else 0)
-            | (PROT_EXEC if perms[2] == "x" else 0))
+    return ((mmap.PROT_READ if perms[0] == "r" else 0) | (mmap.PROT_WRITE if perms[1] == "w" else 0)
+            | (mmap.PROT_EXEC if perms[2] == "x" else 0))
 
 
 def move_vdso(s, here: VdsoBlock, there: VdsoBlock, taken: list) -> None:
@@ -258,8 +265,8 @@ def move_vdso(s, here: VdsoBlock, there: VdsoBlock, taken: list) -> None:
         return
     if abs(lo_here - lo_there) < span:  # overlapping: go through a free spot first
         tmp = free_gap(taken, span)
-        s.call(nr.mmap, tmp, span, 0, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0,
-               what="mmap(vdso on the way)")
+        s.call(nr.mmap, tmp, span, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+               -1, 0, what="mmap(vdso on the way)")
         _mremap_block(s, here, lo_here, tmp)
         here = VdsoBlock({k: (a - lo_here + tmp, b - lo_here + tmp)
                           for k, (a, b) in here.parts.items()})
@@ -300,7 +307,7 @@ class FileOpener:
     def fd(self, path: str, mode: int) -> int:
         key = (path, mode)
         if key not in self.fds:
-            self.fds[key] = self.held.open_mapped(self.s, path, mode | O_CLOEXEC)
+            self.fds[key] = self.held.open_mapped(self.s, path, mode | os.O_CLOEXEC)
         return self.fds[key]
 
     def ghost(self, fd: int, mode: int) -> int:
@@ -308,7 +315,7 @@ class FileOpener:
         key = (f"/proc/self/fd/{fd}", mode)
         if key not in self.fds:
             self.s.write(self.s.scratch, os.fsencode(key[0]) + b"\0")
-            self.fds[key] = self.s.call(nr.openat, -100, self.s.scratch, mode | O_CLOEXEC, 0,
+            self.fds[key] = self.s.call(nr.openat, AT_FDCWD, self.s.scratch, mode | os.O_CLOEXEC, 0,
                                         what=f"open({key[0]})")
         return self.fds[key]
 
@@ -330,21 +337,21 @@ def map_vmas(s, vmas: list[Vma], ghost_fds: dict[int, int], held: fileid.Held) -
             shared = v.perms[3] == "s"
             prot = prot_of(v.perms)
             if v.data_bytes or v.cow_bytes:
-                prot |= PROT_READ | PROT_WRITE
-            flags = MAP_FIXED | (MAP_SHARED if shared else MAP_PRIVATE)
+                prot |= mmap.PROT_READ | mmap.PROT_WRITE
+            flags = MAP_FIXED | (mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE)
             if "gd" in v.vmflags:
                 flags |= MAP_GROWSDOWN
             fd, off = -1, 0
             if v.role == "ghost":  # made read-write; a mapping that may not write gets
                 # a read-only open (a memfd's F_SEAL_WRITE needs no writable mapping)
                 writes = shared and "mw" in v.vmflags
-                fd = ghost_fds[v.ghost] if writes else files.ghost(ghost_fds[v.ghost], O_RDONLY)
+                fd = ghost_fds[v.ghost] if writes else files.ghost(ghost_fds[v.ghost], os.O_RDONLY)
                 off = v.offset
             elif v.role == "file":
-                mode = O_RDWR if shared and "mw" in v.vmflags else O_RDONLY
+                mode = os.O_RDWR if shared and "mw" in v.vmflags else os.O_RDONLY
                 fd, off = files.fd(v.path, mode), v.offset
             else:
-                flags |= MAP_ANONYMOUS
+                flags |= mmap.MAP_ANONYMOUS
             s.call(nr.mmap, v.start, v.end - v.start, prot, flags, fd, off,
                    what=f"mmap({v.start:#x}, {v.path or v.role})")
             if v.role == "anon" and v.path:  # a name given with PR_SET_VMA_ANON_NAME
@@ -362,7 +369,7 @@ def finish_vmas(s, vmas: list[Vma]) -> None:
         if v.role in VDSO_ROLES:
             continue
         if (v.data_bytes or v.cow_bytes) and \
-                prot_of(v.perms) != prot_of(v.perms) | PROT_READ | PROT_WRITE:
+                prot_of(v.perms) != prot_of(v.perms) | mmap.PROT_READ | mmap.PROT_WRITE:
             s.call(nr.mprotect, v.start, v.end - v.start, prot_of(v.perms), what="mprotect")
         for flag in v.vmflags:
             if flag in MADVISE:
@@ -375,7 +382,7 @@ def restore_mm(s, mm: MM, exe: str, held: fileid.Held) -> None:
     """PR_SET_MM_MAP: code/data/brk/stack/arg/env boundaries, auxv, and /proc/PID/exe
     (opened through no symlink, the very file checked: see fileid.Held)."""
     auxv_at, map_at = s.scratch + 8192, s.scratch + 4096  # the path takes up to 4 KiB
-    exe_fd = held.open_mapped(s, exe, O_RDONLY | O_CLOEXEC)
+    exe_fd = held.open_mapped(s, exe, os.O_RDONLY | os.O_CLOEXEC)
     s.write(auxv_at, mm.auxv)
     try:
         packed = struct.pack("<11QQII", mm.start_code, mm.end_code, mm.start_data, mm.end_data,

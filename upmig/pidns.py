@@ -14,9 +14,9 @@ from contextlib import contextmanager
 
 from upmig import _native as nat
 from upmig.errors import RestoreError, from_oserror
+from upmig.kconst import CLONE_NEWPID
 
 INIT = os.path.join(os.path.dirname(os.path.realpath(__file__)), "upmig-init")
-CLONE_NEWPID = 0x20000000
 
 
 class Namespace:

@@ -31,6 +31,7 @@ Why the stages are in this order:
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import time
 from collections.abc import Callable
@@ -61,6 +62,7 @@ from upmig import (
 from upmig.errors import Corrupt, Mismatch, from_oserror
 from upmig.fds import inet
 from upmig.inject import SCRATCH, Session
+from upmig.kconst import MAP_FIXED
 from upmig.records import (
     MM,
     CowPages,
@@ -78,7 +80,6 @@ from upmig.records import (
 )
 from upmig.syscalls import nr
 
-MAP_FIXED_PRIVATE_ANON = 0x10 | 0x02 | 0x20
 PIDS = ("same", "new", "pidns")
 Notice = Callable[[str], None]
 
@@ -412,7 +413,8 @@ def clear_stub(r: Resume, p: ProcessBuild, done: ExitStack) -> None:
 def map_scratch(r: Resume, p: ProcessBuild, done: ExitStack) -> None:
     """A page area for injected syscalls' arguments, where the image has nothing."""
     p.scratch = memmap.free_gap([*p.vmas, *sysv.spans(p.vmas, r.ipc.sizes)], SCRATCH)
-    p.inj.call(nr.mmap, p.scratch, SCRATCH, 3, MAP_FIXED_PRIVATE_ANON, -1, 0,
+    p.inj.call(nr.mmap, p.scratch, SCRATCH, mmap.PROT_READ | mmap.PROT_WRITE,
+               MAP_FIXED | mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0,
                what="mmap(scratch)")
     p.inj.set_stack(p.scratch + SCRATCH - 64)
     p.s = Session(p.inj, p.scratch, p.mem_fd)

@@ -35,15 +35,29 @@ from dataclasses import dataclass
 from upmig import _proc
 from upmig.errors import AccessDenied
 from upmig.inject import Session
+from upmig.kconst import (
+    CAP_CHECKPOINT_RESTORE,
+    CAP_CHOWN,
+    CAP_DAC_OVERRIDE,
+    CAP_DAC_READ_SEARCH,
+    CAP_FOWNER,
+    CAP_FSETID,
+    CAP_LINUX_IMMUTABLE,
+    CAP_MAC_OVERRIDE,
+    CAP_MKNOD,
+    CAP_SETGID,
+    CAP_SETPCAP,
+    CAP_SETUID,
+    CAP_SYS_ADMIN,
+    LINUX_CAPABILITY_VERSION_3,
+)
 from upmig.records import Task
 from upmig.syscalls import nr
 
-# CHOWN, DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER, FSETID, LINUX_IMMUTABLE, MKNOD,
-# MAC_OVERRIDE: what setfsuid(non-zero) takes out of root's effective set (measured
-# on 6.18: the kernel's CAP_FS_SET).
-FS_CAPS = sum(1 << cap for cap in (0, 1, 2, 3, 4, 9, 27, 32))
-CAP_SETGID, CAP_SETUID, CAP_SETPCAP, CAP_SYS_ADMIN, CAP_CHECKPOINT_RESTORE = 6, 7, 8, 21, 40
-CAP_VERSION_3 = 0x20080522
+# What setfsuid(non-zero) takes out of root's effective set (measured on 6.18: the
+# kernel's CAP_FS_SET).
+FS_CAPS = sum(1 << cap for cap in (CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER,
+                                   CAP_FSETID, CAP_LINUX_IMMUTABLE, CAP_MKNOD, CAP_MAC_OVERRIDE))
 NO_ID = 0xFFFFFFFF  # setfsuid(-1) changes nothing and says what the fsuid is
 ARGS_AT = 12 * 4096  # where in the scratch area a switch puts its arguments: clear of
 #                      the paths and structures the steps between switches put there
@@ -138,7 +152,7 @@ class Acting:
             s.raw(nr.setfsuid, to.fsuid)
             self._check(0 if s.raw(nr.setfsuid, NO_ID) == to.fsuid else -1, to, "setfsuid")
         caps = self.stub.caps
-        s.write(at, struct.pack("<Ii", CAP_VERSION_3, 0) + b"".join(
+        s.write(at, struct.pack("<Ii", LINUX_CAPABILITY_VERSION_3, 0) + b"".join(
             struct.pack("<III", to.effective >> sh & 0xFFFFFFFF, caps["CapPrm"] >> sh &
                         0xFFFFFFFF, caps["CapInh"] >> sh & 0xFFFFFFFF) for sh in (0, 32)))
         self._check(s.raw(nr.capset, at, at + 8), to, "capset")

@@ -20,8 +20,9 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from upmig import _proc, memmap, regs
+from upmig import _proc, kconst, memmap, regs
 from upmig._native import PAGE
+from upmig.kconst import NSIG, SS_DISABLE
 from upmig.records import Fd, Ghost, Pipe, Signals, Thread, Vma
 
 Check = Callable[[Any], "str | None"]
@@ -42,7 +43,6 @@ USER_TOP = 0x7FFFFFFFF000      # the end of x86-64 user space (TASK_SIZE_MAX)
 PID_MAX = 1 << 22              # PID_MAX_LIMIT: no pid or tid is larger
 ID_MAX = (1 << 32) - 2         # uid/gid: (uid_t)-1 means "leave unchanged" to setresuid
 FD_MAX = (1 << 20) - 1         # NR_OPEN: no fd number reaches it
-NSIG = 64
 U32, U64 = (1 << 32) - 1, (1 << 64) - 1
 S64 = 1 << 63
 PATH_MAX = 4096
@@ -53,8 +53,7 @@ MAX_SEMS = 32000               # SEMMSL
 SEM_MAX = 32767                # SEMVMX
 ANON_NAME_MAX = 80             # ANON_VMA_NAME_MAX_LEN
 MEMFD_NAME_MAX = 249           # MFD_NAME_MAX_LEN
-SS_AUTODISARM = -(1 << 31)     # as the int the altstack's flags are packed into
-SS_DISABLE = 2
+SS_AUTODISARM = kconst.SS_AUTODISARM - (1 << 32)  # as the int32 the altstack's flags are in
 ROLES = ("anon", "file", "ghost", "sysv", "heap", "stack", *memmap.VDSO_ROLES)
 GHOST_TYPES = ("file", "memfd", "shmem", "posix")
 REGS_SIZE = regs.Regs.SIZE     # sizeof(struct user_regs_struct)

@@ -14,6 +14,7 @@ terminal) is re-attached to `upmig resume`'s own in every process that holds it.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 from collections.abc import Hashable
@@ -26,8 +27,6 @@ from upmig.fds import pipe
 from upmig.freeze import Frozen
 from upmig.inject import Session
 from upmig.syscalls import nr
-
-F_ADD_SEALS = 1033
 
 # ---- dump
 
@@ -190,7 +189,8 @@ class Registry:
         try:
             inj = nat.Injector(outer, regs, gadget)
             for fd, bits in seals:
-                inj.call(nr.fcntl, fd, F_ADD_SEALS, bits, what=f"fcntl(F_ADD_SEALS, {bits:#x})")
+                inj.call(nr.fcntl, fd, fcntl.F_ADD_SEALS, bits,
+                         what=f"fcntl(F_ADD_SEALS, {bits:#x})")
             for fd in fds:
                 inj.call(nr.close, fd, what=f"close(parked fd {fd})")
         finally:

@@ -6,20 +6,20 @@ injected syscalls; restore sets them the same way."""
 
 from __future__ import annotations
 
+import signal
 import struct
 
 from upmig import _native as nat
 from upmig import _proc
 from upmig.inject import Session
+from upmig.kconst import NSIG
 from upmig.records import Signals
 from upmig.syscalls import nr
 
-SIGKILL, SIGCHLD, SIGSTOP, NSIG = 9, 17, 19, 64
 KSIGACTION = struct.Struct("<QQQQ")   # handler, flags, restorer, mask
 STACK_T = struct.Struct("<QiiQ")      # ss_sp, ss_flags, pad, ss_size
 ITIMERVAL = struct.Struct("<qqqq")    # interval {sec, usec}, value {sec, usec}
-ITIMERS = (0, 1, 2)                   # ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF
-SS_DISABLE, SS_ONSTACK = 2, 1
+ITIMERS = (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF)
 
 
 def capture(s: Session, pid: int) -> Signals:
@@ -28,7 +28,7 @@ def capture(s: Session, pid: int) -> Signals:
     mask do nothing, and every query is a round trip into the process."""
     buf = s.scratch
     status = _proc.parse_status(_proc.read_text(pid, "status"))
-    chosen = int(status["SigCgt"], 16) | int(status["SigIgn"], 16) | 1 << (SIGCHLD - 1)
+    chosen = int(status["SigCgt"], 16) | int(status["SigIgn"], 16) | 1 << (signal.SIGCHLD - 1)
     sigs = [sig for sig in range(1, NSIG + 1) if chosen >> (sig - 1) & 1]
     for sig in sigs:
         s.call(nr.rt_sigaction, sig, 0, buf + (sig - 1) * KSIGACTION.size, 8,
@@ -50,7 +50,7 @@ def restore(s: Session, tgid: int, rec: Signals) -> None:
     not in the record keeps the new process's default."""
     buf = s.scratch
     for sig, handler, flags, restorer, mask in rec.actions:
-        if sig in (SIGKILL, SIGSTOP) or not (handler or flags or mask):
+        if sig in (signal.SIGKILL, signal.SIGSTOP) or not (handler or flags or mask):
             continue
         s.write(buf, KSIGACTION.pack(handler, flags, restorer, mask))
         s.call(nr.rt_sigaction, sig, buf, 0, 8, what=f"rt_sigaction({sig})")

@@ -9,6 +9,7 @@ from upmig import fileid, image, keys, regs, signals, syscalls
 from upmig.errors import KeyProblem
 from upmig.fds import registry
 from upmig.fds.base import ById
+from upmig.kconst import SHM_DEST, SS_DISABLE
 from upmig.records import (
     MM,
     Fd,
@@ -63,7 +64,7 @@ def _summary(img: image.Image) -> dict:
         "processes": procs,   # every live process's, root first
         "ghosts": _ghosts(img),
         "sysv": {"shm": [{"id": g.id, "key": g.key, "size": g.size, "mode": f"{g.mode:o}",
-                          "removed": bool(g.mode & 0o1000)} for g in img.of(SysvShm)],
+                          "removed": bool(g.mode & SHM_DEST)} for g in img.of(SysvShm)],
                  "sem": [{"id": m.id, "key": m.key, "mode": f"{m.mode:o}", "values": m.values}
                          for m in img.of(SysvSem)]},
         "records": len(img.records),
@@ -146,7 +147,7 @@ def _thread(th: Thread) -> dict:
             "state": _state(th),
             "blocked": signals.mask_list(th.blocked),
             "pending": sorted(signals.signo(i) for i in th.pending),
-            "altstack": None if flags & signals.SS_DISABLE else [sp, size],
+            "altstack": None if flags & SS_DISABLE else [sp, size],
             "rseq": th.rseq is not None, "robust_list": th.robust_list is not None,
             "cpus": th.cpus,
             "registers": {n: getattr(r, n) for n in SHOWN_REGS},

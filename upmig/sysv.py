@@ -13,6 +13,7 @@ Not moved: SEM_UNDO adjustments (no interface reads them), creator ids and times
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from contextlib import ExitStack
@@ -24,12 +25,23 @@ from upmig import _proc, ghosts, memmap
 from upmig.errors import CantMigrate, Mismatch, RestoreError, from_oserror
 from upmig.image import PageData, PageSource
 from upmig.inject import Session
+from upmig.kconst import (
+    GETALL,
+    GETPID,
+    IPC_CREAT,
+    IPC_EXCL,
+    IPC_RMID,
+    IPC_SET,
+    IPC_STAT,
+    SETALL,
+    SHM_DEST,
+    SHM_EXEC,
+    SHM_RDONLY,
+    SHM_REMAP,
+)
 from upmig.records import SysvSem, SysvShm, Vma
 from upmig.syscalls import nr
 
-IPC_CREAT, IPC_EXCL, IPC_RMID, IPC_SET, IPC_STAT = 0o1000, 0o2000, 0, 1, 2
-GETPID, GETALL, SETALL = 11, 13, 17
-SHM_RDONLY, SHM_EXEC, SHM_REMAP, SHM_DEST = 0o10000, 0o100000, 0o40000, 0o1000
 IPC_PERM = struct.Struct("<iIIIIH")  # key, uid, gid, cuid, cgid, mode (struct ipc64_perm)
 STAT_SIZE = 256                      # room for shmid64_ds / semid64_ds
 SHM_SEGSZ_AT, SHM_CTIME_AT = 48, 72  # shmid64_ds.shm_segsz, .shm_ctime
@@ -340,5 +352,5 @@ def attach(s: Session, vmas: list[Vma], sizes: dict[int, int]) -> None:
 
 
 def _attach_prot(flags: int) -> int:
-    return (memmap.PROT_READ | (0 if flags & SHM_RDONLY else memmap.PROT_WRITE)
-            | (memmap.PROT_EXEC if flags & SHM_EXEC else 0))
+    return (mmap.PROT_READ | (0 if flags & SHM_RDONLY else mmap.PROT_WRITE)
+            | (mmap.PROT_EXEC if flags & SHM_EXEC else 0))

@@ -11,17 +11,22 @@ import struct
 from upmig import _proc, fileid, rights
 from upmig.errors import CantMigrate, Mismatch, RestoreError
 from upmig.inject import Session
+from upmig.kconst import (
+    LINUX_CAPABILITY_VERSION_3,
+    PR_CAP_AMBIENT,
+    PR_CAP_AMBIENT_RAISE,
+    PR_CAPBSET_DROP,
+    PR_GET_CHILD_SUBREAPER,
+    PR_GET_DUMPABLE,
+    PR_SET_CHILD_SUBREAPER,
+    PR_SET_DUMPABLE,
+    PR_SET_KEEPCAPS,
+    PR_SET_NO_NEW_PRIVS,
+)
 from upmig.records import FileIdentity, Task
 from upmig.syscalls import nr
 
-PR_GET_DUMPABLE, PR_SET_DUMPABLE, PR_SET_KEEPCAPS = 3, 4, 8
-PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 24, 38, 47
-PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
-PR_CAP_AMBIENT_RAISE = 2
-CAP_VERSION_3 = 0x20080522
 CAP_SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
-RLIM_INFINITY = (1 << 64) - 1
-O_DIRECTORY, O_CLOEXEC, O_PATH = 0o200000, 0o2000000, 0o10000000
 
 
 def capture(s: Session, pid: int) -> Task:
@@ -93,7 +98,7 @@ def _enter_cwd(s: Session, rec: Task, held: fileid.Held, ident: FileIdentity | N
     it on), or if the process cannot search it (every lookup below it, and "..",
     needs that right), so that holding it gives nothing. One it could use but not
     reach, it could not have entered by itself: refused."""
-    what, flags = "its working directory", O_PATH | O_DIRECTORY | O_CLOEXEC
+    what, flags = "its working directory", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
     fd = held.try_open(s, rec.pid, rec.cwd, flags, ident, what)
     try:
         rc = s.raw(nr.fchdir, fd) if fd >= 0 else fd  # fchdir wants the search right
@@ -130,8 +135,7 @@ def open_fd_limit(pid: int, rec: Task, needed: int) -> None:
 def restore_limits(s: Session, pid: int, rec: Task) -> None:
     for name, (soft, hard) in rec.rlimits.items():
         res = _proc.LIMIT_NAMES[name]
-        val = struct.pack("<QQ", RLIM_INFINITY if soft < 0 else soft,
-                          RLIM_INFINITY if hard < 0 else hard)
+        val = struct.pack("<qq", soft, hard)  # -1: RLIM_INFINITY (resource's), all ones
         s.write(s.scratch, val)
         r = s.raw(nr.prlimit64, 0, res, s.scratch, 0)
         if r < 0:
@@ -188,7 +192,7 @@ def _set_caps(s: Session, pid: int, caps: dict[str, int]) -> None:
     data = b"".join(struct.pack("<III", caps["CapEff"] >> sh & 0xFFFFFFFF,
                                 caps["CapPrm"] >> sh & 0xFFFFFFFF,
                                 caps["CapInh"] >> sh & 0xFFFFFFFF) for sh in (0, 32))
-    s.write(s.scratch, struct.pack("<Ii", CAP_VERSION_3, 0) + data)
+    s.write(s.scratch, struct.pack("<Ii", LINUX_CAPABILITY_VERSION_3, 0) + data)
     r = s.raw(nr.capset, s.scratch, s.scratch + 8)
     if r < 0:
         raise Mismatch(f"the capabilities of pid {pid} cannot be given here "

@@ -19,18 +19,27 @@ from upmig import _native as nat
 from upmig import _proc, regs
 from upmig.errors import CantMigrate, Mismatch, RestoreError
 from upmig.inject import Session
+from upmig.kconst import (
+    CLONE_FILES,
+    CLONE_FS,
+    CLONE_SIGHAND,
+    CLONE_SYSVSEM,
+    CLONE_THREAD,
+    CLONE_VM,
+    PR_GET_TID_ADDRESS,
+    PR_SET_NAME,
+    SS_DISABLE,
+    SS_ONSTACK,
+)
 from upmig.records import Thread
-from upmig.signals import SS_DISABLE, SS_ONSTACK, STACK_T, signo
+from upmig.signals import STACK_T, signo
 from upmig.syscalls import nr
 
-CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
-CLONE_THREAD, CLONE_SYSVSEM = 0x10000, 0x40000
 THREAD_FLAGS = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM
 # struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size,
 # tls, set_tid, set_tid_size, cgroup
 CLONE_ARGS = struct.Struct("<11Q")
 CLONE_ARGS_AT = 0x8000     # offset in the scratch area, clear of what other stages use
-PR_SET_NAME, PR_GET_TID_ADDRESS = 15, 40
 # What credentials are made of; threads with different ones are not supported yet.
 CRED_FIELDS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
                "NoNewPrivs", "Seccomp")

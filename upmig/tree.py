@@ -13,6 +13,7 @@ recreated: processes that were in them are put in `upmig resume`'s own."""
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import struct
 import time
@@ -161,7 +162,8 @@ def _die(b: Born) -> None:
         sig = os.WTERMSIG(status)
         r.rax, r.rdi, r.rsi = nr.kill, b.inner, sig
         # A core dump would land here, or in the machine's crash reporter.
-        b.inj.call(nr.prlimit64, 0, 4, _zero_limit(b), 0, what="prlimit(RLIMIT_CORE)")
+        b.inj.call(nr.prlimit64, 0, resource.RLIMIT_CORE, _zero_limit(b), 0,
+                   what="prlimit(RLIMIT_CORE)")
     else:
         r.rax, r.rdi = nr.exit_group, os.WEXITSTATUS(status)
     nat.set_sigmask(b.outer, 0)

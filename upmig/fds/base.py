@@ -11,6 +11,7 @@ describes it for inspect (describe)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -24,9 +25,6 @@ if TYPE_CHECKING:
     from upmig.image import Records
     from upmig.inject import Session
     from upmig.records import FileIdentity
-
-O_ASYNC = 0o20000  # set last, by upmig.fds.owner: no signal for the making of the others
-F_DUPFD, F_SETFD, F_SETFL = 0, 2, 4
 
 # Restore phases: a kind's fds are made in its phase, phase by phase, in fd order
 # within one. Every fd is in place before any kind's finish() runs.
@@ -128,9 +126,9 @@ class Rebuild(Memo):
             s.call(nr.dup3, src, rec.fd, cloexec, what=f"dup3({src}, {rec.fd})")
             s.call(nr.close, src, what="close")
         elif cloexec:
-            s.call(nr.fcntl, rec.fd, F_SETFD, 1, what="fcntl(F_SETFD)")
+            s.call(nr.fcntl, rec.fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC, what="fcntl(F_SETFD)")
         if status:
-            s.call(nr.fcntl, rec.fd, F_SETFL, rec.flags & ~O_ASYNC,
+            s.call(nr.fcntl, rec.fd, fcntl.F_SETFL, rec.flags & ~os.O_ASYNC,
                    what=f"fcntl(fd {rec.fd}, F_SETFL)")
 
     def place_two(self, a: int, a_rec: Fd, b: int, b_rec: Fd) -> None:
@@ -142,7 +140,7 @@ class Rebuild(Memo):
 
     def move_aside(self, fd: int) -> int:
         """fd moved above the table (from spare up): its new number."""
-        moved = self.s.call(nr.fcntl, fd, F_DUPFD, self.spare, what="fcntl(F_DUPFD)")
+        moved = self.s.call(nr.fcntl, fd, fcntl.F_DUPFD, self.spare, what="fcntl(F_DUPFD)")
         self.s.call(nr.close, fd, what="close")
         return moved
 

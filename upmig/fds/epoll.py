@@ -13,10 +13,10 @@ from typing import Any, ClassVar
 from upmig import schema
 from upmig.errors import CantMigrate
 from upmig.fds.base import WATCHERS, Kind, Rebuild, Scan, Seen, anon_inode
+from upmig.kconst import EPOLL_CTL_ADD
 from upmig.records import Fd
 from upmig.syscalls import nr
 
-EPOLL_CTL_ADD = 1
 EPOLL_EVENT = struct.Struct("<IQ")   # struct epoll_event is packed on x86-64
 WATCH = re.compile(r"^tfd:\s*(\d+)\s+events:\s*([0-9a-f]+)\s+data:\s*([0-9a-f]+)"
                    r".*?\bino:\s*([0-9a-f]+)", re.M)

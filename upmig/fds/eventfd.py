@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -11,9 +12,6 @@ from upmig import schema
 from upmig.fds.base import Kind, Rebuild, Scan, Seen, anon_inode
 from upmig.records import Fd
 from upmig.syscalls import nr
-
-EFD_SEMAPHORE = 1
-O_NONBLOCK = 0o4000
 
 
 @dataclass(kw_only=True)
@@ -40,7 +38,7 @@ class EventFdKind(Kind):
 
     def restore(self, ctx: Rebuild, rec: EventFd) -> None:
         s = ctx.s
-        flags = (EFD_SEMAPHORE if rec.semaphore else 0) | (rec.flags & O_NONBLOCK)
+        flags = (os.EFD_SEMAPHORE if rec.semaphore else 0) | (rec.flags & os.O_NONBLOCK)
         fd = s.call(nr.eventfd2, 0, flags, what="eventfd2")
         if rec.count:  # eventfd2 takes only 32 bits: the counter is written in
             s.write(s.scratch, struct.pack("<Q", rec.count))

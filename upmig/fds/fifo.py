@@ -7,6 +7,8 @@ other, and the buffer (a Pipe record, upmig.fds.pipe) is written back through it
 
 from __future__ import annotations
 
+import fcntl
+import os
 import stat
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -14,11 +16,9 @@ from typing import Any, ClassVar
 from upmig import fileid, schema
 from upmig.errors import CantMigrate
 from upmig.fds import path, pipe
-from upmig.fds.base import F_SETFL, O_ASYNC, Kind, Rebuild, Scan, Seen
+from upmig.fds.base import Kind, Rebuild, Scan, Seen
 from upmig.records import Pipe
 from upmig.syscalls import nr
-
-O_RDWR, O_NONBLOCK = 0o2, 0o4000
 
 
 @dataclass(kw_only=True)
@@ -50,13 +50,13 @@ class FifoKind(Kind):
     def restore(self, ctx: Rebuild, rec: FifoFd) -> None:
         s = ctx.s
         if rec.pipe not in ctx.open_meanwhile:  # both ends held open, and filled
-            both = ctx.open_by_path(rec, rec.path, O_RDWR | O_NONBLOCK)
+            both = ctx.open_by_path(rec, rec.path, os.O_RDWR | os.O_NONBLOCK)
             # None: an earlier process of the tree filled it (and holds it open still)
             pipe.fill_fifo(s, ctx.pid, both, ctx.by_id.get(Pipe, rec.pipe))
             ctx.open_meanwhile[rec.pipe] = ctx.move_aside(both)
-        fd = ctx.open_by_path(rec, rec.path, path.open_flags(rec.flags) | O_NONBLOCK)
+        fd = ctx.open_by_path(rec, rec.path, path.open_flags(rec.flags) | os.O_NONBLOCK)
         ctx.place(fd, rec, status=False)
-        s.call(nr.fcntl, rec.fd, F_SETFL, rec.flags & ~O_ASYNC, what="fcntl(F_SETFL)")
+        s.call(nr.fcntl, rec.fd, fcntl.F_SETFL, rec.flags & ~os.O_ASYNC, what="fcntl(F_SETFL)")
 
     def refers_to(self, rec: FifoFd) -> Any:
         return rec.path, rec.pipe

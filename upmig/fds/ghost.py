@@ -16,14 +16,14 @@ from upmig import fileid, ghosts, schema
 from upmig.errors import CantMigrate, Mismatch, RestoreError
 from upmig.fds import locks
 from upmig.fds.base import Kind, Rebuild, Scan, Seen
-from upmig.fds.path import O_NOFOLLOW, O_PATH, open_flags
+from upmig.fds.path import open_flags
+from upmig.kconst import AT_FDCWD
 from upmig.records import Fd, Ghost
 from upmig.syscalls import nr
 
 if TYPE_CHECKING:
     from upmig.inject import Session
 
-AT_FDCWD = -100
 
 
 def _named(v: Any) -> str | None:
@@ -62,7 +62,7 @@ class GhostKind(Kind):
         g = ctx.by_id.get(Ghost, rec.ghost)
         ctx.place(reopen(ctx.s, ctx.who, g, ctx.ghost_fds[rec.ghost], open_flags(rec.flags)),
                   rec, status=False)
-        if not rec.flags & O_PATH:  # (an O_PATH fd has no offset)
+        if not rec.flags & os.O_PATH:  # (an O_PATH fd has no offset)
             ctx.s.call(nr.lseek, rec.fd, rec.pos, os.SEEK_SET, what=f"lseek(fd {rec.fd})")
 
     def lockable(self, rec: GhostFd) -> bool:
@@ -84,7 +84,7 @@ def reopen(s: Session, pid: int, g: Ghost, tmp: int, flags: int) -> int:
     open the link itself), and only said how a path was to be looked up."""
     if g.type != "posix":
         s.write(s.scratch, f"/proc/self/fd/{tmp}".encode() + b"\0")
-        fd = s.raw(nr.openat, AT_FDCWD, s.scratch, flags & ~O_NOFOLLOW, 0)
+        fd = s.raw(nr.openat, AT_FDCWD, s.scratch, flags & ~os.O_NOFOLLOW, 0)
     else:
         fd = s.open_path(g.path, flags)
     if fd < 0:

@@ -28,34 +28,48 @@ from upmig import schema
 from upmig.errors import CantMigrate, RestoreError
 from upmig.fds import unix
 from upmig.fds.base import CONNECTIONS, Kind, Rebuild, Scan, Seen
+from upmig.kconst import (
+    SIOCINQ,
+    SIOCOUTQ,
+    SO_RCVBUFFORCE,
+    SO_SNDBUFFORCE,
+    TCP_CLOSE,
+    TCP_ESTABLISHED,
+    TCP_QUEUE_SEQ,
+    TCP_RECV_QUEUE,
+    TCP_REPAIR,
+    TCP_REPAIR_OPTIONS,
+    TCP_REPAIR_QUEUE,
+    TCP_REPAIR_WINDOW,
+    TCP_SEND_QUEUE,
+    TCP_TIMESTAMP,
+    TCPI_OPT_SACK,
+    TCPI_OPT_TIMESTAMPS,
+    TCPI_OPT_WSCALE,
+    TCPOPT_MAXSEG,
+    TCPOPT_SACK_PERMITTED,
+    TCPOPT_TIMESTAMP,
+    TCPOPT_WINDOW,
+)
 from upmig.records import Fd
 from upmig.syscalls import nr
 
 if TYPE_CHECKING:
     from upmig.inject import Session
 
-SOL_SOCKET, SOL_TCP, SOL_IPV6 = 1, 6, 41
 # (level, option) kept for every socket; the values are ints.
 OPTIONS = {
-    "SO_REUSEADDR": (SOL_SOCKET, socket.SO_REUSEADDR),
-    "SO_REUSEPORT": (SOL_SOCKET, socket.SO_REUSEPORT),
-    "SO_KEEPALIVE": (SOL_SOCKET, socket.SO_KEEPALIVE),
-    "SO_BROADCAST": (SOL_SOCKET, socket.SO_BROADCAST),
+    "SO_REUSEADDR": (socket.SOL_SOCKET, socket.SO_REUSEADDR),
+    "SO_REUSEPORT": (socket.SOL_SOCKET, socket.SO_REUSEPORT),
+    "SO_KEEPALIVE": (socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+    "SO_BROADCAST": (socket.SOL_SOCKET, socket.SO_BROADCAST),
 }
-TCP_OPTIONS = {"TCP_NODELAY": (SOL_TCP, socket.TCP_NODELAY)}
-V6_OPTIONS = {"IPV6_V6ONLY": (SOL_IPV6, socket.IPV6_V6ONLY)}
+TCP_OPTIONS = {"TCP_NODELAY": (socket.SOL_TCP, socket.TCP_NODELAY)}
+V6_OPTIONS = {"IPV6_V6ONLY": (socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)}
 TCP_INFO_BACKLOG = struct.Struct("<II")  # tcpi_unacked, tcpi_sacked of struct tcp_info
 TCP_INFO_BACKLOG_AT = 24                 # for a listener: accept queue, and its backlog
-SIOCINQ, SIOCOUTQ = 0x541B, 0x5411
-TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ, TCP_REPAIR_OPTIONS = 19, 20, 21, 22
-TCP_TIMESTAMP, TCP_REPAIR_WINDOW = 24, 29
-TCP_RECV_QUEUE, TCP_SEND_QUEUE = 1, 2
-SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
-TCP_ESTABLISHED, TCP_CLOSE = 1, 7
 TCP_STATES = {2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 6: "TIME_WAIT",
               8: "CLOSE_WAIT", 9: "LAST_ACK", 11: "CLOSING"}
-TCPOPT_MSS, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
-TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
 REPAIR_WINDOW = struct.Struct("<5I")  # snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup
 KINDS = {socket.SOCK_STREAM: "tcp", socket.SOCK_DGRAM: "udp"}
 ALL_OPTIONS = OPTIONS | TCP_OPTIONS | V6_OPTIONS
@@ -194,7 +208,7 @@ class Repairs:
 
     def add(self, s: socket.socket, reuse: int) -> None:
         """Put s in repair mode (from now on it sends nothing) and keep it."""
-        s.setsockopt(SOL_TCP, TCP_REPAIR, 1)
+        s.setsockopt(socket.SOL_TCP, TCP_REPAIR, 1)
         self.socks.append((s, reuse, 0, ""))
 
     def check_unchanged(self, pid: int) -> None:
@@ -202,8 +216,8 @@ class Repairs:
         sends: bytes that came after its queue was read would be lost. Without a
         network lock, refuse rather than lose them."""
         for s, _, seen, where in self.socks:
-            s.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
-            if s.getsockopt(SOL_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF != seen:
+            s.setsockopt(socket.SOL_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+            if s.getsockopt(socket.SOL_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF != seen:
                 raise CantMigrate(f"received data on its TCP connection {where} while it "
                                   "was being dumped; try again when it is quieter", pid=pid)
 
@@ -211,8 +225,8 @@ class Repairs:
         for s, reuse, _, _ in self.socks:
             try:
                 if not killed:  # repair off resets SO_REUSEADDR: put it back after
-                    s.setsockopt(SOL_TCP, TCP_REPAIR, 0)
-                    s.setsockopt(SOL_SOCKET, socket.SO_REUSEADDR, reuse)
+                    s.setsockopt(socket.SOL_TCP, TCP_REPAIR, 0)
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, reuse)
             except OSError:
                 pass  # the others must still be let go
             finally:
@@ -245,8 +259,8 @@ def _repair_state(pid: int, fd: int, s: socket.socket) -> dict:
     out: dict = {}
     for name, queue, ioctl in (("recv", TCP_RECV_QUEUE, SIOCINQ), ("send", TCP_SEND_QUEUE,
                                                                     SIOCOUTQ)):
-        s.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, queue)
-        seq = s.getsockopt(SOL_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF
+        s.setsockopt(socket.SOL_TCP, TCP_REPAIR_QUEUE, queue)
+        seq = s.getsockopt(socket.SOL_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF
         size = struct.unpack("<i", fcntl.ioctl(s.fileno(), ioctl, b"\0" * 4))[0]
         data = b""
         if size:  # a peek always starts at the queue's head: one call takes it all
@@ -258,14 +272,14 @@ def _repair_state(pid: int, fd: int, s: socket.socket) -> dict:
             raise CantMigrate(f"the {name} queue of the TCP connection on fd {fd} holds "
                               f"{size} bytes, {len(data)} could be read", pid=pid)
         out[f"{name}_seq"], out[f"{name}_queue"] = seq, data
-    info = s.getsockopt(SOL_TCP, socket.TCP_INFO, 104)
+    info = s.getsockopt(socket.SOL_TCP, socket.TCP_INFO, 104)
     options, wscale = info[5], info[6]
     mss, = struct.unpack_from("<I", info, 16)
     out["mss"], out["tcpi_options"] = mss, options
     out["snd_wscale"], out["rcv_wscale"] = wscale & 0xF, wscale >> 4
-    out["timestamp"] = s.getsockopt(SOL_TCP, TCP_TIMESTAMP) & 0xFFFFFFFF
+    out["timestamp"] = s.getsockopt(socket.SOL_TCP, TCP_TIMESTAMP) & 0xFFFFFFFF
     out["window"] = list(REPAIR_WINDOW.unpack(
-        s.getsockopt(SOL_TCP, TCP_REPAIR_WINDOW, REPAIR_WINDOW.size)))
+        s.getsockopt(socket.SOL_TCP, TCP_REPAIR_WINDOW, REPAIR_WINDOW.size)))
     return out
 
 
@@ -282,8 +296,8 @@ def _describe(pid: int, fd: int, s: socket.socket, established: bool
     except OSError:
         extra["peer"] = None
     if kind == "tcp":
-        if s.getsockopt(SOL_SOCKET, socket.SO_ACCEPTCONN):
-            info = s.getsockopt(SOL_TCP, socket.TCP_INFO, 104)
+        if s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            info = s.getsockopt(socket.SOL_TCP, socket.TCP_INFO, 104)
             waiting, backlog = TCP_INFO_BACKLOG.unpack_from(info, TCP_INFO_BACKLOG_AT)
             if waiting:
                 raise CantMigrate(f"has {waiting} connection(s) waiting to be accepted on "
@@ -291,7 +305,7 @@ def _describe(pid: int, fd: int, s: socket.socket, established: bool
                                   "they would be lost", pid=pid)
             extra["backlog"] = backlog
             return TcpListenerFd, extra
-        state = s.getsockopt(SOL_TCP, socket.TCP_INFO, 104)[0]
+        state = s.getsockopt(socket.SOL_TCP, socket.TCP_INFO, 104)[0]
         if state not in (TCP_ESTABLISHED, TCP_CLOSE):
             raise CantMigrate(f"has a TCP socket on fd {fd} ({show(extra['name'])}) in state "
                               f"{TCP_STATES.get(state, state)}; only established connections "
@@ -380,29 +394,29 @@ def _call_addr(s: Session, call: int, fd: int, family: int, addr: list, r: InetF
 
 def _rebuild_connection(s: socket.socket, r: TcpFd) -> None:
     """An established connection, rebuilt in repair mode from what dump read out."""
-    s.setsockopt(SOL_TCP, TCP_REPAIR, 1)  # which also lets it share its listener's port
+    s.setsockopt(socket.SOL_TCP, TCP_REPAIR, 1)  # which also lets it share its listener's port
     if "IPV6_V6ONLY" in r.options:  # only before bind
-        s.setsockopt(SOL_IPV6, socket.IPV6_V6ONLY, r.options["IPV6_V6ONLY"])
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, r.options["IPV6_V6ONLY"])
     for queue, name in ((TCP_RECV_QUEUE, "recv"), (TCP_SEND_QUEUE, "send")):
-        s.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, queue)
+        s.setsockopt(socket.SOL_TCP, TCP_REPAIR_QUEUE, queue)
         start = (getattr(r, f"{name}_seq") - len(getattr(r, f"{name}_queue"))) & 0xFFFFFFFF
-        s.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, struct.pack("<I", start))
+        s.setsockopt(socket.SOL_TCP, TCP_QUEUE_SEQ, struct.pack("<I", start))
     try:
         s.bind(tuple(r.name))
         s.connect(tuple(r.peer))  # no handshake in repair mode
     except OSError as e:
         raise RestoreError(f"cannot rebuild the TCP connection of fd {r.fd} "
                            f"({show(r.name)} to {show(r.peer)}): {e.strerror}") from None
-    opts = [(TCPOPT_MSS, r.mss)]
+    opts = [(TCPOPT_MAXSEG, r.mss)]
     if r.tcpi_options & TCPI_OPT_WSCALE:
         opts.append((TCPOPT_WINDOW, r.snd_wscale | r.rcv_wscale << 16))
     if r.tcpi_options & TCPI_OPT_SACK:
-        opts.append((TCPOPT_SACK_PERM, 0))
+        opts.append((TCPOPT_SACK_PERMITTED, 0))
     if r.tcpi_options & TCPI_OPT_TIMESTAMPS:
         opts.append((TCPOPT_TIMESTAMP, 0))
-    s.setsockopt(SOL_TCP, TCP_REPAIR_OPTIONS, b"".join(struct.pack("<II", *o) for o in opts))
+    s.setsockopt(socket.SOL_TCP, TCP_REPAIR_OPTIONS, b"".join(struct.pack("<II", *o) for o in opts))
     if r.tcpi_options & TCPI_OPT_TIMESTAMPS:
-        s.setsockopt(SOL_TCP, TCP_TIMESTAMP, struct.pack("<I", r.timestamp))
+        s.setsockopt(socket.SOL_TCP, TCP_TIMESTAMP, struct.pack("<I", r.timestamp))
     for queue, name, force in ((TCP_SEND_QUEUE, "send", SO_SNDBUFFORCE),
                                (TCP_RECV_QUEUE, "recv", SO_RCVBUFFORCE)):
         data = getattr(r, f"{name}_queue")
@@ -410,8 +424,8 @@ def _rebuild_connection(s: socket.socket, r: TcpFd) -> None:
             continue
         # The queue grew with buffers the kernel had tuned up: make room (it doubles
         # the value given) rather than block half way.
-        s.setsockopt(SOL_SOCKET, force, len(data) + (1 << 16))
-        s.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, queue)
+        s.setsockopt(socket.SOL_SOCKET, force, len(data) + (1 << 16))
+        s.setsockopt(socket.SOL_TCP, TCP_REPAIR_QUEUE, queue)
         view = memoryview(data)
         try:
             while view:
@@ -420,7 +434,7 @@ def _rebuild_connection(s: socket.socket, r: TcpFd) -> None:
             raise RestoreError(f"the {name} queue of the TCP connection of fd {r.fd} "
                                f"({len(data)} bytes) does not fit back in") from None
     # The window last, once the queues are back (the kernel checks it against them).
-    s.setsockopt(SOL_TCP, TCP_REPAIR_WINDOW, REPAIR_WINDOW.pack(*r.window))
+    s.setsockopt(socket.SOL_TCP, TCP_REPAIR_WINDOW, REPAIR_WINDOW.pack(*r.window))
     for name, value in r.options.items():
         if name not in ("SO_REUSEADDR", "IPV6_V6ONLY"):  # see go_live; before bind
             level, opt = ALL_OPTIONS[name]
@@ -436,5 +450,5 @@ def go_live(pid: int, recs: list[Fd]) -> None:
         return
     for r in live:
         with socket.socket(fileno=nat.copy_fd(pid, r.fd)) as s:
-            s.setsockopt(SOL_TCP, TCP_REPAIR, 0)  # which resets SO_REUSEADDR: set it after
-            s.setsockopt(SOL_SOCKET, socket.SO_REUSEADDR, r.options["SO_REUSEADDR"])
+            s.setsockopt(socket.SOL_TCP, TCP_REPAIR, 0)  # which resets SO_REUSEADDR: set it after
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, r.options["SO_REUSEADDR"])

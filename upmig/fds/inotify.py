@@ -22,6 +22,7 @@ from upmig import _native as nat
 from upmig import schema
 from upmig.errors import CantMigrate, Mismatch, RestoreError
 from upmig.fds.base import WATCHERS, Kind, Rebuild, Scan, Seen, anon_inode
+from upmig.kconst import IN_MASK_CREATE, IN_MODIFY
 from upmig.records import Fd
 from upmig.syscalls import nr
 
@@ -31,12 +32,7 @@ if TYPE_CHECKING:
 WATCH = re.compile(r"^inotify wd:(\d+) ino:[0-9a-f]+ sdev:([0-9a-f]+) mask:([0-9a-f]+) "
                    r"ignored_mask:[0-9a-f]+ fhandle-bytes:([0-9a-f]+) fhandle-type:([0-9a-f]+) "
                    r"f_handle:([0-9a-f]+)", re.M)
-O_PATH, O_NOFOLLOW, O_CLOEXEC = 0o10000000, 0o400000, 0o2000000
-FIONREAD = 0x541B
-AT_FDCWD = -100
 BURNERS = ("/dev/null", "/", "/proc")  # throwaway watches that burn wd numbers
-IN_MODIFY, IN_MASK_CREATE = 0x2, 0x10000000
-O_NONBLOCK = 0o4000
 MAX_WATCH_NUMBER = 1 << 16     # each missing number below costs two syscalls
 
 
@@ -68,7 +64,7 @@ class InotifyKind(Kind):
         return InotifyFd(**e.common(e.target), watches=capture(scan.pid, e.fd, e.info_text))
 
     def restore(self, ctx: Rebuild, rec: InotifyFd) -> None:
-        ctx.place(ctx.s.call(nr.inotify_init1, rec.flags & O_NONBLOCK, what="inotify_init1"),
+        ctx.place(ctx.s.call(nr.inotify_init1, rec.flags & os.O_NONBLOCK, what="inotify_init1"),
                   rec)
 
     def finish(self, ctx: Rebuild, rec: InotifyFd) -> None:
@@ -113,7 +109,7 @@ def _path_of(sdev: int, handle_type: int, handle: bytes) -> str | None:
         except OSError:
             continue
         try:
-            fd = nat.open_by_handle(mfd, handle_type, handle, O_PATH | os.O_CLOEXEC)
+            fd = nat.open_by_handle(mfd, handle_type, handle, os.O_PATH | os.O_CLOEXEC)
         except OSError:
             continue
         finally:
@@ -150,7 +146,9 @@ def restore(s: Session, pid: int, rec: InotifyFd) -> None:
 
 def _unread(fd: int) -> int:
     """Bytes of events waiting to be read."""
-    return struct.unpack("<i", fcntl.ioctl(fd, FIONREAD, bytes(4)))[0]
+    import termios  # for FIONREAD: not at every start
+
+    return struct.unpack("<i", fcntl.ioctl(fd, termios.FIONREAD, bytes(4)))[0]
 
 
 def _add_all(s: Session, rec: InotifyFd) -> None:
@@ -173,7 +171,7 @@ def _add(s: Session, rec: InotifyFd, path: str, mask: int) -> int:
     show the process the names of files in a directory it may not read. (The path
     itself is not followed either: a file watched through a symlink to it was dumped
     by its own path.)"""
-    at = s.open_path(path, O_PATH | O_NOFOLLOW | O_CLOEXEC)
+    at = s.open_path(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     if at == -errno.ELOOP:
         raise Mismatch(f"{path} (watched by inotify on fd {rec.fd}) resolves through a "
                        "symlink now")

@@ -8,6 +8,7 @@ have a `locks` field; a lock on any other fd is refused."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 import struct
@@ -24,9 +25,6 @@ if TYPE_CHECKING:
 LINE = re.compile(r"^lock:\s*\d+:\s*(\S+)\s+(\S+)\s+(\S+)\s+(-?\d+)\s+\S+\s+(\d+)\s+(\S+)",
                   re.M)
 KINDS = {"FLOCK": "flock", "POSIX": "POSIX", "OFDLCK": "OFD"}
-LOCK_SH, LOCK_EX, LOCK_NB = 1, 2, 4
-F_SETLK, F_OFD_SETLK = 6, 37
-F_RDLCK, F_WRLCK = 0, 1
 FLOCK_T = struct.Struct("<hhxxxxqqi4x")  # l_type, l_whence, l_start, l_len, l_pid
 LOCK = schema.row(schema.one_of("FLOCK", "POSIX", "OFDLCK"), schema.boolean, schema.OFFSET,
                   schema.integer(-1, schema.S64 - 1, "a lock end (-1: EOF)"))
@@ -69,12 +67,12 @@ def take(s: Session, r: Any) -> None:
     """Take fd r's locks again (r.locks, if its kind has them), without waiting."""
     for kind, write, start, end in getattr(r, "locks", ()):
         if kind == "FLOCK":
-            rc = s.raw(nr.flock, r.fd, (LOCK_EX if write else LOCK_SH) | LOCK_NB)
+            rc = s.raw(nr.flock, r.fd, (fcntl.LOCK_EX if write else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         else:
             length = 0 if end < 0 else end - start + 1
-            s.write(s.scratch, FLOCK_T.pack(F_WRLCK if write else F_RDLCK, os.SEEK_SET,
+            s.write(s.scratch, FLOCK_T.pack(fcntl.F_WRLCK if write else fcntl.F_RDLCK, os.SEEK_SET,
                                             start, length, 0))
-            rc = s.raw(nr.fcntl, r.fd, F_SETLK if kind == "POSIX" else F_OFD_SETLK,
+            rc = s.raw(nr.fcntl, r.fd, fcntl.F_SETLK if kind == "POSIX" else fcntl.F_OFD_SETLK,
                        s.scratch)
         if rc in (-errno.EAGAIN, -errno.EACCES):
             span = "the whole file" if kind == "FLOCK" or (start == 0 and end < 0) else \

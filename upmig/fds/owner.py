@@ -10,16 +10,14 @@ from typing import TYPE_CHECKING
 
 from upmig import _native as nat
 from upmig.errors import CantMigrate
+from upmig.kconst import F_GETOWN_EX, F_OWNER_PGRP, F_SETOWN_EX
 from upmig.records import Fd
 from upmig.syscalls import nr
 
 if TYPE_CHECKING:
     from upmig.inject import Session
 
-O_ASYNC = 0o20000
-F_SETFL, F_SETSIG, F_GETSIG, F_SETOWN_EX, F_GETOWN_EX = 4, 10, 11, 15, 16
 OWNER = struct.Struct("<ii")  # struct f_owner_ex: type (F_OWNER_TID/PID/PGRP), pid
-F_OWNER_PGRP = 2
 
 
 def capture(pid: int, rec: Fd, tids: set[int], pgids: set[int]) -> None:
@@ -28,7 +26,7 @@ def capture(pid: int, rec: Fd, tids: set[int], pgids: set[int]) -> None:
     process groups (pgids)."""
     with nat.borrowed_fd(pid, rec.fd) as mine:
         kind, owner = OWNER.unpack(fcntl.fcntl(mine, F_GETOWN_EX, bytes(OWNER.size)))
-        rec.async_owner = [kind, owner, fcntl.fcntl(mine, F_GETSIG)]
+        rec.async_owner = [kind, owner, fcntl.fcntl(mine, fcntl.F_GETSIG)]
     ours = owner == 0 or owner in (pgids if kind == F_OWNER_PGRP else tids)
     if not ours:
         raise CantMigrate(f"signals I/O on fd {rec.fd} (O_ASYNC) to {owner}, which is not "
@@ -39,5 +37,5 @@ def restore(s: Session, rec: Fd) -> None:
     kind, owner, sig = rec.async_owner
     s.write(s.scratch, OWNER.pack(kind, owner))
     s.call(nr.fcntl, rec.fd, F_SETOWN_EX, s.scratch, what=f"fcntl(fd {rec.fd}, F_SETOWN_EX)")
-    s.call(nr.fcntl, rec.fd, F_SETSIG, sig, what=f"fcntl(fd {rec.fd}, F_SETSIG)")
-    s.call(nr.fcntl, rec.fd, F_SETFL, rec.flags, what=f"fcntl(fd {rec.fd}, F_SETFL)")
+    s.call(nr.fcntl, rec.fd, fcntl.F_SETSIG, sig, what=f"fcntl(fd {rec.fd}, F_SETSIG)")
+    s.call(nr.fcntl, rec.fd, fcntl.F_SETFL, rec.flags, what=f"fcntl(fd {rec.fd}, F_SETFL)")

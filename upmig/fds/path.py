@@ -17,19 +17,17 @@ from upmig import schema
 from upmig.errors import CantMigrate
 from upmig.fds import locks
 from upmig.fds.base import Kind, Rebuild, Scan, Seen
+from upmig.kconst import O_LARGEFILE
 from upmig.records import Fd
 from upmig.syscalls import nr
 
 # Devices with no state of their own: reopened by path on the target.
 PLAIN_DEVICES = {"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"}
-O_TMPFILE = 0o20200000  # __O_TMPFILE | O_DIRECTORY
-O_CREAT, O_EXCL, O_NOCTTY, O_TRUNC, O_PATH = 0o100, 0o200, 0o400, 0o1000, 0o10000000
-O_NONBLOCK, O_DIRECTORY, O_NOFOLLOW = 0o4000, 0o200000, 0o400000
-# The kernel's VALID_OPEN_FLAGS (x86-64 values): openat2 refuses any other bit.
-VALID_OPEN_FLAGS = (0o3 | O_CREAT | O_EXCL | O_NOCTTY | O_TRUNC | 0o2000 | O_NONBLOCK  # APPEND
-                    | 0o4010000 | 0o20000 | 0o40000 | 0o100000  # O_SYNC, ASYNC, DIRECT, LARGEFILE
-                    | O_DIRECTORY | O_NOFOLLOW | 0o1000000 | 0o2000000 | O_PATH  # NOATIME, CLOEXEC
-                    | O_TMPFILE)
+# The kernel's VALID_OPEN_FLAGS: openat2 refuses any other bit.
+VALID_OPEN_FLAGS = (os.O_ACCMODE | os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC
+                    | os.O_APPEND | os.O_NONBLOCK | os.O_SYNC | os.O_ASYNC | os.O_DIRECT
+                    | O_LARGEFILE | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NOATIME
+                    | os.O_CLOEXEC | os.O_PATH | os.O_TMPFILE)
 WHAT = ("file", "dir", "chardev")
 
 
@@ -48,12 +46,13 @@ class PathFd(Fd):
 def open_flags(flags: int) -> int:
     """flags but those that acted only at the fd's open, and only those openat2
     takes (with O_PATH: O_DIRECTORY and O_NOFOLLOW; any other bit is EINVAL)."""
-    if flags & O_PATH:
-        return flags & (O_PATH | O_DIRECTORY | O_NOFOLLOW)
+    if flags & os.O_PATH:
+        return flags & (os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
     # A file made nameless with O_TMPFILE keeps that flag, O_DIRECTORY included: it
     # would make opening the recreated file fail with ENOTDIR.
-    tmpfile = O_TMPFILE if flags & O_TMPFILE == O_TMPFILE else 0
-    return flags & VALID_OPEN_FLAGS & ~(O_CREAT | O_EXCL | O_TRUNC | tmpfile) | O_NOCTTY
+    tmpfile = os.O_TMPFILE if flags & os.O_TMPFILE == os.O_TMPFILE else 0
+    made = os.O_CREAT | os.O_EXCL | os.O_TRUNC | tmpfile
+    return flags & VALID_OPEN_FLAGS & ~made | os.O_NOCTTY
 
 
 def is_tty(st: os.stat_result) -> bool:
@@ -96,7 +95,7 @@ class PathKind(Kind):
 
     def restore(self, ctx: Rebuild, rec: PathFd) -> None:
         ctx.place(ctx.open_by_path(rec, rec.path, open_flags(rec.flags)), rec, status=False)
-        if rec.pos and rec.what != "chardev" and not rec.flags & O_PATH:
+        if rec.pos and rec.what != "chardev" and not rec.flags & os.O_PATH:
             ctx.s.call(nr.lseek, rec.fd, rec.pos, os.SEEK_SET, what=f"lseek(fd {rec.fd})")
 
     def lockable(self, rec: PathFd) -> bool:

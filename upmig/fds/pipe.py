@@ -28,9 +28,6 @@ if TYPE_CHECKING:
     from upmig.inject import Session
     from upmig.sharing import TreeFds
 
-O_ACCMODE, O_WRONLY, O_RDWR = 0o3, 0o1, 0o2
-F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
-
 
 @dataclass(kw_only=True)
 class PipeEnd(Fd):
@@ -49,12 +46,12 @@ class PipeFd(PipeEnd):
 
 
 def end(flags: int) -> str:
-    return "w" if flags & O_ACCMODE == O_WRONLY else "r"
+    return "w" if flags & os.O_ACCMODE == os.O_WRONLY else "r"
 
 
 def ends(flags: int) -> set[str]:
     """The ends an fd holds: a FIFO opened O_RDWR holds both."""
-    return {"r", "w"} if flags & O_ACCMODE == O_RDWR else {end(flags)}
+    return {"r", "w"} if flags & os.O_ACCMODE == os.O_RDWR else {end(flags)}
 
 
 def ends_held(scan: Scan) -> dict[int, set[str]]:
@@ -88,7 +85,7 @@ def buffers(pid: int, recs: list[Fd], tree: TreeFds | None = None) -> list[Pipe]
     out = []
     for ino, (holder, fd) in read_ends.items():
         with nat.borrowed_fd(holder, fd) as mine:
-            size = fcntl.fcntl(mine, F_GETPIPE_SZ)
+            size = fcntl.fcntl(mine, fcntl.F_GETPIPE_SZ)
             try:
                 data = nat.pipe_peek(mine, size)
             except OSError as e:
@@ -107,7 +104,7 @@ def fill_fifo(s: Session, pid: int, fd: int, pipe: Pipe | None) -> None:
 
 
 def _fill(s: Session, pid: int, wr: int, pipe: Pipe) -> None:
-    s.call(nr.fcntl, wr, F_SETPIPE_SZ, pipe.size, what="fcntl(F_SETPIPE_SZ)")
+    s.call(nr.fcntl, wr, fcntl.F_SETPIPE_SZ, pipe.size, what="fcntl(F_SETPIPE_SZ)")
     if pipe.data:
         with nat.borrowed_fd(pid, wr) as mine:
             view = memoryview(pipe.data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -10,8 +11,6 @@ from upmig import schema, signals
 from upmig.fds.base import Kind, Rebuild, Scan, Seen, anon_inode
 from upmig.records import Fd
 from upmig.syscalls import nr
-
-O_NONBLOCK = 0o4000
 
 
 @dataclass(kw_only=True)
@@ -36,7 +35,7 @@ class SignalFdKind(Kind):
     def restore(self, ctx: Rebuild, rec: SignalFd) -> None:
         s = ctx.s
         s.write(s.scratch, struct.pack("<Q", rec.mask))
-        ctx.place(s.call(nr.signalfd4, -1, s.scratch, 8, rec.flags & O_NONBLOCK,
+        ctx.place(s.call(nr.signalfd4, -1, s.scratch, 8, rec.flags & os.O_NONBLOCK,
                          what="signalfd4"), rec)
 
     def describe(self, rec: SignalFd, others) -> dict[str, Any]:

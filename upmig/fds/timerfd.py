@@ -3,21 +3,23 @@ resume), the interval and the expirations not yet read, from /proc/PID/fdinfo.""
 
 from __future__ import annotations
 
+import os
 import re
 import struct
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from upmig import schema
 from upmig.fds.base import Kind, Rebuild, Scan, Seen, anon_inode
+from upmig.kconst import CLOCK_BOOTTIME_ALARM, CLOCK_REALTIME_ALARM, TFD_IOC_SET_TICKS
 from upmig.records import Fd
 from upmig.syscalls import nr
 
-O_NONBLOCK = 0o4000
-TFD_IOC_SET_TICKS = 0x40085400     # _IOW('T', 0, u64), with CONFIG_CHECKPOINT_RESTORE
 ITIMERSPEC = struct.Struct("<qqqq")  # interval {sec, nsec}, value {sec, nsec}
 TIMESPEC = re.compile(r"\(\s*(-?\d+),\s*(-?\d+)\)")
-CLOCKS = (0, 1, 7, 8, 9)       # REALTIME, MONOTONIC, BOOTTIME and their _ALARMs
+CLOCKS = (time.CLOCK_REALTIME, time.CLOCK_MONOTONIC, time.CLOCK_BOOTTIME, CLOCK_REALTIME_ALARM,
+          CLOCK_BOOTTIME_ALARM)
 _TIMESPEC = schema.row(schema.INT64, schema.integer(0, 999999999, "nanoseconds"))
 
 
@@ -49,7 +51,7 @@ class TimerFdKind(Kind):
 
     def restore(self, ctx: Rebuild, rec: TimerFd) -> None:
         s = ctx.s
-        fd = s.call(nr.timerfd_create, rec.clock, rec.flags & O_NONBLOCK, what="timerfd_create")
+        fd = s.call(nr.timerfd_create, rec.clock, rec.flags & os.O_NONBLOCK, what="timerfd_create")
         if any(rec.value):
             s.write(s.scratch, ITIMERSPEC.pack(*rec.interval, *rec.value))
             s.call(nr.timerfd_settime, fd, 0, s.scratch, 0, what="timerfd_settime")

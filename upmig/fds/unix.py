@@ -26,28 +26,37 @@ from upmig import _native as nat
 from upmig import _proc, schema
 from upmig.errors import CantMigrate, RestoreError
 from upmig.fds.base import Kind, Rebuild, Scan, Seen
+from upmig.kconst import (
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    SO_PEEK_OFF,
+    SO_RCVBUFFORCE,
+    SO_SNDBUFFORCE,
+    SOCK_DIAG_BY_FAMILY,
+    TCP_ESTABLISHED,
+    TCP_LISTEN,
+    UDIAG_SHOW_NAME,
+    UDIAG_SHOW_PEER,
+    UDIAG_SHOW_RQLEN,
+    UNIX_DIAG_NAME,
+    UNIX_DIAG_PEER,
+    UNIX_DIAG_RQLEN,
+    UNIX_DIAG_SHUTDOWN,
+)
 from upmig.records import Fd
 from upmig.syscalls import nr
 
 if TYPE_CHECKING:
     from upmig.inject import Session
 
-SOCK_DIAG_BY_FAMILY = 20
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-NLMSG_DONE, NLMSG_ERROR = 3, 2
-UDIAG_SHOW_NAME, UDIAG_SHOW_PEER, UDIAG_SHOW_RQLEN = 0x1, 0x4, 0x10
-UNIX_DIAG_NAME, UNIX_DIAG_PEER, UNIX_DIAG_RQLEN, UNIX_DIAG_SHUTDOWN = 0, 2, 4, 6
 NLMSG = struct.Struct("<IHHII")
 UNIX_DIAG_REQ = struct.Struct("<BBHIIIII")
 UNIX_DIAG_MSG = struct.Struct("<BBBBIII")
 RTATTR = struct.Struct("<HH")
-ST_ESTABLISHED, ST_LISTEN = 1, 10
 TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "dgram",
          socket.SOCK_SEQPACKET: "seqpacket"}
-SO_PEEK_OFF = 42
-SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
-SOL_SOCKET = 1
-AF_UNIX = 1
 
 
 def _sun_name(v: Any) -> str | None:
@@ -131,7 +140,7 @@ def diag() -> dict[int, Diag]:
     """Every unix socket of this network namespace, by inode."""
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                        4) as nl:  # NETLINK_SOCK_DIAG
-        req = UNIX_DIAG_REQ.pack(AF_UNIX, 0, 0, 0xFFFFFFFF, 0,
+        req = UNIX_DIAG_REQ.pack(socket.AF_UNIX, 0, 0, 0xFFFFFFFF, 0,
                                  UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN, 0, 0)
         nl.send(NLMSG.pack(NLMSG.size + len(req), SOCK_DIAG_BY_FAMILY,
                            NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + req)
@@ -213,7 +222,7 @@ class UnixKind(Kind):
             raise CantMigrate(f"holds a unix socket of type {d.type} on fd {e.fd}, which is "
                               "not supported", pid=pid)
         common = {**e.common(e.target), "sock_type": kind, "name": d.name.hex()}
-        if d.state == ST_LISTEN:
+        if d.state == TCP_LISTEN:
             if d.rqueue:
                 raise CantMigrate(f"has {d.rqueue} connection(s) waiting to be accepted on "
                                   f"its listening unix socket on fd {e.fd}; they would be "
@@ -221,7 +230,7 @@ class UnixKind(Kind):
             return UnixListenerFd(**common, backlog=d.wqueue)
         if d.peer:
             return self._pair(e, scan, d, common)
-        if d.state == ST_ESTABLISHED and kind != "dgram":
+        if d.state == TCP_ESTABLISHED and kind != "dgram":
             raise CantMigrate(f"holds a unix socket on fd {e.fd} whose peer has gone; this is "
                               "not supported yet", pid=pid)
         if d.rqueue:
@@ -296,7 +305,7 @@ def queued(pid: int, fd: int, kind: str, expected: int) -> list[bytes]:
 def _peek_all(pid: int, fd_there: int, kind: str, fd: int) -> list[bytes]:
     s = socket.socket(fileno=os.dup(fd))
     try:
-        s.setsockopt(SOL_SOCKET, SO_PEEK_OFF, 0)
+        s.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
         out = []
         try:
             while True:
@@ -317,7 +326,7 @@ def _peek_all(pid: int, fd_there: int, kind: str, fd: int) -> list[bytes]:
                     return out  # the peer has shut down: end of stream (seqpacket too)
                 out.append(data)
         finally:
-            s.setsockopt(SOL_SOCKET, SO_PEEK_OFF, -1)
+            s.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, -1)
     finally:
         s.close()
 
@@ -332,11 +341,11 @@ def _close_passed(anc: list) -> None:
 # ---- resume
 
 def _sockaddr(name: bytes) -> bytes:
-    return struct.pack("<H", AF_UNIX) + name
+    return struct.pack("<H", socket.AF_UNIX) + name
 
 
 def make_pair(s: Session, kind: str) -> tuple[int, int]:
-    s.call(nr.socketpair, AF_UNIX, _sock_type(kind), 0, s.scratch, what="socketpair")
+    s.call(nr.socketpair, socket.AF_UNIX, _sock_type(kind), 0, s.scratch, what="socketpair")
     a, b = struct.unpack("<ii", s.read(s.scratch, 8))
     return a, b
 
@@ -376,8 +385,8 @@ def fill(pid: int, sender: int, receiver: int, kind: str, queued: list[bytes]) -
     try:
         total = sum(len(m) for m in queued)
         if total:  # room for it all: the queue may have grown past the defaults
-            send.setsockopt(SOL_SOCKET, SO_SNDBUFFORCE, total + len(queued) * 1024 + 65536)
-            recv.setsockopt(SOL_SOCKET, SO_RCVBUFFORCE, total + len(queued) * 1024 + 65536)
+            send.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, total + len(queued) * 1024 + 65536)
+            recv.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, total + len(queued) * 1024 + 65536)
         try:
             for msg in queued:
                 view = memoryview(msg)
@@ -402,7 +411,7 @@ def shut(pid: int, fd: int, how: int) -> None:
 
 def make_socket(s: Session, r: UnixFd) -> int:
     """An unconnected or listening unix socket, bound to its name if it had one."""
-    fd = s.call(nr.socket, AF_UNIX, _sock_type(r.sock_type), 0, what="socket(AF_UNIX)")
+    fd = s.call(nr.socket, socket.AF_UNIX, _sock_type(r.sock_type), 0, what="socket(AF_UNIX)")
     name = bytes.fromhex(r.name)
     if name:
         if not name.startswith(b"\0"):
