@@ -90,6 +90,8 @@ uint64_t up_xxh64(const void *buf, size_t len, uint64_t seed)
 
 /* ---- the image's seal: every frame's tail is a keyed tag ---- */
 
+_Static_assert(UP_FRAME_HEAD == 2 * sizeof(uint32_t), "a frame head is its type and length");
+
 /* A context keyed for frame tags (AES-256-GCM with nothing to encrypt: GMAC), or
  * NULL if OpenSSL cannot make one (out of memory). */
 static EVP_CIPHER_CTX *tag_context(const uint8_t key[UP_FRAME_KEY])
@@ -817,11 +819,11 @@ long up_read_stream(int fd, const void *prefix, size_t prefix_len, int head_in_p
     }
     while (!r) {
         memcpy(head, base + got - UP_FRAME_HEAD, sizeof(head));
-        if (head[0] < 1 || head[0] > 3 || head[1] > max_payload) {
+        if (head[0] < UP_FRAME_RECORD || head[0] > UP_FRAME_TRAILER || head[1] > max_payload) {
             r = -EINVAL;        /* not a frame: the walk names the offset */
             break;
         }
-        int last = head[0] == 3;
+        int last = head[0] == UP_FRAME_TRAILER;
         uint64_t rest = (uint64_t)head[1] + UP_FRAME_TAIL + (last ? 0 : UP_FRAME_HEAD);
         r = grow(&base, &size, got, rest, cap);
         if (!r) {   /* the frame's pages in one go, not a fault each: ~20% of the read */
@@ -970,10 +972,10 @@ static long walk_frames(const uint8_t *img, size_t len, size_t start, uint64_t m
             cap *= 2;
         }
         out[(*count)++] = off;
-        if (type < 1 || type > 3)
+        if (type < UP_FRAME_RECORD || type > UP_FRAME_TRAILER)
             return -EINVAL;
         off += UP_FRAME_HEAD + plen + UP_FRAME_TAIL;
-        if (type == 3) {                /* trailer: must be the very end */
+        if (type == UP_FRAME_TRAILER) { /* must be the very end */
             *bad_off = off;
             return off == len ? 0 : -EMSGSIZE;
         }

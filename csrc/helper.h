@@ -13,12 +13,15 @@ struct up_copy_stats {          /* filled by up_dump_pages */
     int failed_op;              /* 0 none, 1 read target, 2 write image, 3 seal */
 };
 
-/* Frame head and tail sizes of the image format (see upmig/image.py); the tail is
- * the frame's tag, made with a 32-byte key of the image's own. */
+/* The image's frame format, for both sides (upmig/image.py takes it from here): a
+ * head of type and length (two u32), the payload, and a tail that is the frame's
+ * tag, made with a 32-byte key of the image's own. */
 #define UP_FRAME_HEAD 8
 #define UP_FRAME_TAIL 16
-#define UP_FRAME_DATA 2
 #define UP_FRAME_KEY 32
+#define UP_FRAME_RECORD 1       /* the frame types */
+#define UP_FRAME_DATA 2
+#define UP_FRAME_TRAILER 3
 
 /* PAGEMAP_SCAN page categories (linux/fs.h of 6.7+, absent from 6.1 headers). */
 #define UP_PAGE_IS_WPALLOWED 1

@@ -6,8 +6,8 @@ frame boundary and at random points, and has bytes flipped in its header, in eve
 frame head and tail and at random places in the payloads; upmig.image.load() with
 the session's key must refuse each one with the right ImageError subclass. Images
 changed and sealed again with another key, or with every tag left as it was, are
-refused too. A few of them go through the command line: exit status 6, one
-`upmig:` line, no process created."""
+refused too. A few of them go through the command line: exit status 6 (resume's
+own 206), one `upmig:` line, no process created."""
 
 from __future__ import annotations
 
@@ -24,13 +24,20 @@ import msgpack
 import pytest
 
 from conftest import ROOT, build_victim, run_upmig, wait_for
-from upmig import _proc, image, keys
+from upmig import _native, _proc, image, keys
 from upmig.errors import Corrupt, ImageError, NotSealed, Truncated, VersionTooNew
 from upmig.records import Pages, Vma
 
 H, FH, FT = image.HEADER.size, image.FRAME_HEAD.size, image.FRAME_TAIL.size
 DAMAGED = (Corrupt, Truncated, VersionTooNew)
 STUB = ROOT / "upmig" / "upmig-stub"
+
+
+def test_the_frame_format_is_the_helpers():
+    """image.py frames what the C helper writes and checks: helper.h defines it."""
+    assert image.FRAME_HEAD.size == _native.FRAME_HEAD
+    assert image.FRAME_TAIL.size == _native.FRAME_TAIL
+    assert (image.RECORD, image.DATA, image.TRAILER) == (1, 2, 3)  # the grammar above
 
 
 # ---- the image under test

@@ -13,7 +13,10 @@ from upmig._helper import ffi, lib
 from upmig.errors import call_failed
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-FRAME_TAIL, FRAME_KEY = lib.UP_FRAME_TAIL, lib.UP_FRAME_KEY  # the image's tags, its key
+# The image's frame format (helper.h): head and tail (tag) sizes, the frame key's, types.
+FRAME_HEAD, FRAME_TAIL, FRAME_KEY = lib.UP_FRAME_HEAD, lib.UP_FRAME_TAIL, lib.UP_FRAME_KEY
+FRAME_RECORD, FRAME_DATA = lib.UP_FRAME_RECORD, lib.UP_FRAME_DATA
+FRAME_TRAILER = lib.UP_FRAME_TRAILER
 
 # <linux/ptrace.h> requests, named in messages: "ptrace(PTRACE_SEIZE)"
 PTRACE_CONT = 7

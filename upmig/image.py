@@ -68,9 +68,9 @@ VERSION = 7  # 2: per-thread state in Thread; 3: process trees (Process sections
 #             7: a record kind per kind of fd ("fd_pipe", "fd_epoll"...: upmig/fds/), with
 #                typed fields, instead of one "fd" record with a type string and extras
 HEADER = struct.Struct("<8sII8s16s")
-FRAME_HEAD = struct.Struct("<II")
+FRAME_HEAD = struct.Struct("<II")  # type, length: _native.FRAME_HEAD bytes (a test checks)
 FRAME_TAIL = struct.Struct(f"<{_native.FRAME_TAIL}s")
-RECORD, DATA, TRAILER = 1, 2, 3
+RECORD, DATA, TRAILER = _native.FRAME_RECORD, _native.FRAME_DATA, _native.FRAME_TRAILER
 MAX_PAYLOAD = 1 << 26  # no record or data frame is larger; a bigger length is corruption
 RUNS_PER_RECORD = 1 << 16  # a pages record of this many runs packs to ~1.5 MiB
 
