@@ -286,17 +286,18 @@ def _dump(a: argparse.Namespace) -> int:
     leave = "run" if a.leave_running else "stop" if a.leave_stopped else "kill"
     progress = _Progress(f"dumping pid {a.pid}")
     after = {"kill": "killed", "run": "left running", "stop": "left stopped"}[leave]
-    try:
-        res = dump(a.pid, a.output, leave=leave, progress=progress, ghost_limit=a.ghost_limit,
-                   tcp_established=a.tcp_established, shell_job=a.shell_job,
-                   key_file=a.key_file)
+    try:  # until the stop signals are blocked: one may come as dump() returns
+        try:
+            res = dump(a.pid, a.output, leave=leave, progress=progress,
+                       ghost_limit=a.ghost_limit, tcp_established=a.tcp_established,
+                       shell_job=a.shell_job, key_file=a.key_file)
+        finally:
+            progress.done()
+        _too_late_to_stop()
     except Interrupted as e:
         if progress.step == "committed":  # too late to undo: say what was done
             e.why = f"interrupted after the image {a.output} was written; process {after}"
         raise
-    finally:
-        progress.done()
-    _too_late_to_stop()
     out = sys.stderr if a.output == "-" else sys.stdout  # stdout was the image
     if a.json:
         print(_json({**res.__dict__, "process": after}), file=out)
