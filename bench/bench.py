@@ -308,8 +308,10 @@ def stream_rows(hog: Path, work: Path, limits: dict, reps: int) -> list[str]:
         "",
         f"End to end: wall time from starting both commands to resume's return with the "
         f"process running, {'median of ' + str(reps) if reps > 1 else 'one run'}; target "
-        f"≥ {STREAM_RATIO_TARGET}× process_vm_readv. resume reads the whole stream into its "
-        "memory and checks it before building, so its time includes waiting for the dump.",
+        f"≥ {STREAM_RATIO_TARGET}× process_vm_readv. On one machine the hog's PID is freed "
+        "only when the dump has written its last byte, so resume reads the rest of the "
+        "stream into memory before building (between machines, or with --pidns, it fills "
+        "the process as the stream comes); its time includes waiting for the dump.",
     ]
 
 
