@@ -31,6 +31,14 @@ def _runs_untraced(r) -> None:
     assert r.proc.poll() is None, r.output()
 
 
+def _untouched(r) -> None:
+    """r's process runs on as it was: untraced, and its own check passes."""
+    _runs_untraced(r)
+    os.kill(r.pid, signal.SIGTERM)
+    assert r.proc.wait(timeout=10) == 0
+    assert r.output() == "READY\nPASS\n"
+
+
 def _stream_of(r, *flags: str) -> bytes:
     """The image of r's process as dump writes it to a pipe."""
     got = subprocess.run([*UPMIG, "dump", str(r.pid), "-o", "-", *flags], capture_output=True,
@@ -93,10 +101,7 @@ def test_a_stream_cut_short_is_refused_and_the_source_runs_on(run_victim):
         assert res.returncode == 206, res.stderr  # resume's own 6
         assert "stdin: image is truncated" in _one_line(res.stderr.decode())
         assert _others_like(r) == []
-    _runs_untraced(r)
-    os.kill(r.pid, signal.SIGTERM)
-    assert r.proc.wait(timeout=10) == 0
-    assert r.output() == "READY\nPASS\n"
+    _untouched(r)
 
 
 def test_a_changed_stream_is_refused_by_its_seal(run_victim):
@@ -153,10 +158,7 @@ def test_a_reader_that_goes_away_leaves_the_process_running(run_victim):
     dump.stdout.close()  # the reader is gone: the kill must not happen
     assert dump.wait(timeout=60) not in (0, 5)
     assert "Broken pipe" in _one_line(dump.stderr.read().decode())
-    _runs_untraced(r)
-    os.kill(r.pid, signal.SIGTERM)
-    assert r.proc.wait(timeout=10) == 0
-    assert r.output() == "READY\nPASS\n"
+    _untouched(r)
 
 
 def test_no_image_is_written_to_a_terminal(run_victim):
